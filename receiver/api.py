@@ -1,0 +1,143 @@
+"""The JSON API under /api (bearer token) plus health checks. Handlers are sync: Starlette runs
+them on its thread pool, where each thread reads through its own read-only connection."""
+
+from __future__ import annotations
+
+import hmac
+from collections.abc import Mapping
+
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+from starlette.types import ASGIApp, Receive, Scope, Send
+
+from .context import context
+from .errors import BadRequest, NotFound, Unauthorized
+from .normalize import STATUSES
+from .store import EvaluationFilter
+from .times import parse_moment
+
+FILTERS = ("client_ref", "status", "passed", "task_type", "failure_code", "since", "until", "q")
+MAX_LIMIT = 500
+
+
+class BearerAuth:
+    """Requires `Authorization: Bearer <RECEIVER_DASHBOARD_TOKEN>` (compared in constant time)."""
+
+    def __init__(self, app: ASGIApp, token: str) -> None:
+        self.app = app
+        self.token = token
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http":
+            header = dict(scope["headers"]).get(b"authorization", b"").decode("latin-1")
+            scheme, _, given = header.partition(" ")
+            if scheme.lower() != "bearer" or not hmac.compare_digest(
+                given.strip().encode(), self.token.encode()
+            ):
+                raise Unauthorized(
+                    "missing or wrong token: send Authorization: Bearer <RECEIVER_DASHBOARD_TOKEN>"
+                )
+        await self.app(scope, receive, send)
+
+
+def _one(params: Mapping[str, str], name: str, max_length: int = 255) -> str | None:
+    value = params.get(name)
+    if value is None:
+        return None
+    if not value or len(value) > max_length:
+        raise BadRequest(f"{name} must be 1 to {max_length} characters")
+    return value
+
+
+def _check_known(params: Mapping[str, str], allowed: tuple[str, ...]) -> None:
+    for name in params:
+        if name not in allowed:
+            raise BadRequest(f"unknown parameter {name!r}; expected one of {', '.join(allowed)}")
+
+
+def evaluation_filter(params: Mapping[str, str]) -> EvaluationFilter:
+    """Query parameters → filter; a bad value is a 400 that names its parameter."""
+    status = _one(params, "status")
+    if status is not None and status not in STATUSES:
+        raise BadRequest(f"status must be one of {', '.join(STATUSES)}, got {status!r}")
+    passed_text = _one(params, "passed")
+    passed = None
+    if passed_text is not None:
+        if passed_text.lower() not in ("true", "false", "1", "0"):
+            raise BadRequest(f"passed must be true or false, got {passed_text!r}")
+        passed = passed_text.lower() in ("true", "1")
+    bounds = {}
+    for name in ("since", "until"):
+        text = _one(params, name)
+        try:
+            bounds[name] = None if text is None else parse_moment(text)
+        except ValueError as exc:
+            raise BadRequest(f"{name}: {exc}") from None
+    return EvaluationFilter(
+        client_ref=_one(params, "client_ref"),
+        status=status,
+        passed=passed,
+        task_type=_one(params, "task_type"),
+        failure_code=_one(params, "failure_code"),
+        since=bounds["since"],
+        until=bounds["until"],
+        q=_one(params, "q", 200),
+    )
+
+
+def _limit(params: Mapping[str, str]) -> int:
+    text = params.get("limit", "50")
+    if not text.isdigit() or not 1 <= int(text) <= MAX_LIMIT:
+        raise BadRequest(f"limit must be a whole number from 1 to {MAX_LIMIT}, got {text!r}")
+    return int(text)
+
+
+def list_evaluations(request: Request) -> Response:
+    params = request.query_params
+    _check_known(params, (*FILTERS, "limit", "cursor"))
+    items, next_cursor = context(request).store.list_evaluations(
+        evaluation_filter(params), _limit(params), _one(params, "cursor", 1000)
+    )
+    return JSONResponse({"items": items, "next_cursor": next_cursor})
+
+
+def get_evaluation(request: Request) -> Response:
+    _check_known(request.query_params, ())
+    evaluation_id = request.path_params["evaluation_id"]
+    found = context(request).store.get_evaluation(evaluation_id)
+    if found is None:
+        raise NotFound(f"no evaluation {evaluation_id!r}")
+    return JSONResponse(found)
+
+
+def get_client_ref(request: Request) -> Response:
+    _check_known(request.query_params, ())
+    client_ref = request.path_params["client_ref"]
+    found = context(request).store.get_client_ref(client_ref)
+    if found is None:
+        raise NotFound(f"no evaluation with client_ref {client_ref!r}")
+    return JSONResponse(found)
+
+
+def get_stats(request: Request) -> Response:
+    _check_known(request.query_params, FILTERS)
+    return JSONResponse(context(request).store.stats(evaluation_filter(request.query_params)))
+
+
+def healthz(request: Request) -> Response:
+    return JSONResponse({"ok": True})
+
+
+async def readyz(request: Request) -> Response:
+    """Ready when an (empty) write transaction commits through the writer right now."""
+    await context(request).store.probe()
+    return JSONResponse({"ok": True, "store": "writable"})
+
+
+routes = [
+    Route("/evaluations", list_evaluations, methods=["GET"]),
+    Route("/evaluations/{evaluation_id}", get_evaluation, methods=["GET"]),
+    Route("/client-refs/{client_ref:path}", get_client_ref, methods=["GET"]),
+    Route("/stats", get_stats, methods=["GET"]),
+]

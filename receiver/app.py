@@ -1,0 +1,113 @@
+"""`create_app(settings)`: routes, error handlers, and a lifespan that owns every resource."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import AsyncIterator
+
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.middleware import Middleware
+from starlette.requests import Request
+from starlette.responses import HTMLResponse, JSONResponse, Response
+from starlette.routing import Mount, Route
+
+from . import api, openapi, web
+from .config import Settings
+from .context import Context
+from .errors import ReceiverError
+from .store import Store
+
+log = logging.getLogger("receiver")
+
+LANDING = """<!doctype html><meta charset="utf-8"><title>receiver</title>
+<h1>receiver is running</h1>
+<p>Runflow callback URL: <code>POST /webhooks/runflow</code></p>
+<p>API (Authorization: Bearer &lt;RECEIVER_DASHBOARD_TOKEN&gt;):
+<code>/api/evaluations</code>, <code>/api/client-refs/{client_ref}</code>, <code>/api/stats</code>;
+schema at <a href="/openapi.json">/openapi.json</a>.</p>
+"""
+
+
+def error_response(status: int, message: str) -> JSONResponse:
+    return JSONResponse({"ok": False, "error": message}, status_code=status)
+
+
+async def receiver_error(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, ReceiverError)
+    headers = (
+        {"WWW-Authenticate": "Bearer"}
+        if exc.status == 401 and request.url.path.startswith("/api")
+        else None
+    )
+    response = error_response(exc.status, str(exc))
+    if headers:
+        response.headers.update(headers)
+    return response
+
+
+async def http_error(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, HTTPException)
+    reasons = {
+        404: f"no such path {request.url.path!r}",
+        405: f"{request.method} is not allowed here",
+    }
+    response = error_response(exc.status_code, reasons.get(exc.status_code, str(exc.detail)))
+    response.headers.update(exc.headers or {})
+    return response
+
+
+async def server_error(request: Request, exc: Exception) -> Response:
+    log.exception("unhandled error on %s %s", request.method, request.url.path)
+    return error_response(500, "internal error; the server log has the details")
+
+
+def landing(request: Request) -> Response:
+    return HTMLResponse(LANDING)
+
+
+def openapi_json(request: Request) -> Response:
+    return JSONResponse(openapi.document())
+
+
+def create_app(settings: Settings, *, store: Store | None = None) -> Starlette:
+    """Build the app; nothing is opened until the lifespan starts."""
+    settings.check_ingest()
+    ctx = Context(settings=settings, store=store or Store(settings.database))
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        ctx.store.open()
+        try:
+            yield
+        finally:
+            ctx.store.close()
+
+    app = Starlette(
+        routes=[
+            Route("/webhooks/runflow", web.webhook, methods=["POST"]),
+            Route("/healthz", api.healthz, methods=["GET"]),
+            Route("/readyz", api.readyz, methods=["GET"]),
+            Route("/openapi.json", openapi_json, methods=["GET"]),
+            Route("/", landing, methods=["GET"]),
+            Mount(
+                "/api",
+                routes=api.routes,
+                middleware=[Middleware(api.BearerAuth, token=settings.dashboard_token)],
+            ),
+        ],
+        exception_handlers={
+            ReceiverError: receiver_error,
+            HTTPException: http_error,
+            Exception: server_error,
+        },
+        lifespan=lifespan,
+    )
+    app.state.receiver = ctx
+    return app
+
+
+def from_env() -> Starlette:
+    """App factory for `uvicorn --factory` (used by `receiver serve --workers N`)."""
+    return create_app(Settings.from_env())

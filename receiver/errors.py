@@ -1,0 +1,41 @@
+"""One error tree: every error a user can cause carries its HTTP status and a one-line reason."""
+
+from __future__ import annotations
+
+
+class ReceiverError(Exception):
+    """Base class; `str(err)` is the human-readable reason shown in the API and the CLI."""
+
+    status = 500
+
+
+class BadRequest(ReceiverError):
+    status = 400
+
+
+class Unauthorized(ReceiverError):
+    status = 401
+
+
+class Forbidden(ReceiverError):
+    status = 403
+
+
+class NotFound(ReceiverError):
+    status = 404
+
+
+class PayloadTooLarge(ReceiverError):
+    status = 413
+
+
+class StoreUnavailable(ReceiverError):
+    """The store could not commit: the caller must not acknowledge (Runflow will retry)."""
+
+    status = 503
+
+
+class ConfigError(ReceiverError):
+    """A setting is missing or malformed; the message names the variable and what is expected."""
+
+    status = 500

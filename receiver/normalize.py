@@ -1,0 +1,185 @@
+"""Callback bytes → a Callback in Runflow's GET shape, plus the state rules for merging (pure)."""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from dataclasses import dataclass
+from typing import Any
+
+from .errors import BadRequest
+from .times import normalize_time
+
+TERMINAL = frozenset({"completed", "failed"})
+STATUSES = ("pending", "running", "completed", "failed")
+_RANK = {"pending": 0, "running": 1, "completed": 2, "failed": 2}
+_SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
+_LONE_SURROGATE = re.compile("[\ud800-\udfff]")
+_MAX_ID = 255
+
+
+@dataclass(frozen=True)
+class Callback:
+    """One verified callback: `fields` uses GET /v1/evaluations names (`id`, `status_code`)."""
+
+    kind: str  # "evaluation" | "run"
+    event: str | None
+    evaluation_id: str | None
+    fields: dict[str, Any]
+
+
+def _finite(text: str) -> float:
+    number = float(text)
+    if not math.isfinite(number):
+        raise ValueError(f"number {text[:20]} is out of range")
+    return number
+
+
+def _no_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not valid JSON")
+
+
+def _clean(value: Any) -> Any:
+    """Replace unpaired surrogates (valid JSON escapes, but not storable as UTF-8)."""
+    if isinstance(value, str):
+        return _LONE_SURROGATE.sub("\ufffd", value)
+    if isinstance(value, list):
+        return [_clean(item) for item in value]
+    if isinstance(value, dict):
+        return {_clean(key): _clean(item) for key, item in value.items()}
+    return value
+
+
+def parse_body(body: bytes) -> dict[str, Any]:
+    """Strict JSON object parsing; every refusal is a BadRequest with a one-line reason."""
+    try:
+        text = body.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise BadRequest(f"body is not valid UTF-8 (byte {exc.start})") from None
+    try:
+        payload = json.loads(text, parse_float=_finite, parse_constant=_no_constant)
+    except RecursionError:
+        raise BadRequest("body is not valid JSON: nested too deeply") from None
+    except ValueError as exc:
+        raise BadRequest(f"body is not valid JSON: {str(exc).splitlines()[0][:200]}") from None
+    if not isinstance(payload, dict):
+        raise BadRequest(f"body must be a JSON object, got {type(payload).__name__}")
+    if _SURROGATE_ESCAPE.search(body):
+        cleaned: dict[str, Any] = _clean(payload)
+        return cleaned
+    return payload
+
+
+def normalize(payload: dict[str, Any]) -> Callback:
+    """Accept both body shapes of the contract (§3): the bare evaluation and the event envelope."""
+    event = payload.get("event")
+    if event is not None and not isinstance(event, str):
+        raise BadRequest("event must be a string")
+    if event and event.startswith("run."):
+        return Callback("run", event, None, payload)
+    fields = dict(payload)
+    fields.pop("event", None)
+    raw_id = fields.pop("evaluation_id", None) or fields.get("id")
+    if raw_id is None or raw_id == "":
+        raise BadRequest("body has no evaluation id (expected evaluation_id or id)")
+    if not isinstance(raw_id, str) or len(raw_id) > _MAX_ID or not raw_id.isprintable():
+        raise BadRequest(f"evaluation id must be a printable string of at most {_MAX_ID} chars")
+    fields["id"] = raw_id
+    if "status_code" not in fields and "status" in fields:
+        fields["status_code"] = fields.pop("status")
+    status = fields.get("status_code")
+    if status is None and event in ("evaluation.completed", "evaluation.failed"):
+        status = fields["status_code"] = event.removeprefix("evaluation.")
+    if status is not None and status not in _RANK:
+        raise BadRequest(f"status must be one of {', '.join(STATUSES)}, got {status!r}")
+    if event is None and status in TERMINAL:
+        event = f"evaluation.{status}"
+    return Callback("evaluation", event, raw_id, fields)
+
+
+def _newer_or_equal(incoming: dict[str, Any], existing: dict[str, Any]) -> bool:
+    """Status rank first, then Runflow's own `updated_at`; ties go to the later arrival."""
+    rank_in = _RANK.get(incoming.get("status_code") or "", -1)
+    rank_old = _RANK.get(existing.get("status_code") or "", -1)
+    if rank_in != rank_old:
+        return rank_in > rank_old
+    stamp_in = normalize_time(incoming.get("updated_at"))
+    stamp_old = normalize_time(existing.get("updated_at"))
+    return stamp_in is None or stamp_old is None or stamp_in >= stamp_old
+
+
+def merge(existing: dict[str, Any], incoming: dict[str, Any]) -> dict[str, Any]:
+    """The evaluation after `incoming`: newer values win, no key is lost, no state regresses.
+
+    A terminal status never goes back to pending/running, and a superseded evaluation stays
+    superseded, whatever order the bodies arrive in.
+    """
+    if _newer_or_equal(incoming, existing):
+        merged = {**existing, **incoming}
+    else:
+        merged = {**incoming, **existing}
+    merged["superseded_at"] = existing.get("superseded_at") or incoming.get("superseded_at")
+    return merged
+
+
+def _int(value: Any) -> int | None:
+    return value if isinstance(value, int) and not isinstance(value, bool) else None
+
+
+def _float(value: Any) -> float | None:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return None
+    return float(value)
+
+
+def _str(value: Any) -> str | None:
+    return value if isinstance(value, str) and value else None
+
+
+def _labels(value: Any) -> list[str]:
+    return [item for item in value if isinstance(item, str)] if isinstance(value, list) else []
+
+
+def columns(fields: dict[str, Any]) -> dict[str, Any]:
+    """The indexed, typed columns of an evaluation row, derived from its latest fields."""
+    passed = fields.get("overall_passed")
+    feedback = fields.get("feedback_is_positive")
+    return {
+        "client_ref": _str(fields.get("client_ref")),
+        "status": _str(fields.get("status_code")),
+        "passed": None if not isinstance(passed, bool) else int(passed),
+        "score": _float(fields.get("weighted_pass_rate")),
+        "task_type": _str(fields.get("task_type")),
+        "failure_code": _str(fields.get("failure_code")),
+        "top_issues": _labels(fields.get("top_issues")),
+        "attempt_number": _int(fields.get("attempt_number")),
+        "parent_evaluation_id": _str(fields.get("parent_evaluation_id")),
+        "superseded_at": normalize_time(fields.get("superseded_at")),
+        "created_at": normalize_time(fields.get("created_at")),
+        "completed_at": normalize_time(fields.get("completed_at")),
+        "run_id": _str(fields.get("run_id")),
+        "image_url": _str(fields.get("generated_image_url")),
+        "feedback_is_positive": None if not isinstance(feedback, bool) else int(feedback),
+        "feedback_reason": _str(fields.get("feedback_reason")),
+    }
+
+
+def judge_issues(fields: dict[str, Any]) -> list[tuple[str | None, str | None, str | None, str]]:
+    """(judge, category, subcategory, detail) for every issue of the `judges` embed."""
+    found = []
+    judges = fields.get("judges")
+    for judge in judges if isinstance(judges, list) else []:
+        if not isinstance(judge, dict) or not isinstance(judge.get("issues"), list):
+            continue
+        for issue in judge["issues"]:
+            if isinstance(issue, dict):
+                found.append(
+                    (
+                        _str(judge.get("name")),
+                        _str(issue.get("category")),
+                        _str(issue.get("subcategory")),
+                        str(issue.get("detail") or ""),
+                    )
+                )
+    return found

@@ -1,0 +1,101 @@
+"""The store: the only place SQL lives. Writes go through the group-commit Writer; reads use a
+read-only connection per thread (WAL lets them run beside the writer)."""
+
+from __future__ import annotations
+
+import sqlite3
+import threading
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+from ..errors import ConfigError
+from .ingest import Delivery, Receipt, ingest, quarantine
+from .queries import (
+    EvaluationFilter,
+    get_client_ref,
+    get_evaluation,
+    list_evaluations,
+    stats,
+)
+from .schema import migrate
+from .writer import Writer, connect
+
+__all__ = ["Delivery", "EvaluationFilter", "Receipt", "Store"]
+
+
+class Store:
+    def __init__(self, path: str, *, busy_timeout: float = 10.0) -> None:
+        self.path = path
+        self.writer = Writer(path, busy_timeout)
+        self._local = threading.local()
+        self._readers: list[sqlite3.Connection] = []
+        self._lock = threading.Lock()
+
+    def migrate(self) -> list[int]:
+        """Create the file if needed and apply pending migrations (idempotent)."""
+        try:
+            Path(self.path).parent.mkdir(parents=True, exist_ok=True)
+            conn = connect(self.path)
+        except (OSError, sqlite3.Error) as exc:
+            raise ConfigError(f"RECEIVER_DATABASE: cannot open {self.path!r}: {exc}") from None
+        try:
+            return migrate(conn)
+        except sqlite3.Error as exc:
+            raise ConfigError(f"RECEIVER_DATABASE: cannot migrate {self.path!r}: {exc}") from None
+        finally:
+            conn.close()
+
+    def open(self) -> None:
+        self.migrate()
+        self.writer.start()
+
+    def close(self) -> None:
+        self.writer.close()
+        with self._lock:
+            for conn in self._readers:
+                conn.close()
+            self._readers.clear()
+        self._local = threading.local()
+
+    # writes
+
+    async def ingest(self, delivery: Delivery) -> Receipt:
+        return await self.writer.run(partial(ingest, delivery=delivery))
+
+    async def quarantine(
+        self, body: bytes, reason: str, headers: dict[str, str], request_id: str | None
+    ) -> int:
+        return await self.writer.run(
+            partial(quarantine, body=body, reason=reason, headers=headers, request_id=request_id)
+        )
+
+    async def probe(self) -> None:
+        """Raise StoreUnavailable unless a write transaction can commit now."""
+        await self.writer.run(lambda conn: None)
+
+    # reads
+
+    def reader(self) -> sqlite3.Connection:
+        conn: sqlite3.Connection | None = getattr(self._local, "conn", None)
+        if conn is None:
+            conn = connect(self.path, readonly=True)
+            conn.row_factory = sqlite3.Row
+            self._local.conn = conn
+            with self._lock:
+                self._readers.append(conn)
+        return conn
+
+    def list_evaluations(
+        self, where: EvaluationFilter, limit: int = 50, cursor: str | None = None
+    ) -> tuple[list[dict[str, Any]], str | None]:
+        return list_evaluations(self.reader(), where, limit, cursor)
+
+    def get_evaluation(self, evaluation_id: str) -> dict[str, Any] | None:
+        return get_evaluation(self.reader(), evaluation_id)
+
+    def get_client_ref(self, client_ref: str) -> dict[str, Any] | None:
+        return get_client_ref(self.reader(), client_ref)
+
+    def stats(self, where: EvaluationFilter) -> dict[str, Any]:
+        return stats(self.reader(), where)

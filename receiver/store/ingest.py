@@ -1,0 +1,176 @@
+"""The ingest transaction: delivery, evaluation, issues and client_ref rows, all or nothing."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import sqlite3
+from dataclasses import dataclass, field
+from typing import Any
+
+from ..normalize import Callback, columns, judge_issues, merge
+from ..times import now
+
+
+@dataclass(frozen=True)
+class Delivery:
+    """A verified callback as received: exact bytes plus what we know of its arrival."""
+
+    body: bytes
+    callback: Callback
+    headers: dict[str, str] = field(default_factory=dict)
+    request_id: str | None = None
+    secret_index: int | None = None
+    source: str = "webhook"
+
+
+@dataclass(frozen=True)
+class Receipt:
+    outcome: str  # "stored" | "duplicate" | "ignored"
+    delivery_id: int
+    evaluation_id: str | None
+
+
+def _dumps(value: Any) -> str:
+    return json.dumps(value, separators=(",", ":"), ensure_ascii=False)
+
+
+def ingest(conn: sqlite3.Connection, delivery: Delivery) -> Receipt:
+    """Store one delivery. The same bytes again only count a receipt (replays are harmless)."""
+    callback = delivery.callback
+    digest = hashlib.sha256(delivery.body).hexdigest()
+    stamp = now()
+    row = conn.execute(
+        "SELECT id, evaluation_id FROM deliveries WHERE sha256 = ?", (digest,)
+    ).fetchone()
+    if row is not None:
+        conn.execute(
+            "UPDATE deliveries SET receipts = receipts + 1, last_received_at = ? WHERE id = ?",
+            (stamp, row[0]),
+        )
+        return Receipt("duplicate", row[0], row[1])
+    outcome = "ignored" if callback.kind == "run" else "stored"
+    cursor = conn.execute(
+        "INSERT INTO deliveries (received_at, last_received_at, receipts, source, request_id,"
+        " secret_index, sha256, kind, event, evaluation_id, outcome, headers, body)"
+        " VALUES (?, ?, 1, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        (
+            stamp,
+            stamp,
+            delivery.source,
+            delivery.request_id,
+            delivery.secret_index,
+            digest,
+            callback.kind,
+            callback.event,
+            callback.evaluation_id,
+            outcome,
+            _dumps(delivery.headers),
+            delivery.body,
+        ),
+    )
+    delivery_id = int(cursor.lastrowid or 0)
+    if callback.evaluation_id is not None:
+        apply_evaluation(conn, callback.fields, source=delivery.source, stamp=stamp)
+    return Receipt(outcome, delivery_id, callback.evaluation_id)
+
+
+def apply_evaluation(
+    conn: sqlite3.Connection, fields: dict[str, Any], *, source: str, stamp: str
+) -> None:
+    """Merge `fields` into the stored evaluation under the state rules (design.md §8)."""
+    evaluation_id = fields["id"]
+    row = conn.execute(
+        "SELECT data, client_ref FROM evaluations WHERE id = ?", (evaluation_id,)
+    ).fetchone()
+    merged = merge(json.loads(row[0]), fields) if row else fields
+    cols = columns(merged)
+    has_newer_attempt = conn.execute(
+        "SELECT 1 FROM evaluations WHERE parent_evaluation_id = ? LIMIT 1", (evaluation_id,)
+    ).fetchone()
+    status = cols["status"]
+    values = {
+        **cols,
+        "id": evaluation_id,
+        "event": f"evaluation.{status}" if status in ("completed", "failed") else None,
+        "top_issues": _dumps(cols["top_issues"]),
+        "superseded": int(cols["superseded_at"] is not None or has_newer_attempt is not None),
+        "updated_at": stamp,
+        "data": _dumps(merged),
+    }
+    if row is None:
+        values.update(received_at=stamp, source=source)
+        names = ", ".join(values)
+        marks = ", ".join(f":{name}" for name in values)
+        conn.execute(f"INSERT INTO evaluations ({names}) VALUES ({marks})", values)
+    else:
+        assignments = ", ".join(f"{name} = :{name}" for name in values if name != "id")
+        conn.execute(f"UPDATE evaluations SET {assignments} WHERE id = :id", values)
+    if "judges" in fields:
+        conn.execute("DELETE FROM issues WHERE evaluation_id = ?", (evaluation_id,))
+        conn.executemany(
+            "INSERT INTO issues (evaluation_id, judge, category, subcategory, detail)"
+            " VALUES (?, ?, ?, ?, ?)",
+            [(evaluation_id, *issue) for issue in judge_issues(merged)],
+        )
+    refs = {cols["client_ref"], row[1] if row else None}
+    parent = cols["parent_evaluation_id"]
+    if parent:
+        superseding = conn.execute(
+            "UPDATE evaluations SET superseded = 1, updated_at = ? WHERE id = ? AND superseded = 0"
+            " RETURNING client_ref",
+            (stamp, parent),
+        ).fetchone()
+        if superseding:
+            refs.add(superseding[0])
+    for client_ref in refs - {None}:
+        refresh_client_ref(conn, client_ref, stamp)
+
+
+def refresh_client_ref(conn: sqlite3.Connection, client_ref: str, stamp: str) -> None:
+    """Recompute a client_ref's pointers: current = completed and not superseded (Runflow's own
+    definition); latest = its most recent verdict."""
+    current = conn.execute(
+        "SELECT id FROM evaluations WHERE client_ref = ? AND status = 'completed'"
+        " AND superseded = 0 ORDER BY completed_at DESC, received_at DESC LIMIT 1",
+        (client_ref,),
+    ).fetchone()
+    latest = conn.execute(
+        "SELECT id, status, passed, score FROM evaluations WHERE client_ref = ?"
+        " ORDER BY status NOT IN ('completed', 'failed'), completed_at DESC, received_at DESC"
+        " LIMIT 1",
+        (client_ref,),
+    ).fetchone()
+    count = conn.execute(
+        "SELECT count(*) FROM evaluations WHERE client_ref = ?", (client_ref,)
+    ).fetchone()[0]
+    if not count:
+        conn.execute("DELETE FROM client_refs WHERE client_ref = ?", (client_ref,))
+        return
+    conn.execute(
+        "INSERT INTO client_refs (client_ref, current_evaluation_id, latest_evaluation_id,"
+        " latest_status, latest_passed, latest_score, evaluations, updated_at)"
+        " VALUES (?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (client_ref) DO UPDATE SET"
+        " current_evaluation_id = excluded.current_evaluation_id,"
+        " latest_evaluation_id = excluded.latest_evaluation_id,"
+        " latest_status = excluded.latest_status, latest_passed = excluded.latest_passed,"
+        " latest_score = excluded.latest_score, evaluations = excluded.evaluations,"
+        " updated_at = excluded.updated_at",
+        (client_ref, current[0] if current else None, *latest, count, stamp),
+    )
+
+
+def quarantine(
+    conn: sqlite3.Connection,
+    body: bytes,
+    reason: str,
+    headers: dict[str, str],
+    request_id: str | None,
+) -> int:
+    """Keep a signed body we could not parse, for inspection; returns its quarantine id."""
+    cursor = conn.execute(
+        "INSERT INTO quarantine (received_at, request_id, reason, sha256, headers, body)"
+        " VALUES (?, ?, ?, ?, ?, ?)",
+        (now(), request_id, reason, hashlib.sha256(body).hexdigest(), _dumps(headers), body),
+    )
+    return int(cursor.lastrowid or 0)

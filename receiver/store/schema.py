@@ -1,0 +1,176 @@
+"""Numbered migrations. Each runs once, in order, inside one IMMEDIATE transaction."""
+
+from __future__ import annotations
+
+import sqlite3
+from collections.abc import Callable
+
+from sqlite_utils import Database
+
+from ..times import now
+
+
+def _v1_core(db: Database) -> None:
+    db.table("deliveries").create(
+        {
+            "id": int,
+            "received_at": str,
+            "last_received_at": str,
+            "receipts": int,
+            "source": str,
+            "request_id": str,
+            "secret_index": int,
+            "sha256": str,
+            "kind": str,
+            "event": str,
+            "evaluation_id": str,
+            "outcome": str,
+            "headers": str,
+            "body": bytes,
+        },
+        pk="id",
+        not_null={"received_at", "sha256", "kind", "outcome", "body", "source", "receipts"},
+    )
+    db.table("deliveries").create_index(["sha256"], unique=True)
+    db.table("deliveries").create_index(["evaluation_id"])
+    db.table("deliveries").create_index(["received_at"])
+
+    db.table("evaluations").create(
+        {
+            "id": str,
+            "client_ref": str,
+            "status": str,
+            "event": str,
+            "passed": int,
+            "score": float,
+            "task_type": str,
+            "failure_code": str,
+            "top_issues": str,
+            "attempt_number": int,
+            "parent_evaluation_id": str,
+            "superseded": int,
+            "superseded_at": str,
+            "created_at": str,
+            "completed_at": str,
+            "received_at": str,
+            "updated_at": str,
+            "run_id": str,
+            "image_url": str,
+            "refetched": int,
+            "feedback_is_positive": int,
+            "feedback_reason": str,
+            "source": str,
+            "data": str,
+        },
+        pk="id",
+        not_null={"received_at", "updated_at", "superseded", "refetched", "data"},
+        defaults={"superseded": 0, "refetched": 0},
+    )
+    for column in ("client_ref", "status", "task_type", "failure_code", "passed"):
+        db.table("evaluations").create_index([column, "received_at"])
+    db.table("evaluations").create_index(["received_at", "id"])
+    db.table("evaluations").create_index(["completed_at"])
+    db.table("evaluations").create_index(["parent_evaluation_id"])
+
+    db.table("issues").create(
+        {
+            "id": int,
+            "evaluation_id": str,
+            "judge": str,
+            "category": str,
+            "subcategory": str,
+            "detail": str,
+        },
+        pk="id",
+        not_null={"evaluation_id"},
+    )
+    db.table("issues").create_index(["evaluation_id"])
+    db.table("issues").create_index(["category", "subcategory"])
+
+    db.table("client_refs").create(
+        {
+            "client_ref": str,
+            "current_evaluation_id": str,
+            "latest_evaluation_id": str,
+            "latest_status": str,
+            "latest_passed": int,
+            "latest_score": float,
+            "evaluations": int,
+            "updated_at": str,
+        },
+        pk="client_ref",
+        not_null={"evaluations", "updated_at"},
+    )
+
+    db.table("outbox").create(
+        {
+            "id": int,
+            "event_id": str,
+            "sink": str,
+            "evaluation_id": str,
+            "delivery_id": int,
+            "event_type": str,
+            "state": str,
+            "attempts": int,
+            "next_attempt_at": str,
+            "last_error": str,
+            "created_at": str,
+            "updated_at": str,
+        },
+        pk="id",
+        not_null={"event_id", "sink", "state", "attempts", "created_at"},
+        defaults={"state": "pending", "attempts": 0},
+    )
+    db.table("outbox").create_index(["sink", "event_id"], unique=True)
+    db.table("outbox").create_index(["state", "next_attempt_at"])
+    db.table("outbox").create_index(["evaluation_id"])
+
+    db.table("quarantine").create(
+        {
+            "id": int,
+            "received_at": str,
+            "request_id": str,
+            "reason": str,
+            "sha256": str,
+            "headers": str,
+            "body": bytes,
+        },
+        pk="id",
+        not_null={"received_at", "reason", "sha256", "body"},
+    )
+    db.table("quarantine").create_index(["received_at"])
+
+
+MIGRATIONS: list[tuple[int, str, Callable[[Database], None]]] = [
+    (1, "core tables", _v1_core),
+]
+
+
+def migrate(conn: sqlite3.Connection) -> list[int]:
+    """Apply the missing migrations; returns the versions applied (empty when up to date).
+
+    `BEGIN IMMEDIATE` serialises concurrent starters (several processes on one file).
+    """
+    db = Database(conn, execute_plugins=False)
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        conn.execute(
+            "CREATE TABLE IF NOT EXISTS migrations "
+            "(version INTEGER PRIMARY KEY, name TEXT NOT NULL, applied_at TEXT NOT NULL)"
+        )
+        done = {row[0] for row in conn.execute("SELECT version FROM migrations")}
+        applied = []
+        for version, name, step in MIGRATIONS:
+            if version in done:
+                continue
+            step(db)
+            conn.execute(
+                "INSERT INTO migrations (version, name, applied_at) VALUES (?, ?, ?)",
+                (version, name, now()),
+            )
+            applied.append(version)
+        conn.execute("COMMIT")
+    except BaseException:
+        conn.execute("ROLLBACK")
+        raise
+    return applied

@@ -1,0 +1,82 @@
+"""Shared test data: the fixture bodies, their secrets and signatures, and small helpers."""
+
+from __future__ import annotations
+
+import os
+import sqlite3
+from pathlib import Path
+
+import httpx2
+
+from starlette.testclient import TestClient
+
+from receiver.config import Settings
+from receiver.signing import sign
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED = Path(os.environ.get("RECEIVER_SHARED_DIR", ROOT.parent / "shared"))
+FIXTURES = SHARED / "fixtures" / "runflow"
+TOKEN = "test-dashboard-token"
+
+
+def _signature_table() -> tuple[str, str, dict[str, tuple[str, str]]]:
+    lines = (FIXTURES / "signatures.txt").read_text().splitlines()
+    secret_a = next(line.split(": ")[1] for line in lines if line.startswith("# secret A"))
+    secret_b = next(line.split(": ")[1] for line in lines if line.startswith("# secret B"))
+    table = {}
+    for line in lines:
+        if line and not line.startswith("#"):
+            name, with_a, with_b = line.split()
+            table[name] = (with_a, with_b)
+    return secret_a, secret_b, table
+
+
+SECRET_A, SECRET_B, SIGNATURES = _signature_table()
+
+
+def fixture(name: str) -> bytes:
+    return (FIXTURES / name).read_bytes()
+
+
+def make_settings(tmp_path: Path, **overrides: object) -> Settings:
+    values: dict[str, object] = {
+        "webhook_secrets": (SECRET_A, SECRET_B),
+        "database": str(tmp_path / "receiver.db"),
+        "dashboard_token": TOKEN,
+    }
+    values.update(overrides)
+    return Settings(**values)  # type: ignore[arg-type]
+
+
+def post_callback(
+    client: TestClient,
+    body: bytes,
+    secret: str | None = SECRET_A,
+    headers: dict[str, str] | None = None,
+) -> httpx2.Response:
+    sent = {"content-type": "application/json", **(headers or {})}
+    if secret is not None:
+        sent["runflow-signature"] = sign(body, secret)
+    return client.post("/webhooks/runflow", content=body, headers=sent)
+
+
+def auth() -> dict[str, str]:
+    return {"authorization": f"Bearer {TOKEN}"}
+
+
+def count(settings: Settings, table: str) -> int:
+    """Rows in `table`, read straight from the database file."""
+    conn = sqlite3.connect(settings.database)
+    try:
+        return int(conn.execute(f"SELECT count(*) FROM {table}").fetchone()[0])
+    finally:
+        conn.close()
+
+
+def rows(settings: Settings, sql: str, *params: object) -> list[sqlite3.Row]:
+    conn = sqlite3.connect(settings.database)
+    conn.row_factory = sqlite3.Row
+    try:
+        return conn.execute(sql, params).fetchall()
+    finally:
+        conn.close()

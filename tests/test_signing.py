@@ -1,0 +1,65 @@
+from __future__ import annotations
+
+import pytest
+
+from receiver.signing import sign, verify
+
+from .helpers import SECRET_A, SECRET_B, SIGNATURES, fixture
+
+SECRETS = (SECRET_A, SECRET_B)
+
+
+@pytest.mark.parametrize("name", sorted(SIGNATURES))
+def test_every_fixture_signature_verifies_with_its_secret(name: str) -> None:
+    body = fixture(name)
+    with_a, with_b = SIGNATURES[name]
+    assert sign(body, SECRET_A) == with_a
+    assert sign(body, SECRET_B) == with_b
+    assert verify(body, with_a, SECRETS) == 0
+    assert verify(body, with_b, SECRETS) == 1
+    assert verify(body, with_b, (SECRET_A,)) is None
+
+
+BODY = fixture("evaluation-completed.json")
+GOOD = sign(BODY, SECRET_A)
+
+
+@pytest.mark.parametrize(
+    ("signature", "body", "expected"),
+    [
+        (GOOD, BODY, 0),
+        (GOOD.upper(), BODY, 0),
+        (sign(BODY, SECRET_B), BODY, 1),
+        (None, BODY, None),
+        ("", BODY, None),
+        (GOOD[:63], BODY, None),
+        (GOOD + "0", BODY, None),
+        ("z" * 64, BODY, None),
+        (" " * 64, BODY, None),
+        (sign(fixture("evaluation-failed.json"), SECRET_A), BODY, None),
+        (GOOD, BODY[:-2] + b"x}", None),
+        (GOOD, BODY + b" ", None),
+        (sign(BODY, "whsec_other"), BODY, None),
+    ],
+    ids=[
+        "secret-a",
+        "uppercase-hex",
+        "secret-b",
+        "missing",
+        "empty",
+        "63-chars",
+        "65-chars",
+        "non-hex",
+        "spaces",
+        "other-body",
+        "one-byte-changed",
+        "trailing-space",
+        "unknown-secret",
+    ],
+)
+def test_verify_table(signature: str | None, body: bytes, expected: int | None) -> None:
+    assert verify(body, signature, SECRETS) == expected
+
+
+def test_no_secrets_verifies_nothing() -> None:
+    assert verify(BODY, GOOD, ()) is None
