@@ -7,7 +7,6 @@ import sqlite3
 from pathlib import Path
 
 import httpx2
-
 from starlette.testclient import TestClient
 
 from receiver.config import Settings

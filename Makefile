@@ -1,0 +1,34 @@
+# `make run` and `make test` work on a fresh machine: they build .venv themselves.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed-stamp
+
+.PHONY: run test lint check clean
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -e '.[dev]'
+	touch $(STAMP)
+
+# A local signing secret and dashboard token, generated once and kept in .env (git-ignored).
+.env:
+	@$(PYTHON) -c "import secrets; print('RUNFLOW_WEBHOOK_SECRET=whsec_' + secrets.token_urlsafe(24)); print('RECEIVER_DASHBOARD_TOKEN=' + secrets.token_urlsafe(24))" > .env
+	@echo "wrote .env with a generated RUNFLOW_WEBHOOK_SECRET and RECEIVER_DASHBOARD_TOKEN"
+
+run: $(STAMP) .env
+	$(BIN)/receiver serve
+
+test: $(STAMP)
+	$(BIN)/pytest -q
+
+lint: $(STAMP)
+	$(BIN)/ruff check receiver tests
+	$(BIN)/ruff format --check receiver tests
+	$(BIN)/mypy receiver
+
+check: lint test
+
+clean:
+	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache

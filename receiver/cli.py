@@ -1,0 +1,290 @@
+"""The `receiver` command. User mistakes end with one line on stderr and exit status 1."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import uuid
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import click
+import httpx
+
+from .config import Settings
+from .errors import ReceiverError
+from .normalize import STATUSES
+from .signing import sign
+from .store import EvaluationFilter, Store
+from .times import parse_moment
+
+
+class Group(click.Group):
+    """Turns our errors into click's one-line `Error: …` with exit status 1."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except ReceiverError as exc:
+            raise click.ClickException(str(exc)) from None
+
+
+def load_settings() -> Settings:
+    return Settings.from_env()
+
+
+def reading_store(settings: Settings) -> Store:
+    if not Path(settings.database).exists():
+        raise click.ClickException(
+            f"no database at {settings.database!r} (RECEIVER_DATABASE); "
+            "run `receiver serve` or `receiver migrate` first"
+        )
+    store = Store(settings.database)
+    store.migrate()
+    return store
+
+
+def echo_json(value: Any) -> None:
+    click.echo(json.dumps(value, indent=2, ensure_ascii=False))
+
+
+@click.group(cls=Group, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="receiver")
+def cli() -> None:
+    """Verified, durable webhook receiver for Runflow image evaluations."""
+
+
+@cli.command()
+@click.option("--host", default="127.0.0.1", show_default=True, help="Interface to listen on.")
+@click.option("--port", type=click.IntRange(1, 65535), help="Port (default: $PORT or 8000).")
+@click.option("--workers", type=click.IntRange(1, 64), default=1, show_default=True)
+def serve(host: str, port: int | None, workers: int) -> None:
+    """Run the HTTP server: webhook, API and dashboard."""
+    import uvicorn
+
+    from .app import create_app
+
+    settings = load_settings()
+    settings.check_ingest()
+    Store(settings.database).migrate()
+    port = port or settings.port
+    shown = "127.0.0.1" if host in ("0.0.0.0", "::") else host  # noqa: S104
+    base = f"http://{shown}:{port}"
+    click.echo(f"receiver: callback URL  {settings.public_url or base}/webhooks/runflow")
+    click.echo(f"receiver: dashboard     {base}/")
+    click.echo(f"receiver: database      {settings.database}")
+    if settings.dashboard_token_generated:
+        click.echo(
+            f"receiver: dashboard token {settings.dashboard_token} "
+            "(generated; set RECEIVER_DASHBOARD_TOKEN to keep one across restarts)"
+        )
+    if workers == 1:
+        uvicorn.run(create_app(settings), host=host, port=port)
+    else:
+        os.environ["RECEIVER_DASHBOARD_TOKEN"] = settings.dashboard_token
+        uvicorn.run("receiver.app:from_env", factory=True, host=host, port=port, workers=workers)
+
+
+@cli.command()
+def migrate() -> None:
+    """Create the database or bring its schema up to date (safe to run again)."""
+    settings = load_settings()
+    applied = Store(settings.database).migrate()
+    if applied:
+        click.echo(f"applied migrations {', '.join(map(str, applied))} to {settings.database}")
+    else:
+        click.echo(f"{settings.database} is up to date")
+
+
+def _moment(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
+    try:
+        return None if value is None else parse_moment(value)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc)) from None
+
+
+def _cell(value: Any) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    return str(value)
+
+
+@cli.command()
+@click.option("--client-ref", help="Exact client_ref.")
+@click.option("--status", type=click.Choice(STATUSES))
+@click.option("--passed/--failed", "passed", default=None, help="Verdict passed or not.")
+@click.option("--task-type")
+@click.option("--failure-code")
+@click.option("--since", callback=_moment, help="ISO time or duration ago (24h, 7d).")
+@click.option("--until", callback=_moment, help="ISO time or duration ago.")
+@click.option("--search", "q", help="Text search in id, client_ref, task type, issues.")
+@click.option("--limit", type=click.IntRange(1, 500), default=50, show_default=True)
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+def query(as_json: bool, limit: int, **filters: Any) -> None:
+    """List evaluations, newest first."""
+    items, _ = reading_store(load_settings()).list_evaluations(EvaluationFilter(**filters), limit)
+    if as_json:
+        echo_json(items)
+        return
+    header = ("id", "client_ref", "status", "passed", "score", "task_type", "received_at")
+    table = [header] + [
+        (*(_cell(item[key]) for key in header[:-1]), item["received_at"][:19]) for item in items
+    ]
+    widths = [max(len(row[i]) for row in table) for i in range(len(header))]
+    for row in table:
+        click.echo(
+            "  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip()
+        )
+    if not items:
+        click.echo("(no evaluations match)")
+
+
+@cli.command()
+@click.argument("evaluation_id")
+@click.option("--json", "as_json", is_flag=True, help="Print the API's JSON.")
+def show(evaluation_id: str, as_json: bool) -> None:
+    """Everything about one evaluation: verdict, issues, deliveries, forwards."""
+    found = reading_store(load_settings()).get_evaluation(evaluation_id)
+    if found is None:
+        raise click.ClickException(f"no evaluation {evaluation_id!r}")
+    if as_json:
+        echo_json(found)
+        return
+    ev = found["evaluation"]
+    verdict = {True: "passed", False: "not passed", None: "no verdict"}[ev["passed"]]
+    lines = [
+        f"evaluation   {ev['id']}",
+        f"client_ref   {_cell(ev['client_ref'])}",
+        f"status       {_cell(ev['status'])}"
+        + (f" ({ev['failure_code']})" if ev["failure_code"] else ""),
+        f"verdict      {verdict}, score {_cell(ev['score'])}",
+        f"task_type    {_cell(ev['task_type'])}",
+        f"attempt      {_cell(ev['attempt_number'])}"
+        + (f", parent {ev['parent_evaluation_id']}" if ev["parent_evaluation_id"] else "")
+        + (", superseded" if ev["superseded"] else ""),
+        f"completed_at {_cell(ev['completed_at'])}",
+        f"received_at  {ev['received_at']}",
+    ]
+    lines += [f"top issue    {label}" for label in ev["top_issues"]]
+    lines += [
+        f"issue        {i['category']}/{i['subcategory']}: {i['detail']} (judge {i['judge']})"
+        for i in found["issues"]
+    ]
+    lines += [
+        f"delivery     #{d['id']} {d['received_at']} {d['source']} {d['outcome']}"
+        f" receipts={d['receipts']} request_id={_cell(d['request_id'])}"
+        for d in found["deliveries"]
+    ]
+    lines += [
+        f"forward      #{f['id']} {f['sink']} {f['state']} attempts={f['attempts']}"
+        for f in found["forwards"]
+    ]
+    click.echo("\n".join(lines))
+
+
+@cli.command()
+@click.option("--since", callback=_moment, help="ISO time or duration ago (24h, 7d).")
+@click.option("--task-type")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+def stats(since: str | None, task_type: str | None, as_json: bool) -> None:
+    """Counts, pass rate and top issues."""
+    result = reading_store(load_settings()).stats(
+        EvaluationFilter(since=since, task_type=task_type)
+    )
+    if as_json:
+        echo_json(result)
+        return
+    rate = "-" if result["pass_rate"] is None else f"{result['pass_rate']:.1%}"
+    click.echo(f"evaluations  {result['total']}")
+    for status, number in sorted(result["by_status"].items()):
+        click.echo(f"  {status:<10} {number}")
+    click.echo(f"pass rate    {rate} ({result['passed']} passed, {result['not_passed']} not)")
+    click.echo(f"mean score   {_cell(result['mean_score'])}")
+    for row in result["failure_codes"]:
+        click.echo(f"failure      {row['failure_code']}: {row['count']}")
+    for row in result["top_issues"][:10]:
+        click.echo(f"top issue    {row['label']}: {row['count']}")
+
+
+def _first_secret(secret: str | None) -> str:
+    if secret:
+        return secret
+    secrets = load_settings().webhook_secrets
+    if not secrets:
+        raise click.ClickException(
+            "no secret: pass --secret or set RUNFLOW_WEBHOOK_SECRET (whsec_...)"
+        )
+    return secrets[0]
+
+
+@cli.command(name="sign")
+@click.argument("file", type=click.File("rb"))
+@click.option("--secret", help="Signing secret (default: first of RUNFLOW_WEBHOOK_SECRET).")
+def sign_command(file: Any, secret: str | None) -> None:
+    """Print the Runflow-Signature of FILE's exact bytes (`-` reads stdin)."""
+    click.echo(sign(file.read(), _first_secret(secret)))
+
+
+def sample_callback(event: str, client_ref: str) -> dict[str, Any]:
+    """A bare evaluation object like the ones Runflow sends."""
+    stamp = datetime.now(UTC).isoformat()
+    passed = event == "completed"
+    return {
+        "id": str(uuid.uuid4()),
+        "status_code": event,
+        "task_type": "headshot",
+        "generation_prompt": "studio lighting, neutral grey background, navy blazer",
+        "generated_image_url": "https://cdn.example.com/renders/sample.png",
+        "overall_passed": False if passed else None,
+        "weighted_pass_rate": 0.62 if passed else None,
+        "top_issues": ["Left hand has six fingers", "Collar asymmetry"] if passed else None,
+        "failure_code": None if passed else "invalid_media",
+        "attempt_number": 1,
+        "parent_evaluation_id": None,
+        "superseded_at": None,
+        "client_ref": client_ref,
+        "created_at": stamp,
+        "updated_at": stamp,
+        "completed_at": stamp,
+    }
+
+
+@cli.command(name="send-test")
+@click.argument("url", required=False)
+@click.option("--event", type=click.Choice(["completed", "failed"]), default="completed")
+@click.option("--client-ref", default="send-test", show_default=True)
+@click.option("--secret", help="Signing secret (default: first of RUNFLOW_WEBHOOK_SECRET).")
+def send_test(url: str | None, event: str, client_ref: str, secret: str | None) -> None:
+    """POST a signed sample callback to URL (default: this machine's receiver)."""
+    settings = load_settings()
+    url = url or f"http://127.0.0.1:{settings.port}/webhooks/runflow"
+    body = json.dumps(sample_callback(event, client_ref)).encode()
+    headers = {
+        "content-type": "application/json",
+        "runflow-signature": sign(body, _first_secret(secret)),
+        "runflow-request-id": f"send-test-{uuid.uuid4()}",
+    }
+    try:
+        response = httpx.post(url, content=body, headers=headers, timeout=10)
+    except httpx.HTTPError as exc:
+        raise click.ClickException(f"cannot reach {url}: {exc}") from None
+    click.echo(f"{response.status_code} {response.text}")
+    if response.status_code != 200:
+        raise click.ClickException(f"{url} refused the callback")
+    click.echo(f"see it: receiver show {response.json()['evaluation_id']}")
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Entry point: every user mistake (ours or click's usage errors) exits 1 with one line."""
+    try:
+        cli.main(args=argv, prog_name="receiver", standalone_mode=False)
+    except click.ClickException as exc:
+        click.echo(f"Error: {exc.format_message()}", err=True)
+        sys.exit(1)
+    except click.Abort:
+        click.echo("Aborted.", err=True)
+        sys.exit(1)

@@ -1,0 +1,136 @@
+from __future__ import annotations
+
+import asyncio
+import json
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from receiver.cli import cli
+from receiver.normalize import normalize, parse_body
+from receiver.store import Delivery, Store
+
+from .helpers import FIXTURES, SECRET_A, SECRET_B, SIGNATURES, fixture
+from .servers import free_port, run_cli
+
+COMPLETED_ID = "0193a7c2-5b1e-7c3d-9f10-2a4b6c8d0e11"
+
+
+def _fill(database: Path) -> None:
+    store = Store(str(database))
+    store.open()
+    try:
+        for name in (
+            "evaluation-completed.json",
+            "get-evaluation-embedded.json",
+            "evaluation-failed-envelope.json",
+        ):
+            body = fixture(name)
+            asyncio.run(store.ingest(Delivery(body, normalize(parse_body(body)))))
+    finally:
+        store.close()
+
+
+@pytest.fixture
+def runner(tmp_path: Path) -> CliRunner:
+    return CliRunner(
+        env={
+            "RECEIVER_DATABASE": str(tmp_path / "r.db"),
+            "RUNFLOW_WEBHOOK_SECRET": f"{SECRET_A},{SECRET_B}",
+        }
+    )
+
+
+@pytest.fixture
+def filled(tmp_path: Path) -> Path:
+    _fill(tmp_path / "r.db")
+    return tmp_path
+
+
+def test_migrate_is_idempotent(runner: CliRunner, tmp_path: Path) -> None:
+    first = runner.invoke(cli, ["migrate"])
+    second = runner.invoke(cli, ["migrate"])
+    assert first.exit_code == second.exit_code == 0
+    assert "applied migrations 1" in first.output
+    assert "up to date" in second.output
+
+
+@pytest.mark.parametrize(
+    ("args", "expected"),
+    [
+        (["query"], ["0193a7c2-5b1e-7c3d-9f10-2a4b6c8d0e11", "customer-job-124", "failed"]),
+        (["query", "--failed"], ["customer-job-123"]),
+        (["query", "--status", "failed"], ["customer-job-124"]),
+        (["query", "--client-ref", "nobody"], ["(no evaluations match)"]),
+        (["show", COMPLETED_ID], ["not passed, score 0.62", "anatomy/hands", "receipts=1"]),
+        (["stats"], ["evaluations  2", "pass rate    0.0%", "invalid_media: 1"]),
+    ],
+)
+def test_read_commands(
+    runner: CliRunner, filled: Path, args: list[str], expected: list[str]
+) -> None:
+    result = runner.invoke(cli, args)
+    assert result.exit_code == 0, result.output
+    for text in expected:
+        assert text in result.output
+
+
+@pytest.mark.parametrize("command", [["query"], ["show", COMPLETED_ID], ["stats"]])
+def test_json_output_parses(runner: CliRunner, filled: Path, command: list[str]) -> None:
+    result = runner.invoke(cli, [*command, "--json"])
+    assert result.exit_code == 0
+    json.loads(result.output)
+
+
+@pytest.mark.parametrize("name", sorted(SIGNATURES))
+def test_sign_prints_the_listed_signatures(runner: CliRunner, name: str) -> None:
+    path = str(FIXTURES / name)
+    assert runner.invoke(cli, ["sign", path]).output.strip() == SIGNATURES[name][0]
+    signed_b = runner.invoke(cli, ["sign", path, "--secret", SECRET_B]).output.strip()
+    assert signed_b == SIGNATURES[name][1]
+
+
+MISTAKES = {
+    "no-database": (["query"], {}, "no database"),
+    "unknown-id": (["show", "nope"], {"migrated": "1"}, "no evaluation 'nope'"),
+    "bad-since": (["query", "--since", "yesterday"], {}, "--since"),
+    "bad-status": (["query", "--status", "done"], {}, "--status"),
+    "unknown-command": (["bogus"], {}, "No such command"),
+    "sign-missing-file": (["sign", "missing.json"], {}, "missing.json"),
+    "sign-no-secret": (
+        ["sign", "body.json"],
+        {"RUNFLOW_WEBHOOK_SECRET": ""},
+        "RUNFLOW_WEBHOOK_SECRET",
+    ),
+    "serve-no-secret": (["serve"], {"RUNFLOW_WEBHOOK_SECRET": ""}, "RUNFLOW_WEBHOOK_SECRET"),
+    "serve-bad-port": (["serve"], {"PORT": "abc"}, "PORT must be"),
+    "serve-bad-limit": (["serve"], {"RECEIVER_MAX_BODY_BYTES": "lots"}, "RECEIVER_MAX_BODY_BYTES"),
+    "send-test-nobody-listening": (
+        ["send-test", f"http://127.0.0.1:{free_port()}/webhooks/runflow"],
+        {},
+        "cannot reach",
+    ),
+}
+
+
+@pytest.mark.parametrize(("args", "env", "message"), MISTAKES.values(), ids=MISTAKES.keys())
+def test_user_mistakes_exit_1_with_one_line(
+    tmp_path: Path, args: list[str], env: dict[str, str], message: str
+) -> None:
+    (tmp_path / "body.json").write_bytes(b"{}")
+    environ = {
+        "PATH": "/usr/bin:/bin",
+        "RECEIVER_DATABASE": str(tmp_path / "r.db"),
+        "RUNFLOW_WEBHOOK_SECRET": SECRET_A,
+        **{k: v for k, v in env.items() if k != "migrated"},
+    }
+    if "migrated" in env:
+        assert run_cli("migrate", cwd=tmp_path, env=environ).returncode == 0
+    result = run_cli(*args, cwd=tmp_path, env=environ)
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert "Traceback" not in result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert lines == [lines[0]], result.stderr
+    assert lines[0].startswith("Error:")
+    assert message in lines[0]

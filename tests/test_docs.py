@@ -1,0 +1,58 @@
+"""Every setting and every CLI command is documented in README."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+
+from receiver.cli import cli
+
+from .helpers import ROOT
+
+README = (ROOT / "README.md").read_text()
+SETTINGS = sorted(
+    set(
+        re.findall(
+            r'"((?:RUNFLOW|RECEIVER)_[A-Z_]+|PORT|DATABASE_URL)"',
+            (ROOT / "receiver" / "config.py").read_text(),
+        )
+    )
+)
+
+
+def test_settings_were_found() -> None:
+    assert "RUNFLOW_WEBHOOK_SECRET" in SETTINGS
+    assert "PORT" in SETTINGS
+
+
+@pytest.mark.parametrize("name", SETTINGS)
+def test_every_setting_is_in_the_readme_table(name: str) -> None:
+    assert f"| `{name}` |" in README
+
+
+@pytest.mark.parametrize("name", sorted(cli.commands))
+def test_every_command_is_documented(name: str) -> None:
+    assert f"`receiver {name}" in README
+
+
+@pytest.mark.parametrize("name", sorted(cli.commands))
+def test_every_option_of_every_command_is_documented(name: str) -> None:
+    command = cli.commands[name]
+    for param in command.params:
+        for option in param.opts:
+            if option.startswith("--") and option != "--help":
+                assert option.split("/")[0] in README, f"{name} {option}"
+
+
+def test_readme_starts_with_make_run_and_make_test() -> None:
+    first_block = README.split("```sh", 1)[1].split("```", 1)[0]
+    assert "make run" in first_block
+    assert "make test" in first_block
+
+
+def test_env_example_lists_every_setting_but_database_url() -> None:
+    example = (ROOT / ".env.example").read_text()
+    for name in SETTINGS:
+        if name != "DATABASE_URL":
+            assert f"{name}=" in example

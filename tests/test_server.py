@@ -1,0 +1,89 @@
+"""The real server: uvicorn in its own process, concurrent clients, restarts."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import signal
+import sqlite3
+from pathlib import Path
+
+import httpx
+
+from receiver.signing import sign
+
+from .helpers import SECRET_A, TOKEN
+from .servers import ReceiverProcess, run_cli
+
+
+def _body(number: int) -> bytes:
+    return json.dumps(
+        {
+            "id": f"0193a7c2-0000-7000-8000-{number:012d}",
+            "status_code": "completed",
+            "client_ref": f"job-{number % 50}",
+            "overall_passed": number % 3 != 0,
+            "weighted_pass_rate": (number % 10) / 10,
+            "task_type": "headshot",
+            "completed_at": "2026-11-20T09:14:43.352000+00:00",
+        }
+    ).encode()
+
+
+async def _post_all(url: str, bodies: list[bytes]) -> list[httpx.Response]:
+    limits = httpx.Limits(max_connections=64)
+    async with httpx.AsyncClient(base_url=url, limits=limits, timeout=30) as client:
+        return await asyncio.gather(
+            *(
+                client.post(
+                    "/webhooks/runflow",
+                    content=body,
+                    headers={"runflow-signature": sign(body, SECRET_A)},
+                )
+                for body in bodies
+            )
+        )
+
+
+def test_hundreds_of_concurrent_callbacks_are_each_stored_once(tmp_path: Path) -> None:
+    bodies = [_body(n) for n in range(300)]
+    replays = bodies[::3]
+    with ReceiverProcess(tmp_path) as server:
+        responses = asyncio.run(_post_all(server.url, bodies + replays))
+    assert all(r.status_code == 200 for r in responses), [r.text for r in responses[:3]]
+    outcomes = [r.json()["outcome"] for r in responses]
+    assert outcomes.count("stored") == 300
+    assert outcomes.count("duplicate") == len(replays)
+    conn = sqlite3.connect(tmp_path / "receiver.db")
+    assert conn.execute("SELECT count(*) FROM evaluations").fetchone()[0] == 300
+    assert conn.execute("SELECT count(*) FROM deliveries").fetchone()[0] == 300
+    assert conn.execute("SELECT sum(receipts) FROM deliveries").fetchone()[0] == 300 + len(replays)
+    assert conn.execute("SELECT count(*) FROM client_refs").fetchone()[0] == 50
+
+
+def test_a_restart_keeps_everything_acknowledged(tmp_path: Path) -> None:
+    bodies = [_body(n) for n in range(40)]
+    server = ReceiverProcess(tmp_path).start()
+    asyncio.run(_post_all(server.url, bodies[:20]))
+    server.stop(signal.SIGKILL)
+    with ReceiverProcess(tmp_path) as again:
+        asyncio.run(_post_all(again.url, bodies[20:]))
+        page = httpx.get(
+            f"{again.url}/api/evaluations",
+            params={"limit": 100},
+            headers={"authorization": f"Bearer {TOKEN}"},
+        ).json()
+    assert len(page["items"]) == 40
+
+
+def test_send_test_reaches_a_live_server_and_the_cli_sees_it(tmp_path: Path) -> None:
+    with ReceiverProcess(tmp_path) as server:
+        url = f"{server.url}/webhooks/runflow"
+        sent = run_cli("send-test", url, "--client-ref", "newcomer-1", cwd=tmp_path, env=server.env)
+        assert sent.returncode == 0, sent.stderr
+        assert '"outcome":"stored"' in sent.stdout
+        shown = run_cli(
+            "query", "--client-ref", "newcomer-1", "--json", cwd=tmp_path, env=server.env
+        )
+    (item,) = json.loads(shown.stdout)
+    assert item["status"] == "completed"
