@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import sqlite3
 from pathlib import Path
 
@@ -13,8 +12,9 @@ from receiver.config import Settings
 from receiver.signing import sign
 
 ROOT = Path(__file__).resolve().parents[1]
-SHARED = Path(os.environ.get("RECEIVER_SHARED_DIR", ROOT.parent / "shared"))
-FIXTURES = SHARED / "fixtures" / "runflow"
+# Exact copies of ../shared/fixtures/runflow (test_signing checks they still match).
+FIXTURES = ROOT / "tests" / "fixtures" / "runflow"
+SHARED_FIXTURES = ROOT.parent / "shared" / "fixtures" / "runflow"
 TOKEN = "test-dashboard-token"
 
 

@@ -4,7 +4,7 @@ import pytest
 
 from receiver.signing import sign, verify
 
-from .helpers import SECRET_A, SECRET_B, SIGNATURES, fixture
+from .helpers import FIXTURES, SECRET_A, SECRET_B, SHARED_FIXTURES, SIGNATURES, fixture
 
 SECRETS = (SECRET_A, SECRET_B)
 
@@ -63,3 +63,10 @@ def test_verify_table(signature: str | None, body: bytes, expected: int | None) 
 
 def test_no_secrets_verifies_nothing() -> None:
     assert verify(BODY, GOOD, ()) is None
+
+
+@pytest.mark.skipif(not SHARED_FIXTURES.is_dir(), reason="no ../shared beside this checkout")
+def test_vendored_fixtures_match_shared() -> None:
+    shared = {path.name: path.read_bytes() for path in SHARED_FIXTURES.iterdir()}
+    vendored = {path.name: path.read_bytes() for path in FIXTURES.iterdir()}
+    assert vendored == shared
