@@ -80,6 +80,8 @@ def serve(host: str, port: int | None, workers: int) -> None:
             f"receiver: dashboard token {settings.dashboard_token} "
             "(generated; set RECEIVER_DASHBOARD_TOKEN to keep one across restarts)"
         )
+    else:
+        click.echo("receiver: API token     RECEIVER_DASHBOARD_TOKEN (as Authorization: Bearer)")
     if workers == 1:
         uvicorn.run(create_app(settings), host=host, port=port)
     else:

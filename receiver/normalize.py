@@ -91,7 +91,7 @@ def normalize(payload: dict[str, Any]) -> Callback:
     status = fields.get("status_code")
     if status is None and event in ("evaluation.completed", "evaluation.failed"):
         status = fields["status_code"] = event.removeprefix("evaluation.")
-    if status is not None and status not in _RANK:
+    if status is not None and (not isinstance(status, str) or status not in _RANK):
         raise BadRequest(f"status must be one of {', '.join(STATUSES)}, got {status!r}")
     if event is None and status in TERMINAL:
         event = f"evaluation.{status}"
