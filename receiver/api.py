@@ -88,7 +88,7 @@ def evaluation_filter(params: Mapping[str, str]) -> EvaluationFilter:
 
 def _limit(params: Mapping[str, str]) -> int:
     text = params.get("limit", "50")
-    if not text.isdigit() or not 1 <= int(text) <= MAX_LIMIT:
+    if not text.isdecimal() or not 1 <= int(text) <= MAX_LIMIT:
         raise BadRequest(f"limit must be a whole number from 1 to {MAX_LIMIT}, got {text!r}")
     return int(text)
 
@@ -137,7 +137,7 @@ async def readyz(request: Request) -> Response:
 
 routes = [
     Route("/evaluations", list_evaluations, methods=["GET"]),
-    Route("/evaluations/{evaluation_id}", get_evaluation, methods=["GET"]),
+    Route("/evaluations/{evaluation_id:path}", get_evaluation, methods=["GET"]),
     Route("/client-refs/{client_ref:path}", get_client_ref, methods=["GET"]),
     Route("/stats", get_stats, methods=["GET"]),
 ]

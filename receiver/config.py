@@ -4,16 +4,29 @@ from __future__ import annotations
 
 import os
 import secrets
+import tomllib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TypeVar
 
 from .errors import ConfigError
+from .sinkspec import SinkSpec, parse_sinks
 
 T = TypeVar("T")
 
 DEFAULT_MAX_BODY_BYTES = 8 * 1024 * 1024
+EMBEDS = (
+    "action",
+    "comfyui_workflow",
+    "flow",
+    "gate_failures",
+    "judges",
+    "model",
+    "parent_evaluation",
+    "run",
+)
+DEFAULT_EMBEDS = ("judges", "action", "gate_failures")
 
 
 def read_env_file(path: Path) -> dict[str, str]:
@@ -31,6 +44,8 @@ def read_env_file(path: Path) -> dict[str, str]:
         value = value.strip()
         if len(value) >= 2 and value[0] == value[-1] and value[0] in "'\"":
             value = value[1:-1]
+        else:
+            value = value.split(" #", 1)[0].rstrip()  # `KEY=value  # comment`
         values[key.strip()] = value
     return values
 
@@ -72,18 +87,70 @@ def _boolean(name: str) -> Callable[[str], bool]:
     return parse
 
 
-def _database(text: str) -> str:
+def _database(name: str, text: str) -> str:
     if text.startswith(("postgres://", "postgresql://")):
-        raise ConfigError(
-            "RECEIVER_DATABASE: PostgreSQL is not supported yet; expected a SQLite file path"
-        )
+        raise ConfigError(f"{name}: PostgreSQL is not supported yet; expected a SQLite file path")
+    if "://" in text and not text.startswith("sqlite:///"):
+        raise ConfigError(f"{name}: expected a SQLite file path or sqlite:///path, got {text!r}")
     return text.removeprefix("sqlite:///")
 
 
-def _public_url(text: str) -> str:
-    if not text.startswith(("http://", "https://")):
-        raise ConfigError(f"RECEIVER_PUBLIC_URL must start with http:// or https://, got {text!r}")
-    return text.rstrip("/")
+def _url(name: str) -> Callable[[str], str]:
+    def parse(text: str) -> str:
+        if not text.startswith(("http://", "https://")):
+            raise ConfigError(f"{name} must start with http:// or https://, got {text!r}")
+        return text.rstrip("/")
+
+    return parse
+
+
+def _number(name: str, minimum: float, maximum: float) -> Callable[[str], float]:
+    def parse(text: str) -> float:
+        try:
+            number = float(text)
+        except ValueError:
+            number = minimum - 1
+        if not minimum <= number <= maximum:
+            raise ConfigError(
+                f"{name} must be a number from {minimum:g} to {maximum:g}, got {text!r}"
+            )
+        return number
+
+    return parse
+
+
+def _embeds(text: str) -> tuple[str, ...]:
+    if text.lower() == "off":
+        return ()
+    embeds = tuple(e.strip() for e in text.split(",") if e.strip())
+    for embed in embeds:
+        if embed not in EMBEDS:
+            raise ConfigError(
+                f"RECEIVER_REFETCH_EMBEDS: unknown embed {embed!r}; expected off or a "
+                f"comma-separated list of {', '.join(EMBEDS)}"
+            )
+    return embeds
+
+
+def load_sinks(env: Mapping[str, str]) -> tuple[SinkSpec, ...]:
+    """Sinks from RECEIVER_CONFIG (default receiver.toml when present), else the Slack shortcut."""
+    configured = _get(env, "RECEIVER_CONFIG")
+    path = Path(configured or "receiver.toml")
+    if configured and not path.is_file():
+        raise ConfigError(f"RECEIVER_CONFIG: no such file {configured!r}")
+    if path.is_file():
+        try:
+            document = tomllib.loads(path.read_text())
+        except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+            raise ConfigError(f"{path}: not valid TOML: {exc}") from None
+        try:
+            return parse_sinks(document, env)
+        except ConfigError as exc:
+            raise ConfigError(f"{path}: {exc}") from None
+    slack = _get(env, "RECEIVER_SLACK_WEBHOOK_URL")
+    if slack:
+        return parse_sinks({"sinks": [{"name": "slack", "type": "slack", "url": slack}]}, env)
+    return ()
 
 
 @dataclass(frozen=True)
@@ -96,22 +163,41 @@ class Settings:
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
     allow_unsigned: bool = False
     port: int = 8000
+    runflow_api_key: str | None = None
+    runflow_api_base: str = "https://api.runflow.io"
+    runflow_org_id: str | None = None
+    refetch_embeds: tuple[str, ...] = DEFAULT_EMBEDS
+    refetch_budget: float = 120.0
+    sinks: tuple[SinkSpec, ...] = ()
+    worker: bool = True
+    max_attempts: int = 10
+    retry_base: float = 2.0
+    retry_max: float = 3600.0
+
+    @property
+    def refetch(self) -> bool:
+        """Refetch needs an API key and at least one embed (`RECEIVER_REFETCH_EMBEDS=off`)."""
+        return bool(self.runflow_api_key) and bool(self.refetch_embeds)
 
     @classmethod
     def from_env(
         cls, environ: Mapping[str, str] | None = None, env_file: Path | None = Path(".env")
     ) -> Settings:
         """Read settings; the process environment wins over `env_file`."""
-        env = {**(read_env_file(env_file) if env_file else {}), **(environ or os.environ)}
+        given = os.environ if environ is None else environ
+        env = {**(read_env_file(env_file) if env_file else {}), **given}
         secrets_text = _get(env, "RUNFLOW_WEBHOOK_SECRET") or ""
         token = _get(env, "RECEIVER_DASHBOARD_TOKEN")
-        database = _get(env, "RECEIVER_DATABASE") or _get(env, "DATABASE_URL") or "receiver.db"
+        database_variable = (
+            "RECEIVER_DATABASE" if _get(env, "RECEIVER_DATABASE") else "DATABASE_URL"
+        )
+        database = _get(env, database_variable) or "receiver.db"
         return cls(
             webhook_secrets=tuple(s.strip() for s in secrets_text.split(",") if s.strip()),
-            database=_database(database),
+            database=_database(database_variable, database),
             dashboard_token=token or secrets.token_urlsafe(24),
             dashboard_token_generated=token is None,
-            public_url=_parsed(env, "RECEIVER_PUBLIC_URL", _public_url, None),
+            public_url=_parsed(env, "RECEIVER_PUBLIC_URL", _url("RECEIVER_PUBLIC_URL"), None),
             max_body_bytes=_parsed(
                 env,
                 "RECEIVER_MAX_BODY_BYTES",
@@ -122,6 +208,26 @@ class Settings:
                 env, "RECEIVER_ALLOW_UNSIGNED", _boolean("RECEIVER_ALLOW_UNSIGNED"), False
             ),
             port=_parsed(env, "PORT", _integer("PORT", 1, 65535), 8000),
+            runflow_api_key=_get(env, "RUNFLOW_API_KEY"),
+            runflow_api_base=_parsed(
+                env, "RUNFLOW_API_BASE", _url("RUNFLOW_API_BASE"), "https://api.runflow.io"
+            ),
+            runflow_org_id=_get(env, "RUNFLOW_ORG_ID"),
+            refetch_embeds=_parsed(env, "RECEIVER_REFETCH_EMBEDS", _embeds, DEFAULT_EMBEDS),
+            refetch_budget=_parsed(
+                env, "RECEIVER_REFETCH_BUDGET", _number("RECEIVER_REFETCH_BUDGET", 0, 86400), 120.0
+            ),
+            sinks=load_sinks(env),
+            worker=_parsed(env, "RECEIVER_WORKER", _boolean("RECEIVER_WORKER"), True),
+            max_attempts=_parsed(
+                env, "RECEIVER_MAX_ATTEMPTS", _integer("RECEIVER_MAX_ATTEMPTS", 1, 1000), 10
+            ),
+            retry_base=_parsed(
+                env, "RECEIVER_RETRY_BASE", _number("RECEIVER_RETRY_BASE", 0.01, 3600), 2.0
+            ),
+            retry_max=_parsed(
+                env, "RECEIVER_RETRY_MAX", _number("RECEIVER_RETRY_MAX", 0.01, 604800), 3600.0
+            ),
         )
 
     def check_ingest(self) -> None:

@@ -92,7 +92,7 @@ def normalize(payload: dict[str, Any]) -> Callback:
     if status is None and event in ("evaluation.completed", "evaluation.failed"):
         status = fields["status_code"] = event.removeprefix("evaluation.")
     if status is not None and (not isinstance(status, str) or status not in _RANK):
-        raise BadRequest(f"status must be one of {', '.join(STATUSES)}, got {status!r}")
+        raise BadRequest(f"status must be one of {', '.join(STATUSES)}, got {str(status)[:40]!r}")
     if event is None and status in TERMINAL:
         event = f"evaluation.{status}"
     return Callback("evaluation", event, raw_id, fields)

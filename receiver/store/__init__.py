@@ -10,7 +10,9 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import ConfigError
-from .ingest import Delivery, Receipt, ingest, quarantine
+from . import outbox
+from .ingest import NO_FORWARDING, Delivery, Forwarding, Receipt, ingest, quarantine
+from .outbox import Claim, Outcome
 from .queries import (
     EvaluationFilter,
     get_client_ref,
@@ -21,12 +23,15 @@ from .queries import (
 from .schema import migrate
 from .writer import Writer, connect
 
-__all__ = ["Delivery", "EvaluationFilter", "Receipt", "Store"]
+__all__ = ["Claim", "Delivery", "EvaluationFilter", "Forwarding", "Outcome", "Receipt", "Store"]
 
 
 class Store:
-    def __init__(self, path: str, *, busy_timeout: float = 10.0) -> None:
+    def __init__(
+        self, path: str, *, busy_timeout: float = 10.0, forwarding: Forwarding = NO_FORWARDING
+    ) -> None:
         self.path = path
+        self.forwarding = forwarding
         self.writer = Writer(path, busy_timeout)
         self._local = threading.local()
         self._readers: list[sqlite3.Connection] = []
@@ -61,13 +66,78 @@ class Store:
     # writes
 
     async def ingest(self, delivery: Delivery) -> Receipt:
-        return await self.writer.run(partial(ingest, delivery=delivery))
+        return await self.writer.run(partial(ingest, delivery=delivery, forwarding=self.forwarding))
 
     async def quarantine(
         self, body: bytes, reason: str, headers: dict[str, str], request_id: str | None
     ) -> int:
         return await self.writer.run(
             partial(quarantine, body=body, reason=reason, headers=headers, request_id=request_id)
+        )
+
+    async def claim_forwards(
+        self, sink: str, *, now: str, lease_until: str, refetch_cutoff: str, limit: int
+    ) -> list[Claim]:
+        return await self.writer.run(
+            partial(
+                outbox.claim_forwards,
+                sink=sink,
+                now=now,
+                lease_until=lease_until,
+                refetch_cutoff=refetch_cutoff,
+                limit=limit,
+            )
+        )
+
+    async def finish_forwards(self, outcomes: list[Outcome], stamp: str) -> None:
+        await self.writer.run(partial(outbox.finish_forwards, outcomes=outcomes, stamp=stamp))
+
+    async def claim_refetches(
+        self, *, now: str, lease_until: str, limit: int
+    ) -> list[tuple[str, int]]:
+        return await self.writer.run(
+            partial(outbox.claim_refetches, now=now, lease_until=lease_until, limit=limit)
+        )
+
+    async def refetched(self, fields: dict[str, Any], stamp: str) -> None:
+        await self.writer.run(
+            partial(outbox.refetched, fields=fields, forwarding=self.forwarding, stamp=stamp)
+        )
+
+    async def refetch_failed(
+        self, evaluation_id: str, error: str, retry_at: str | None, stamp: str
+    ) -> None:
+        await self.writer.run(
+            partial(
+                outbox.refetch_failed,
+                evaluation_id=evaluation_id,
+                error=error,
+                retry_at=retry_at,
+                stamp=stamp,
+            )
+        )
+
+    async def request_refetch(self, evaluation_id: str, stamp: str) -> None:
+        await self.writer.run(
+            partial(outbox.request_refetch, evaluation_id=evaluation_id, stamp=stamp)
+        )
+
+    async def retry_forward(self, outbox_id: int, stamp: str) -> dict[str, Any]:
+        return await self.writer.run(
+            partial(outbox.retry_forward, outbox_id=outbox_id, stamp=stamp)
+        )
+
+    async def retry_dead(self, stamp: str, sink: str | None = None) -> int:
+        return await self.writer.run(partial(outbox.retry_dead, stamp=stamp, sink=sink))
+
+    async def replay_delivery(self, delivery_id: int, stamp: str) -> int:
+        return await self.writer.run(
+            partial(
+                outbox.replay_delivery,
+                delivery_id=delivery_id,
+                forwarding=self.forwarding,
+                stamp=stamp,
+            )
         )
 
     async def probe(self) -> None:
@@ -99,3 +169,15 @@ class Store:
 
     def stats(self, where: EvaluationFilter) -> dict[str, Any]:
         return stats(self.reader(), where)
+
+    def list_forwards(
+        self, *, state: str | None, sink: str | None, limit: int, after: int | None = None
+    ) -> list[dict[str, Any]]:
+        return outbox.list_forwards(self.reader(), state=state, sink=sink, limit=limit, after=after)
+
+    def outbox_depth(self) -> dict[str, dict[str, int]]:
+        return outbox.outbox_depth(self.reader())
+
+    def has_due(self, sink: str, now: str) -> bool:
+        """A cheap read-only look before taking the write lock to claim."""
+        return outbox.has_due(self.reader(), sink, now)

@@ -8,8 +8,21 @@ import sqlite3
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..normalize import Callback, columns, judge_issues, merge
+from ..events import event_id
+from ..normalize import TERMINAL, Callback, columns, judge_issues, merge
+from ..sinkspec import SinkSpec
 from ..times import now
+
+
+@dataclass(frozen=True)
+class Forwarding:
+    """What the ingest transaction needs to queue work: the sinks, and whether to refetch."""
+
+    sinks: tuple[SinkSpec, ...] = ()
+    refetch: bool = False
+
+
+NO_FORWARDING = Forwarding()
 
 
 @dataclass(frozen=True)
@@ -35,7 +48,9 @@ def _dumps(value: Any) -> str:
     return json.dumps(value, separators=(",", ":"), ensure_ascii=False)
 
 
-def ingest(conn: sqlite3.Connection, delivery: Delivery) -> Receipt:
+def ingest(
+    conn: sqlite3.Connection, delivery: Delivery, forwarding: Forwarding = NO_FORWARDING
+) -> Receipt:
     """Store one delivery. The same bytes again only count a receipt (replays are harmless)."""
     callback = delivery.callback
     digest = hashlib.sha256(delivery.body).hexdigest()
@@ -71,17 +86,31 @@ def ingest(conn: sqlite3.Connection, delivery: Delivery) -> Receipt:
     )
     delivery_id = int(cursor.lastrowid or 0)
     if callback.evaluation_id is not None:
-        apply_evaluation(conn, callback.fields, source=delivery.source, stamp=stamp)
+        apply_evaluation(
+            conn,
+            callback.fields,
+            source=delivery.source,
+            stamp=stamp,
+            forwarding=forwarding,
+            delivery_id=delivery_id,
+        )
     return Receipt(outcome, delivery_id, callback.evaluation_id)
 
 
 def apply_evaluation(
-    conn: sqlite3.Connection, fields: dict[str, Any], *, source: str, stamp: str
+    conn: sqlite3.Connection,
+    fields: dict[str, Any],
+    *,
+    source: str,
+    stamp: str,
+    forwarding: Forwarding = NO_FORWARDING,
+    delivery_id: int | None = None,
 ) -> None:
-    """Merge `fields` into the stored evaluation under the state rules (design.md §8)."""
+    """Merge `fields` into the stored evaluation under the state rules (design.md §8), and in
+    the same transaction queue its refetch and one outbox row per matching sink."""
     evaluation_id = fields["id"]
     row = conn.execute(
-        "SELECT data, client_ref FROM evaluations WHERE id = ?", (evaluation_id,)
+        "SELECT data, client_ref, refetch_state FROM evaluations WHERE id = ?", (evaluation_id,)
     ).fetchone()
     merged = merge(json.loads(row[0]), fields) if row else fields
     cols = columns(merged)
@@ -98,6 +127,10 @@ def apply_evaluation(
         "updated_at": stamp,
         "data": _dumps(merged),
     }
+    if source == "refetch":
+        values.update(refetched=1, refetch_state="done", refetch_error=None)
+    elif forwarding.refetch and status in TERMINAL and (row is None or row[2] is None):
+        values.update(refetch_state="pending", refetch_next_at=stamp)
     if row is None:
         values.update(received_at=stamp, source=source)
         names = ", ".join(values)
@@ -125,6 +158,45 @@ def apply_evaluation(
             refs.add(superseding[0])
     for client_ref in refs - {None}:
         refresh_client_ref(conn, client_ref, stamp)
+    if status in TERMINAL:
+        queue_forwards(conn, evaluation_id, cols, forwarding.sinks, delivery_id, stamp)
+
+
+def queue_forwards(
+    conn: sqlite3.Connection,
+    evaluation_id: str,
+    cols: dict[str, Any],
+    sinks: tuple[SinkSpec, ...],
+    delivery_id: int | None,
+    stamp: str,
+) -> None:
+    """One outbox row per sink that wants this verdict. The event id is stable, so a verdict
+    seen again (replayed callback, refetch, poll) never queues a second forward."""
+    event = f"evaluation.{cols['status']}"
+    passed = None if cols["passed"] is None else bool(cols["passed"])
+    wanted = [
+        spec.name
+        for spec in sinks
+        if spec.matches(event, cols["status"], passed, cols["task_type"], cols["client_ref"])
+    ]
+    conn.executemany(
+        "INSERT INTO outbox (event_id, sink, evaluation_id, delivery_id, event_type, state,"
+        " attempts, next_attempt_at, created_at, updated_at)"
+        " VALUES (?, ?, ?, ?, ?, 'pending', 0, ?, ?, ?) ON CONFLICT (sink, event_id) DO NOTHING",
+        [
+            (
+                event_id(evaluation_id, event),
+                name,
+                evaluation_id,
+                delivery_id,
+                event,
+                stamp,
+                stamp,
+                stamp,
+            )
+            for name in wanted
+        ],
+    )
 
 
 def refresh_client_ref(conn: sqlite3.Connection, client_ref: str, stamp: str) -> None:
@@ -137,7 +209,8 @@ def refresh_client_ref(conn: sqlite3.Connection, client_ref: str, stamp: str) ->
     ).fetchone()
     latest = conn.execute(
         "SELECT id, status, passed, score FROM evaluations WHERE client_ref = ?"
-        " ORDER BY status NOT IN ('completed', 'failed'), completed_at DESC, received_at DESC"
+        " ORDER BY coalesce(status, '') NOT IN ('completed', 'failed'), completed_at DESC,"
+        " received_at DESC"
         " LIMIT 1",
         (client_ref,),
     ).fetchone()

@@ -228,8 +228,9 @@ def stats(conn: sqlite3.Connection, where: EvaluationFilter) -> dict[str, Any]:
         return [dict(row) for row in rows]
 
     verdict = (
-        "count(*) AS total, sum(passed = 1) AS passed, sum(passed = 0) AS not_passed,"
-        " sum(status = 'failed') AS failed,"
+        "count(*) AS total, coalesce(sum(passed = 1), 0) AS passed,"
+        " coalesce(sum(passed = 0), 0) AS not_passed,"
+        " coalesce(sum(status = 'failed'), 0) AS failed,"
         " round(1.0 * sum(passed = 1) / nullif(sum(passed IS NOT NULL), 0), 4) AS pass_rate,"
         " round(avg(score), 4) AS mean_score"
     )

@@ -141,8 +141,19 @@ def _v1_core(db: Database) -> None:
     db.table("quarantine").create_index(["received_at"])
 
 
+def _v2_forwarding(db: Database) -> None:
+    evaluations = db.table("evaluations")
+    evaluations.add_column("refetch_state", str)  # NULL (not wanted) | pending | done | failed
+    evaluations.add_column("refetch_attempts", int, not_null_default=0)
+    evaluations.add_column("refetch_next_at", str)
+    evaluations.add_column("refetch_error", str)
+    evaluations.create_index(["refetch_state", "refetch_next_at"])
+    db.table("outbox").create_index(["sink", "state", "next_attempt_at"])
+
+
 MIGRATIONS: list[tuple[int, str, Callable[[Database], None]]] = [
     (1, "core tables", _v1_core),
+    (2, "refetch state and outbox claiming", _v2_forwarding),
 ]
 
 

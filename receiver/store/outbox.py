@@ -1,0 +1,236 @@
+"""Claiming and finishing work: forwards (outbox rows) and refetches.
+
+A claim moves `next_attempt_at` past a lease, inside one write transaction, so no two workers
+(threads or processes on one database) ever hold the same row; a worker that dies simply lets
+its lease run out and the row becomes due again.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+from dataclasses import dataclass
+from typing import Any
+
+from ..errors import BadRequest, NotFound
+from .ingest import Forwarding, apply_evaluation, queue_forwards
+
+
+@dataclass(frozen=True)
+class Claim:
+    """A forward to attempt now, with the evaluation state to build its event from."""
+
+    outbox_id: int
+    sink: str
+    event_type: str
+    attempts: int
+    fields: dict[str, Any]
+    refetched: bool
+    received_at: str
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """How one attempt ended: state `done`, `skipped`, `dead`, or `pending` (retry at `at`)."""
+
+    outbox_id: int
+    state: str
+    at: str
+    error: str | None = None
+
+
+def claim_forwards(
+    conn: sqlite3.Connection,
+    sink: str,
+    *,
+    now: str,
+    lease_until: str,
+    refetch_cutoff: str,
+    limit: int,
+) -> list[Claim]:
+    """Due rows of `sink` whose evaluation is ready: refetched, not refetching, or waited for
+    longer than the refetch budget (`refetch_cutoff`), oldest first."""
+    claimed = conn.execute(
+        "UPDATE outbox SET next_attempt_at = :lease WHERE id IN ("
+        " SELECT o.id FROM outbox o JOIN evaluations e ON e.id = o.evaluation_id"
+        " WHERE o.sink = :sink AND o.state = 'pending' AND o.next_attempt_at <= :now"
+        " AND (e.refetch_state IS NOT 'pending' OR o.created_at <= :cutoff)"
+        " ORDER BY o.next_attempt_at, o.id LIMIT :limit)"
+        " RETURNING id, event_type, attempts, evaluation_id",
+        {"lease": lease_until, "sink": sink, "now": now, "cutoff": refetch_cutoff, "limit": limit},
+    ).fetchall()
+    claims = []
+    for outbox_id, event_type, attempts, evaluation_id in sorted(claimed):
+        data, refetched, received_at = conn.execute(
+            "SELECT data, refetched, received_at FROM evaluations WHERE id = ?", (evaluation_id,)
+        ).fetchone()
+        claims.append(
+            Claim(
+                outbox_id,
+                sink,
+                event_type,
+                attempts,
+                json.loads(data),
+                bool(refetched),
+                received_at,
+            )
+        )
+    return claims
+
+
+def has_due(conn: sqlite3.Connection, sink: str, now: str) -> bool:
+    row = conn.execute(
+        "SELECT 1 FROM outbox WHERE sink = ? AND state = 'pending' AND next_attempt_at <= ?"
+        " LIMIT 1",
+        (sink, now),
+    ).fetchone()
+    return row is not None
+
+
+def finish_forwards(conn: sqlite3.Connection, outcomes: list[Outcome], stamp: str) -> None:
+    conn.executemany(
+        "UPDATE outbox SET state = ?, attempts = attempts + 1, next_attempt_at = ?,"
+        " last_error = ?, updated_at = ? WHERE id = ? AND state = 'pending'",
+        [(o.state, o.at, o.error, stamp, o.outbox_id) for o in outcomes],
+    )
+
+
+def claim_refetches(
+    conn: sqlite3.Connection, *, now: str, lease_until: str, limit: int
+) -> list[tuple[str, int]]:
+    """(evaluation id, attempts so far) of due refetches."""
+    return [
+        (row[0], row[1])
+        for row in conn.execute(
+            "UPDATE evaluations SET refetch_next_at = :lease WHERE id IN ("
+            " SELECT id FROM evaluations WHERE refetch_state = 'pending'"
+            " AND refetch_next_at <= :now ORDER BY refetch_next_at LIMIT :limit)"
+            " RETURNING id, refetch_attempts",
+            {"lease": lease_until, "now": now, "limit": limit},
+        ).fetchall()
+    ]
+
+
+def refetched(
+    conn: sqlite3.Connection, fields: dict[str, Any], forwarding: Forwarding, stamp: str
+) -> None:
+    """Store the refetched object as the evaluation's state (the source of truth)."""
+    apply_evaluation(conn, fields, source="refetch", stamp=stamp, forwarding=forwarding)
+
+
+def refetch_failed(
+    conn: sqlite3.Connection, evaluation_id: str, error: str, retry_at: str | None, stamp: str
+) -> None:
+    """Schedule another try at `retry_at`, or give up (`retry_at` None): state `failed`."""
+    conn.execute(
+        "UPDATE evaluations SET refetch_attempts = refetch_attempts + 1, refetch_error = ?,"
+        " refetch_next_at = ?, refetch_state = ?, updated_at = ? WHERE id = ?",
+        (error, retry_at, "pending" if retry_at else "failed", stamp, evaluation_id),
+    )
+
+
+def request_refetch(conn: sqlite3.Connection, evaluation_id: str, stamp: str) -> None:
+    cursor = conn.execute(
+        "UPDATE evaluations SET refetch_state = 'pending', refetch_next_at = ?,"
+        " refetch_attempts = 0, refetch_error = NULL WHERE id = ?",
+        (stamp, evaluation_id),
+    )
+    if not cursor.rowcount:
+        raise NotFound(f"no evaluation {evaluation_id!r}")
+
+
+FORWARD_COLUMNS = (
+    "id, sink, event_id, event_type, evaluation_id, delivery_id, state, attempts,"
+    " next_attempt_at, last_error, created_at, updated_at"
+)
+STATES = ("pending", "done", "dead", "skipped")
+
+
+def list_forwards(
+    conn: sqlite3.Connection,
+    *,
+    state: str | None,
+    sink: str | None,
+    limit: int,
+    after: int | None = None,
+) -> list[dict[str, Any]]:
+    """Newest first; `after` is the last id of the previous page."""
+    clauses: list[str] = []
+    params: list[object] = []
+    for column, value in (("state", state), ("sink", sink)):
+        if value is not None:
+            clauses.append(f"{column} = ?")
+            params.append(value)
+    if after is not None:
+        clauses.append("id < ?")
+        params.append(after)
+    where = f" WHERE {' AND '.join(clauses)}" if clauses else ""
+    rows = conn.execute(
+        f"SELECT {FORWARD_COLUMNS} FROM outbox{where} ORDER BY id DESC LIMIT ?",
+        (*params, limit),
+    ).fetchall()
+    return [
+        dict(zip(FORWARD_COLUMNS.replace(" ", "").split(","), row, strict=True)) for row in rows
+    ]
+
+
+def retry_forward(conn: sqlite3.Connection, outbox_id: int, stamp: str) -> dict[str, Any]:
+    """Send a dead (or done) forward again, from attempt zero."""
+    row = conn.execute("SELECT state FROM outbox WHERE id = ?", (outbox_id,)).fetchone()
+    if row is None:
+        raise NotFound(f"no forward {outbox_id}")
+    if row[0] == "pending":
+        raise BadRequest(f"forward {outbox_id} is already pending")
+    conn.execute(
+        "UPDATE outbox SET state = 'pending', attempts = 0, next_attempt_at = ?,"
+        " last_error = NULL, updated_at = ? WHERE id = ?",
+        (stamp, stamp, outbox_id),
+    )
+    return {"id": outbox_id, "state": "pending"}
+
+
+def retry_dead(conn: sqlite3.Connection, stamp: str, sink: str | None = None) -> int:
+    cursor = conn.execute(
+        "UPDATE outbox SET state = 'pending', attempts = 0, next_attempt_at = ?,"
+        " last_error = NULL, updated_at = ? WHERE state = 'dead' AND (? IS NULL OR sink = ?)",
+        (stamp, stamp, sink, sink),
+    )
+    return cursor.rowcount
+
+
+def replay_delivery(
+    conn: sqlite3.Connection, delivery_id: int, forwarding: Forwarding, stamp: str
+) -> int:
+    """Forward the verdict of a stored delivery's evaluation again to every sink that wants it
+    (same event ids, so consumers that dedupe see it once). Returns how many were queued."""
+    row = conn.execute(
+        "SELECT evaluation_id FROM deliveries WHERE id = ?", (delivery_id,)
+    ).fetchone()
+    if row is None:
+        raise NotFound(f"no delivery {delivery_id}")
+    if row[0] is None:
+        raise BadRequest(f"delivery {delivery_id} is not an evaluation callback; nothing to replay")
+    evaluation = conn.execute(
+        "SELECT status, passed, task_type, client_ref FROM evaluations WHERE id = ?", (row[0],)
+    ).fetchone()
+    status, passed, task_type, client_ref = evaluation
+    if status not in ("completed", "failed"):
+        raise BadRequest(f"evaluation {row[0]} has no verdict yet ({status}); nothing to replay")
+    cols = {"status": status, "passed": passed, "task_type": task_type, "client_ref": client_ref}
+    queue_forwards(conn, row[0], cols, forwarding.sinks, delivery_id, stamp)
+    cursor = conn.execute(
+        "UPDATE outbox SET state = 'pending', attempts = 0, next_attempt_at = ?,"
+        " last_error = NULL, updated_at = ? WHERE evaluation_id = ? AND event_type = ?",
+        (stamp, stamp, row[0], f"evaluation.{status}"),
+    )
+    return cursor.rowcount
+
+
+def outbox_depth(conn: sqlite3.Connection) -> dict[str, dict[str, int]]:
+    """Per sink: how many forwards are in each state."""
+    depth: dict[str, dict[str, int]] = {}
+    for sink, state, number in conn.execute(
+        "SELECT sink, state, count(*) FROM outbox GROUP BY sink, state"
+    ):
+        depth.setdefault(sink, {})[state] = number
+    return depth

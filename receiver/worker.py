@@ -1,0 +1,237 @@
+"""Drains the outbox: refetch, build the event, deliver per sink, retry with backoff, dead-letter.
+
+Each sink has a loop of its own, so a dead or slow sink never delays another; the refetch loop
+completes stored records from the Runflow API. Work is claimed through the store with a lease,
+so several workers (in-process or `receiver worker` processes) never hold the same row.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Awaitable, Callable, Sequence
+from datetime import UTC, datetime, timedelta
+
+import httpx
+
+from .config import Settings
+from .events import build_event
+from .retry import backoff
+from .runflow import RunflowClient, RunflowError
+from .sinks import Sink, SinkError, build_sink
+from .store import Claim, Outcome, Store
+from .times import format_time
+
+log = logging.getLogger("receiver.worker")
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+class Worker:
+    def __init__(
+        self,
+        settings: Settings,
+        store: Store,
+        sinks: Sequence[Sink],
+        runflow: RunflowClient | None,
+        *,
+        poll_interval: float = 0.25,
+        batch_size: int = 200,
+        lease: float = 300.0,
+        clock: Callable[[], datetime] = utcnow,
+    ) -> None:
+        self.settings = settings
+        self.store = store
+        self.sinks = list(sinks)
+        self.runflow = runflow if settings.refetch else None
+        self.poll_interval = poll_interval
+        self.batch_size = batch_size
+        self.lease = timedelta(seconds=lease)
+        self.clock = clock
+        self._wake = [asyncio.Event() for _ in range(len(self.sinks) + 1)]
+        self._started: set[str] = set()
+        self._tasks: list[asyncio.Task[None]] = []
+        self._stopping = False
+
+    @classmethod
+    def from_settings(
+        cls,
+        settings: Settings,
+        store: Store,
+        http: httpx.AsyncClient,
+        *,
+        poll_interval: float = 0.25,
+    ) -> Worker:
+        """The worker for `settings`: its sinks, and a Runflow client when an API key is set."""
+        runflow = None
+        if settings.runflow_api_key:
+            runflow = RunflowClient(
+                http,
+                base=settings.runflow_api_base,
+                api_key=settings.runflow_api_key,
+                org_id=settings.runflow_org_id,
+            )
+        sinks = [build_sink(spec, http) for spec in settings.sinks]
+        return cls(settings, store, sinks, runflow, poll_interval=poll_interval)
+
+    @property
+    def running(self) -> bool:
+        return bool(self._tasks) and not any(task.done() for task in self._tasks)
+
+    def notify(self) -> None:
+        """New work was stored: wake every loop now instead of at the next poll."""
+        for event in self._wake:
+            event.set()
+
+    async def start(self) -> None:
+        self._stopping = False
+        self._tasks = [
+            asyncio.create_task(self._loop(self._sink_round, sink, self._wake[i]))
+            for i, sink in enumerate(self.sinks)
+        ]
+        if self.runflow is not None:
+            self._tasks.append(
+                asyncio.create_task(self._loop(self._refetch_round, None, self._wake[-1]))
+            )
+
+    async def stop(self, timeout: float = 30.0) -> None:
+        """Let in-flight deliveries finish (bounded by `timeout`), then close the sinks."""
+        self._stopping = True
+        self.notify()
+        if self._tasks:
+            _, pending = await asyncio.wait(self._tasks, timeout=timeout)
+            for task in pending:
+                task.cancel()
+            await asyncio.gather(*pending, return_exceptions=True)
+        self._tasks = []
+        for sink in self.sinks:
+            if sink.spec.name in self._started:
+                await sink.close()
+        self._started.clear()
+
+    async def run_once(self) -> int:
+        """One round of everything that is due (for tests and one-shot commands)."""
+        done = await self._refetch_round(None) if self.runflow is not None else 0
+        for sink in self.sinks:
+            done += await self._sink_round(sink)
+        return done
+
+    async def _loop(
+        self,
+        round_: Callable[[Sink | None], Awaitable[int]],
+        sink: Sink | None,
+        wake: asyncio.Event,
+    ) -> None:
+        while not self._stopping:
+            try:
+                worked = await round_(sink)
+            except Exception:
+                log.exception("worker round failed; trying again shortly")
+                worked = 0
+            if not worked and not self._stopping:
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(wake.wait(), self.poll_interval)
+                wake.clear()
+
+    async def _sink_round(self, sink: Sink | None) -> int:
+        assert sink is not None
+        now = self.clock()
+        name = sink.spec.name
+        if not self.store.has_due(name, format_time(now)):
+            return 0
+        claims = await self.store.claim_forwards(
+            name,
+            now=format_time(now),
+            lease_until=format_time(now + self.lease),
+            refetch_cutoff=format_time(now - timedelta(seconds=self.settings.refetch_budget)),
+            limit=self.batch_size,
+        )
+        if not claims:
+            return 0
+        outcomes: list[Outcome] = []
+        sending: list[tuple[Claim, dict[str, object]]] = []
+        for claim in claims:
+            event = build_event(
+                claim.fields,
+                claim.event_type,
+                refetched=claim.refetched,
+                received_at=claim.received_at,
+                dashboard_url=self.settings.public_url,
+            )
+            data = event["data"]
+            if sink.spec.matches(
+                claim.event_type,
+                data["status"],
+                data["passed"],
+                data["task_type"],
+                data["client_ref"],
+            ):
+                sending.append((claim, event))
+            else:  # known only now, after refetch: the sink does not want it
+                outcomes.append(Outcome(claim.outbox_id, "skipped", format_time(now)))
+        if sending:
+            results = await self._deliver(sink, [event for _, event in sending])
+            finished = self.clock()
+            for (claim, _), error in zip(sending, results, strict=True):
+                outcomes.append(self._outcome(sink, claim, error, finished))
+        await self.store.finish_forwards(outcomes, format_time(self.clock()))
+        return len(claims)
+
+    async def _deliver(self, sink: Sink, events: list[dict[str, object]]) -> list[SinkError | None]:
+        if sink.spec.name not in self._started:
+            try:
+                await sink.start()
+            except Exception as exc:
+                error = exc if isinstance(exc, SinkError) else SinkError(f"cannot start: {exc}")
+                return [error] * len(events)
+            self._started.add(sink.spec.name)
+        return await sink.deliver(events)
+
+    def _outcome(self, sink: Sink, claim: Claim, error: SinkError | None, now: datetime) -> Outcome:
+        if error is None:
+            return Outcome(claim.outbox_id, "done", format_time(now))
+        attempt = claim.attempts + 1
+        limit = sink.spec.max_attempts or self.settings.max_attempts
+        message = str(error)[:500]
+        if error.permanent or attempt >= limit:
+            log.warning("forward %s to %s is dead: %s", claim.outbox_id, sink.spec.name, message)
+            return Outcome(claim.outbox_id, "dead", format_time(now), message)
+        delay = backoff(
+            attempt, self.settings.retry_base, self.settings.retry_max, error.retry_after
+        )
+        return Outcome(
+            claim.outbox_id, "pending", format_time(now + timedelta(seconds=delay)), message
+        )
+
+    async def _refetch_round(self, _: Sink | None) -> int:
+        now = self.clock()
+        due = await self.store.claim_refetches(
+            now=format_time(now), lease_until=format_time(now + self.lease), limit=16
+        )
+        if due:
+            await asyncio.gather(*(self._refetch(evaluation_id, n) for evaluation_id, n in due))
+            self.notify()
+        return len(due)
+
+    async def _refetch(self, evaluation_id: str, attempts: int) -> None:
+        assert self.runflow is not None
+        try:
+            found = await self.runflow.get_evaluation(evaluation_id, self.settings.refetch_embeds)
+            if not isinstance(found, dict) or found.get("id") != evaluation_id:
+                raise RunflowError("Runflow answered with a different or malformed evaluation")
+        except RunflowError as exc:
+            attempt = attempts + 1
+            retry_at = None
+            if exc.retryable and attempt < self.settings.max_attempts:
+                delay = backoff(
+                    attempt, self.settings.retry_base, self.settings.retry_max, exc.retry_after
+                )
+                retry_at = format_time(self.clock() + timedelta(seconds=delay))
+            await self.store.refetch_failed(
+                evaluation_id, str(exc)[:500], retry_at, format_time(self.clock())
+            )
+            return
+        await self.store.refetched(found, format_time(self.clock()))

@@ -1,0 +1,256 @@
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from receiver.config import DEFAULT_MAX_BODY_BYTES, Settings, read_env_file
+from receiver.errors import ConfigError
+
+SECRET = "whsec_a"
+
+
+def from_env(environ: dict[str, str], env_file: Path | None = None) -> Settings:
+    return Settings.from_env(environ, env_file=env_file)
+
+
+def test_defaults() -> None:
+    settings = from_env({"RECEIVER_DASHBOARD_TOKEN": "t"})
+    assert settings == Settings(dashboard_token="t")
+    assert (settings.database, settings.port, settings.max_body_bytes) == (
+        "receiver.db",
+        8000,
+        DEFAULT_MAX_BODY_BYTES,
+    )
+    assert (settings.webhook_secrets, settings.public_url, settings.allow_unsigned) == (
+        (),
+        None,
+        False,
+    )
+
+
+def test_an_empty_mapping_is_an_empty_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("PORT", "1234")
+    monkeypatch.setenv("RUNFLOW_WEBHOOK_SECRET", "whsec_from_process")
+    settings = from_env({})
+    assert (settings.port, settings.webhook_secrets) == (8000, ())
+
+
+def test_no_mapping_reads_the_process_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("PORT", "1234")
+    monkeypatch.setenv("RUNFLOW_WEBHOOK_SECRET", "whsec_from_process")
+    settings = Settings.from_env(env_file=None)
+    assert (settings.port, settings.webhook_secrets) == (1234, ("whsec_from_process",))
+
+
+@pytest.mark.parametrize(
+    ("environ", "attribute", "expected"),
+    [
+        ({"RUNFLOW_WEBHOOK_SECRET": "whsec_a"}, "webhook_secrets", ("whsec_a",)),
+        (
+            {"RUNFLOW_WEBHOOK_SECRET": " whsec_a , whsec_b "},
+            "webhook_secrets",
+            ("whsec_a", "whsec_b"),
+        ),
+        (
+            {"RUNFLOW_WEBHOOK_SECRET": "whsec_a,,whsec_b,"},
+            "webhook_secrets",
+            ("whsec_a", "whsec_b"),
+        ),
+        ({"RUNFLOW_WEBHOOK_SECRET": " , "}, "webhook_secrets", ()),
+        ({"RUNFLOW_WEBHOOK_SECRET": ""}, "webhook_secrets", ()),
+        ({"RECEIVER_DATABASE": "/data/r.db"}, "database", "/data/r.db"),
+        ({"RECEIVER_DATABASE": "sqlite:///data/r.db"}, "database", "data/r.db"),
+        ({"RECEIVER_DATABASE": "sqlite:////data/r.db"}, "database", "/data/r.db"),
+        ({"RECEIVER_DATABASE": "  r.db  "}, "database", "r.db"),
+        ({"DATABASE_URL": "sqlite:////data/r.db"}, "database", "/data/r.db"),
+        ({"DATABASE_URL": "other.db"}, "database", "other.db"),
+        ({"DATABASE_URL": "other.db", "RECEIVER_DATABASE": "mine.db"}, "database", "mine.db"),
+        ({"DATABASE_URL": "", "RECEIVER_DATABASE": ""}, "database", "receiver.db"),
+        ({"RECEIVER_PUBLIC_URL": "https://r.example.com/"}, "public_url", "https://r.example.com"),
+        ({"RECEIVER_PUBLIC_URL": "http://localhost:8000"}, "public_url", "http://localhost:8000"),
+        ({"RECEIVER_MAX_BODY_BYTES": "1024"}, "max_body_bytes", 1024),
+        ({"RECEIVER_MAX_BODY_BYTES": " 65536 "}, "max_body_bytes", 65536),
+        ({"RECEIVER_MAX_BODY_BYTES": str(1 << 30)}, "max_body_bytes", 1 << 30),
+        ({"RECEIVER_MAX_BODY_BYTES": ""}, "max_body_bytes", DEFAULT_MAX_BODY_BYTES),
+        ({"RECEIVER_ALLOW_UNSIGNED": "true"}, "allow_unsigned", True),
+        ({"RECEIVER_ALLOW_UNSIGNED": "YES"}, "allow_unsigned", True),
+        ({"RECEIVER_ALLOW_UNSIGNED": "1"}, "allow_unsigned", True),
+        ({"RECEIVER_ALLOW_UNSIGNED": "on"}, "allow_unsigned", True),
+        ({"RECEIVER_ALLOW_UNSIGNED": "False"}, "allow_unsigned", False),
+        ({"RECEIVER_ALLOW_UNSIGNED": "0"}, "allow_unsigned", False),
+        ({"RECEIVER_ALLOW_UNSIGNED": "off"}, "allow_unsigned", False),
+        ({"RECEIVER_ALLOW_UNSIGNED": "no"}, "allow_unsigned", False),
+        ({"PORT": "1"}, "port", 1),
+        ({"PORT": "65535"}, "port", 65535),
+        ({"PORT": "8080"}, "port", 8080),
+        ({"RECEIVER_DASHBOARD_TOKEN": " secret-token "}, "dashboard_token", "secret-token"),
+        ({"RECEIVER_DASHBOARD_TOKEN": "secret-token"}, "dashboard_token_generated", False),
+    ],
+)
+def test_values(environ: dict[str, str], attribute: str, expected: Any) -> None:
+    assert getattr(from_env(environ), attribute) == expected
+
+
+@pytest.mark.parametrize(
+    ("name", "value"),
+    [
+        ("RECEIVER_MAX_BODY_BYTES", "abc"),
+        ("RECEIVER_MAX_BODY_BYTES", "0"),
+        ("RECEIVER_MAX_BODY_BYTES", "-5"),
+        ("RECEIVER_MAX_BODY_BYTES", "1023"),
+        ("RECEIVER_MAX_BODY_BYTES", str((1 << 30) + 1)),
+        ("RECEIVER_MAX_BODY_BYTES", "8MB"),
+        ("RECEIVER_MAX_BODY_BYTES", "1.5"),
+        ("PORT", "70000"),
+        ("PORT", "0"),
+        ("PORT", "http"),
+        ("PORT", "80.0"),
+        ("RECEIVER_ALLOW_UNSIGNED", "maybe"),
+        ("RECEIVER_ALLOW_UNSIGNED", "2"),
+        ("RECEIVER_PUBLIC_URL", "ftp://x"),
+        ("RECEIVER_PUBLIC_URL", "receiver.example.com"),
+        ("RECEIVER_DATABASE", "postgresql://user:pw@db/receiver"),
+        ("RECEIVER_DATABASE", "postgres://db/receiver"),
+        ("DATABASE_URL", "postgres://user:pw@db/receiver"),
+    ],
+)
+def test_malformed_values_name_their_variable(name: str, value: str) -> None:
+    with pytest.raises(ConfigError) as caught:
+        from_env({name: value})
+    message = str(caught.value)
+    assert message.startswith(name)
+    assert "\n" not in message
+
+
+def test_receiver_database_is_named_even_when_database_url_is_fine() -> None:
+    with pytest.raises(ConfigError, match=r"^RECEIVER_DATABASE"):
+        from_env({"RECEIVER_DATABASE": "postgresql://db/x", "DATABASE_URL": "sqlite:///x.db"})
+
+
+def test_a_token_is_generated_when_unset() -> None:
+    first = from_env({})
+    second = from_env({"RECEIVER_DASHBOARD_TOKEN": "  "})
+    assert first.dashboard_token_generated
+    assert second.dashboard_token_generated
+    assert len(first.dashboard_token) >= 32
+    assert first.dashboard_token != second.dashboard_token
+
+
+# .env files
+
+
+ENV_FILE = """\
+# a comment
+   # an indented comment
+
+RUNFLOW_WEBHOOK_SECRET=whsec_a,whsec_b
+export RECEIVER_DATABASE = "data/receiver.db"
+RECEIVER_PUBLIC_URL='https://r.example.com'
+RECEIVER_DASHBOARD_TOKEN="a=b#c"
+PORT=9000
+QUOTED_EMPTY=""
+MISMATCHED="x'
+SINGLE_QUOTE='
+"""
+
+
+def test_read_env_file(tmp_path: Path) -> None:
+    path = tmp_path / ".env"
+    path.write_text(ENV_FILE)
+    assert read_env_file(path) == {
+        "RUNFLOW_WEBHOOK_SECRET": "whsec_a,whsec_b",
+        "RECEIVER_DATABASE": "data/receiver.db",
+        "RECEIVER_PUBLIC_URL": "https://r.example.com",
+        "RECEIVER_DASHBOARD_TOKEN": "a=b#c",
+        "PORT": "9000",
+        "QUOTED_EMPTY": "",
+        "MISMATCHED": "\"x'",
+        "SINGLE_QUOTE": "'",
+    }
+
+
+def test_settings_from_an_env_file(tmp_path: Path) -> None:
+    path = tmp_path / ".env"
+    path.write_text(ENV_FILE)
+    settings = from_env({}, env_file=path)
+    assert settings.webhook_secrets == ("whsec_a", "whsec_b")
+    assert settings.database == "data/receiver.db"
+    assert settings.public_url == "https://r.example.com"
+    assert (settings.dashboard_token, settings.dashboard_token_generated) == ("a=b#c", False)
+    assert settings.port == 9000
+
+
+def test_the_environment_wins_over_the_file(tmp_path: Path) -> None:
+    path = tmp_path / ".env"
+    path.write_text("PORT=9000\nRECEIVER_DATABASE=file.db\n")
+    settings = from_env({"PORT": "7000"}, env_file=path)
+    assert (settings.port, settings.database) == (7000, "file.db")
+
+
+def test_a_missing_env_file_is_no_error(tmp_path: Path) -> None:
+    assert read_env_file(tmp_path / "absent.env") == {}
+    assert from_env({}, env_file=tmp_path / "absent.env").port == 8000
+
+
+def test_the_default_env_file_is_dot_env_in_the_working_directory(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    (tmp_path / ".env").write_text("PORT=9100\n")
+    monkeypatch.chdir(tmp_path)
+    assert Settings.from_env({}).port == 9100
+
+
+@pytest.mark.parametrize(
+    ("content", "line"),
+    [
+        ("NOT A PAIR\n", 1),
+        ("# ok\nPORT=1\njust-a-word\n", 3),
+        ("=value\n", 1),
+        ("PORT=1\n\n  =x\n", 3),
+        ("export\n", 1),
+    ],
+)
+def test_a_malformed_line_names_file_and_line(tmp_path: Path, content: str, line: int) -> None:
+    path = tmp_path / "settings.env"
+    path.write_text(content)
+    with pytest.raises(ConfigError) as caught:
+        from_env({}, env_file=path)
+    assert str(caught.value).startswith(f"{path}:{line}: expected KEY=value")
+
+
+def test_a_malformed_value_in_the_file_names_the_variable(tmp_path: Path) -> None:
+    path = tmp_path / ".env"
+    path.write_text("PORT=70000\n")
+    with pytest.raises(ConfigError, match=r"^PORT must be a whole number"):
+        from_env({}, env_file=path)
+
+
+# check_ingest
+
+
+@pytest.mark.parametrize(
+    "settings",
+    [
+        Settings(),
+        Settings(allow_unsigned=False, dashboard_token="t"),
+        from_env({"RUNFLOW_WEBHOOK_SECRET": " , "}),
+    ],
+)
+def test_check_ingest_wants_a_secret(settings: Settings) -> None:
+    with pytest.raises(ConfigError, match=r"^RUNFLOW_WEBHOOK_SECRET is not set") as caught:
+        settings.check_ingest()
+    assert caught.value.status == 500
+
+
+@pytest.mark.parametrize(
+    "settings",
+    [
+        Settings(webhook_secrets=(SECRET,)),
+        Settings(allow_unsigned=True),
+        from_env({"RECEIVER_ALLOW_UNSIGNED": "true"}),
+    ],
+)
+def test_check_ingest_passes(settings: Settings) -> None:
+    settings.check_ingest()

@@ -1,0 +1,526 @@
+from __future__ import annotations
+
+import asyncio
+import json
+import sqlite3
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from sqlite_utils import Database
+
+from receiver.errors import StoreUnavailable
+from receiver.normalize import normalize, parse_body
+from receiver.store import Delivery, EvaluationFilter, Receipt, Store
+from receiver.store.schema import MIGRATIONS
+
+from .helpers import fixture
+
+COMPLETED_ID = "0193a7c2-5b1e-7c3d-9f10-2a4b6c8d0e11"
+VERSIONS = [version for version, _, _ in MIGRATIONS]
+TABLES = {
+    "migrations",
+    "deliveries",
+    "evaluations",
+    "issues",
+    "client_refs",
+    "outbox",
+    "quarantine",
+}
+
+
+@pytest.fixture
+def anyio_backend() -> str:
+    return "asyncio"
+
+
+@pytest.fixture
+def path(tmp_path: Path) -> str:
+    return str(tmp_path / "receiver.db")
+
+
+@pytest.fixture
+def store(path: str) -> Iterator[Store]:
+    opened = Store(path)
+    opened.open()
+    try:
+        yield opened
+    finally:
+        opened.close()
+
+
+def body_of(value: dict[str, Any] | bytes) -> bytes:
+    return value if isinstance(value, bytes) else json.dumps(value).encode()
+
+
+def delivery(value: dict[str, Any] | bytes, **extra: Any) -> Delivery:
+    body = body_of(value)
+    return Delivery(body=body, callback=normalize(parse_body(body)), **extra)
+
+
+async def ingest_all(store: Store, *values: dict[str, Any] | bytes) -> list[Receipt]:
+    """Ingest one after the other (each acknowledged before the next is sent)."""
+    return [await store.ingest(delivery(value)) for value in values]
+
+
+def query(path: str, sql: str, *params: object) -> list[tuple[Any, ...]]:
+    conn = sqlite3.connect(path)
+    try:
+        return conn.execute(sql, params).fetchall()
+    finally:
+        conn.close()
+
+
+def evaluation(
+    evaluation_id: str,
+    status: str = "completed",
+    *,
+    client_ref: str | None = "ref-1",
+    second: int = 0,
+    **fields: Any,
+) -> dict[str, Any]:
+    return {
+        "id": evaluation_id,
+        "status_code": status,
+        "client_ref": client_ref,
+        "completed_at": f"2026-11-20T09:00:{second:02d}+00:00"
+        if status in ("completed", "failed")
+        else None,
+        "updated_at": f"2026-11-20T09:00:{second:02d}+00:00",
+        **fields,
+    }
+
+
+def pointers(path: str, client_ref: str) -> tuple[Any, ...] | None:
+    found = query(
+        path,
+        "SELECT current_evaluation_id, latest_evaluation_id, latest_status, evaluations"
+        " FROM client_refs WHERE client_ref = ?",
+        client_ref,
+    )
+    return found[0] if found else None
+
+
+def row(path: str, evaluation_id: str) -> dict[str, Any]:
+    conn = sqlite3.connect(path)
+    conn.row_factory = sqlite3.Row
+    try:
+        found = conn.execute("SELECT * FROM evaluations WHERE id = ?", (evaluation_id,)).fetchone()
+        assert found is not None, evaluation_id
+        return dict(found)
+    finally:
+        conn.close()
+
+
+# schema and migrations
+
+
+def test_migrate_is_idempotent(path: str) -> None:
+    store = Store(path)
+    assert store.migrate() == VERSIONS
+    assert store.migrate() == []
+    assert Store(path).migrate() == []
+    applied = query(path, "SELECT version, name FROM migrations ORDER BY version")
+    assert applied == [(version, name) for version, name, _ in MIGRATIONS]
+    assert applied[0] == (1, "core tables")
+
+
+def test_migrate_creates_missing_folders(tmp_path: Path) -> None:
+    path = tmp_path / "a" / "b" / "receiver.db"
+    assert Store(str(path)).migrate() == VERSIONS
+    assert path.is_file()
+
+
+def test_the_file_is_wal_and_plain_tables(store: Store, path: str) -> None:
+    assert query(path, "PRAGMA journal_mode") == [("wal",)]
+    assert set(Database(path).table_names()) >= TABLES
+    definitions = query(path, "SELECT name, sql FROM sqlite_master WHERE type = 'table'")
+    for name, sql in definitions:
+        assert sql.startswith("CREATE TABLE"), name
+    for table in TABLES:
+        assert query(path, f"SELECT count(*) FROM [{table}]") == [
+            (len(VERSIONS) if table == "migrations" else 0,)
+        ]
+
+
+def test_writes_after_close_are_refused(path: str) -> None:
+    store = Store(path)
+    store.open()
+    store.close()
+    with pytest.raises(StoreUnavailable, match="the store is closed"):
+        asyncio.run(store.ingest(delivery(evaluation("e-1"))))
+
+
+# the ingest transaction
+
+
+@pytest.mark.anyio
+async def test_a_delivery_is_kept_byte_for_byte(store: Store, path: str) -> None:
+    body = fixture("evaluation-completed.json")
+    receipt = await store.ingest(
+        delivery(body, headers={"runflow-request-id": "req-7"}, request_id="req-7", secret_index=1)
+    )
+    assert receipt == Receipt("stored", 1, COMPLETED_ID)
+    [(stored, request_id, secret_index, kind, event, outcome, headers)] = query(
+        path,
+        "SELECT body, request_id, secret_index, kind, event, outcome, headers FROM deliveries",
+    )
+    assert stored == body
+    assert (request_id, secret_index, kind, event, outcome) == (
+        "req-7",
+        1,
+        "evaluation",
+        "evaluation.completed",
+        "stored",
+    )
+    assert json.loads(headers) == {"runflow-request-id": "req-7"}
+
+
+@pytest.mark.anyio
+async def test_a_run_callback_is_stored_and_ignored(store: Store, path: str) -> None:
+    [receipt] = await ingest_all(store, fixture("run-completed.json"))
+    assert receipt == Receipt("ignored", 1, None)
+    assert query(path, "SELECT kind, event, outcome FROM deliveries") == [
+        ("run", "run.completed", "ignored")
+    ]
+    assert query(path, "SELECT count(*) FROM evaluations") == [(0,)]
+
+
+@pytest.mark.anyio
+async def test_the_same_bytes_again_are_a_duplicate(store: Store, path: str) -> None:
+    body = fixture("evaluation-completed.json")
+    receipts = await ingest_all(store, body, body, body)
+    assert [r.outcome for r in receipts] == ["stored", "duplicate", "duplicate"]
+    assert {r.delivery_id for r in receipts} == {1}
+    assert query(path, "SELECT receipts FROM deliveries") == [(3,)]
+    assert query(path, "SELECT count(*) FROM evaluations") == [(1,)]
+
+
+@pytest.mark.anyio
+async def test_a_quarantined_body_is_kept(store: Store, path: str) -> None:
+    quarantine_id = await store.quarantine(b"not json", "body is not valid JSON", {}, "req-1")
+    assert quarantine_id == 1
+    assert query(path, "SELECT body, reason, request_id FROM quarantine") == [
+        (b"not json", "body is not valid JSON", "req-1")
+    ]
+
+
+# state rules, end to end
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize(
+    ("first", "second"),
+    [("completed", "running"), ("completed", "pending"), ("failed", "running")],
+)
+async def test_a_late_non_terminal_body_never_regresses(
+    store: Store, path: str, first: str, second: str
+) -> None:
+    await ingest_all(
+        store,
+        evaluation("e-1", first, second=5, weighted_pass_rate=0.8),
+        evaluation("e-1", second, second=9, run_id="r-1"),
+    )
+    stored = row(path, "e-1")
+    assert (stored["status"], stored["score"], stored["run_id"]) == (first, 0.8, "r-1")
+    assert stored["event"] == f"evaluation.{first}"
+    assert json.loads(stored["data"])["status_code"] == first
+
+
+@pytest.mark.anyio
+async def test_the_envelope_then_the_full_body_merge(store: Store, path: str) -> None:
+    await ingest_all(
+        store,
+        fixture("evaluation-completed-envelope.json"),
+        fixture("evaluation-completed.json"),
+    )
+    found = store.get_evaluation(COMPLETED_ID)
+    assert found is not None
+    runflow = found["evaluation"]["runflow"]
+    assert runflow["status_code"] == "completed"
+    assert runflow["task_type"] == "headshot"
+    assert runflow["cost"] == "0.0400"
+    assert "status" not in runflow
+    assert "event" not in runflow
+    assert found["evaluation"]["task_type"] == "headshot"
+    assert [d["kind"] for d in found["deliveries"]] == ["evaluation", "evaluation"]
+
+
+@pytest.mark.anyio
+async def test_the_full_body_then_the_envelope_keeps_every_field(store: Store) -> None:
+    await ingest_all(
+        store,
+        fixture("evaluation-completed.json"),
+        fixture("evaluation-completed-envelope.json"),
+    )
+    found = store.get_evaluation(COMPLETED_ID)
+    assert found is not None
+    full = json.loads(fixture("evaluation-completed.json"))
+    assert set(full) <= set(found["evaluation"]["runflow"])
+    assert found["evaluation"]["runflow"]["cost"] == "0.0400"
+
+
+PARENT = evaluation("e-1", second=1, attempt_number=1, weighted_pass_rate=0.3)
+CHILD = evaluation(
+    "e-2", second=9, attempt_number=2, parent_evaluation_id="e-1", weighted_pass_rate=0.9
+)
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize(
+    "order", [(PARENT, CHILD), (CHILD, PARENT)], ids=["parent-first", "child-first"]
+)
+async def test_a_newer_attempt_supersedes_its_parent(
+    store: Store, path: str, order: tuple[dict[str, Any], dict[str, Any]]
+) -> None:
+    await ingest_all(store, *order)
+    assert (row(path, "e-1")["superseded"], row(path, "e-2")["superseded"]) == (1, 0)
+    assert pointers(path, "ref-1") == ("e-2", "e-2", "completed", 2)
+    await ingest_all(store, {**PARENT, "redelivered": True})
+    assert row(path, "e-1")["superseded"] == 1
+    assert pointers(path, "ref-1") == ("e-2", "e-2", "completed", 2)
+
+
+@pytest.mark.anyio
+async def test_superseded_at_from_runflow_is_sticky(store: Store, path: str) -> None:
+    await ingest_all(
+        store,
+        evaluation("e-1", second=5, superseded_at="2026-11-20T09:00:05+00:00"),
+        evaluation("e-1", second=9, superseded_at=None),
+    )
+    stored = row(path, "e-1")
+    assert (stored["superseded"], stored["superseded_at"]) == (1, "2026-11-20T09:00:05.000000Z")
+    assert pointers(path, "ref-1") == (None, "e-1", "completed", 1)
+
+
+# client_refs: current = completed and not superseded; latest = the most recent verdict
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize(
+    ("bodies", "expected"),
+    [
+        ([evaluation("e-1", "failed")], (None, "e-1", "failed", 1)),
+        ([evaluation("e-1", "running")], (None, "e-1", "running", 1)),
+        (
+            [evaluation("e-1", "pending"), evaluation("e-1", "completed")],
+            ("e-1", "e-1", "completed", 1),
+        ),
+        (
+            [evaluation("e-1", second=1), evaluation("e-2", "failed", second=2)],
+            ("e-1", "e-2", "failed", 2),
+        ),
+        (
+            [evaluation("e-1", second=2), evaluation("e-2", second=1)],
+            ("e-1", "e-1", "completed", 2),
+        ),
+        (
+            [evaluation("e-1", second=1), evaluation("e-2", "running", second=5)],
+            ("e-1", "e-1", "completed", 2),
+        ),
+        (
+            [evaluation("e-1", second=1), evaluation("e-2", "pending", second=5, status_code=None)],
+            ("e-1", "e-1", "completed", 2),
+        ),
+        (
+            [
+                evaluation("e-1", second=1),
+                evaluation("e-2", "running", second=2, parent_evaluation_id="e-1"),
+            ],
+            (None, "e-1", "completed", 2),
+        ),
+        (
+            [
+                evaluation("e-1", second=1),
+                evaluation("e-2", "running", second=2, parent_evaluation_id="e-1"),
+                evaluation("e-2", "completed", second=3, parent_evaluation_id="e-1"),
+            ],
+            ("e-2", "e-2", "completed", 2),
+        ),
+        (
+            [
+                evaluation("e-1", second=1),
+                evaluation("e-2", "failed", second=3, parent_evaluation_id="e-1"),
+            ],
+            (None, "e-2", "failed", 2),
+        ),
+        (
+            [
+                evaluation("e-1", second=1),
+                evaluation("e-2", "completed", second=3, parent_evaluation_id="e-1"),
+                evaluation("e-3", "completed", second=5, parent_evaluation_id="e-2"),
+            ],
+            ("e-3", "e-3", "completed", 3),
+        ),
+    ],
+    ids=[
+        "failed-is-never-current",
+        "running-is-latest-when-alone",
+        "completes-later",
+        "newer-failure-is-latest-older-success-current",
+        "latest-by-completed-at-not-arrival",
+        "running-is-not-a-verdict",
+        "no-status-is-not-a-verdict",
+        "running-retry-supersedes-at-once",
+        "current-moves-to-the-completed-retry",
+        "failed-retry-leaves-nothing-current",
+        "chain-of-retries",
+    ],
+)
+async def test_client_ref_pointers(
+    store: Store, path: str, bodies: list[dict[str, Any]], expected: tuple[Any, ...]
+) -> None:
+    await ingest_all(store, *bodies)
+    assert pointers(path, "ref-1") == expected
+    found = store.get_client_ref("ref-1")
+    assert found is not None
+    current = found["current"]["id"] if found["current"] else None
+    assert (current, found["latest"]["id"], found["total"]) == (
+        expected[0],
+        expected[1],
+        expected[3],
+    )
+
+
+@pytest.mark.anyio
+async def test_same_client_ref_is_separate_rows(store: Store, path: str) -> None:
+    await ingest_all(store, evaluation("e-1", second=1), evaluation("e-2", second=2))
+    assert query(path, "SELECT id FROM evaluations WHERE client_ref = 'ref-1' ORDER BY id") == [
+        ("e-1",),
+        ("e-2",),
+    ]
+    found = store.get_client_ref("ref-1")
+    assert found is not None
+    assert {e["id"] for e in found["evaluations"]} == {"e-1", "e-2"}
+    assert store.get_client_ref("ref-2") is None
+
+
+@pytest.mark.anyio
+async def test_a_client_ref_that_changes_updates_both_refs(store: Store, path: str) -> None:
+    await ingest_all(
+        store,
+        evaluation("e-1", "running", client_ref="old", second=1),
+        evaluation("e-1", "completed", client_ref="new", second=2),
+    )
+    assert pointers(path, "new") == ("e-1", "e-1", "completed", 1)
+    assert pointers(path, "old") is None
+
+
+@pytest.mark.anyio
+async def test_an_evaluation_without_client_ref_has_no_pointer(store: Store, path: str) -> None:
+    await ingest_all(store, evaluation("e-1", client_ref=None))
+    assert query(path, "SELECT count(*) FROM client_refs") == [(0,)]
+
+
+# issues
+
+
+@pytest.mark.anyio
+async def test_issues_come_from_the_judges(store: Store, path: str) -> None:
+    await ingest_all(store, fixture("get-evaluation-embedded.json"))
+    sql = "SELECT judge, category, subcategory, detail FROM issues ORDER BY id"
+    assert query(path, sql) == [
+        ("anatomy", "anatomy", "hands", "Left hand has six fingers"),
+        ("wardrobe", "garment", "collar", "Collar asymmetry <@U123> & <!channel>"),
+    ]
+    await ingest_all(store, fixture("evaluation-completed.json"))
+    assert len(query(path, sql)) == 2
+    newer = json.loads(fixture("get-evaluation-embedded.json"))
+    newer["updated_at"] = "2026-11-21T00:00:00+00:00"
+    newer["judges"] = [{"name": "anatomy", "issues": [{"category": "anatomy", "detail": "ok"}]}]
+    await ingest_all(store, newer)
+    assert query(path, sql) == [("anatomy", "anatomy", None, "ok")]
+    older = {**newer, "updated_at": "2026-11-19T00:00:00+00:00", "judges": []}
+    await ingest_all(store, older)
+    assert query(path, sql) == [("anatomy", "anatomy", None, "ok")]
+
+
+# many at once
+
+
+@pytest.mark.anyio
+async def test_concurrent_ingests_are_each_stored_once(store: Store, path: str) -> None:
+    bodies = [body_of(evaluation(f"e-{n:03d}", client_ref=f"ref-{n % 10}")) for n in range(150)]
+    sent = bodies + bodies
+    receipts = await asyncio.gather(*(store.ingest(delivery(body)) for body in sent))
+    by_id: dict[str | None, list[str]] = {}
+    for receipt in receipts:
+        by_id.setdefault(receipt.evaluation_id, []).append(receipt.outcome)
+    assert len(by_id) == 150
+    assert all(sorted(outcomes) == ["duplicate", "stored"] for outcomes in by_id.values())
+    assert query(path, "SELECT count(*), sum(receipts) FROM deliveries") == [(150, 300)]
+    assert query(path, "SELECT count(*), count(DISTINCT id) FROM evaluations") == [(150, 150)]
+    assert query(path, "SELECT sum(evaluations) FROM client_refs") == [(150,)]
+    delivery_ids = {r.delivery_id for r in receipts}
+    assert delivery_ids == set(range(1, 151))
+
+
+@pytest.mark.anyio
+async def test_one_bad_operation_fails_alone(store: Store, path: str) -> None:
+    def boom(conn: sqlite3.Connection) -> None:
+        conn.execute("INSERT INTO migrations (version, name, applied_at) VALUES (99, 'x', 'y')")
+        raise ValueError("boom")
+
+    results = await asyncio.gather(
+        store.ingest(delivery(evaluation("e-1"))),
+        store.writer.run(boom),
+        store.ingest(delivery(evaluation("e-2"))),
+        return_exceptions=True,
+    )
+    assert isinstance(results[1], ValueError)
+    assert [r.outcome for r in results if isinstance(r, Receipt)] == ["stored", "stored"]
+    assert [version for (version,) in query(path, "SELECT version FROM migrations")] == VERSIONS
+
+
+# reads
+
+
+@pytest.mark.anyio
+async def test_list_and_filters_through_the_store(store: Store) -> None:
+    await ingest_all(
+        store,
+        evaluation("e-1", overall_passed=True, task_type="headshot"),
+        evaluation("e-2", "failed", client_ref="ref-2", failure_code="timed_out"),
+        evaluation("e-3", "running", client_ref="ref-3"),
+    )
+    items, cursor = store.list_evaluations(EvaluationFilter())
+    assert [i["id"] for i in items] == ["e-3", "e-2", "e-1"]
+    assert cursor is None
+    items, _ = store.list_evaluations(EvaluationFilter(passed=True))
+    assert [i["id"] for i in items] == ["e-1"]
+    items, _ = store.list_evaluations(EvaluationFilter(failure_code="timed_out"))
+    assert [i["id"] for i in items] == ["e-2"]
+    stats = store.stats(EvaluationFilter())
+    assert (stats["total"], stats["by_status"]) == (3, {"completed": 1, "failed": 1, "running": 1})
+
+
+# restart
+
+
+@pytest.mark.anyio
+async def test_a_restart_keeps_everything(path: str) -> None:
+    first = Store(path)
+    first.open()
+    try:
+        await ingest_all(
+            first,
+            fixture("get-evaluation-embedded.json"),
+            evaluation("e-2", client_ref="customer-job-123", second=59),
+        )
+        before = first.get_client_ref("customer-job-123")
+        detail = first.get_evaluation(COMPLETED_ID)
+    finally:
+        first.close()
+    second = Store(path)
+    assert second.migrate() == []
+    second.open()
+    try:
+        assert second.get_client_ref("customer-job-123") == before
+        assert second.get_evaluation(COMPLETED_ID) == detail
+        [again] = await ingest_all(second, fixture("get-evaluation-embedded.json"))
+        assert again == Receipt("duplicate", 1, COMPLETED_ID)
+        [new] = await ingest_all(second, evaluation("e-3"))
+        assert (new.outcome, new.delivery_id) == ("stored", 3)
+    finally:
+        second.close()
