@@ -15,7 +15,8 @@ from .context import context
 from .errors import BadRequest, NotFound, Unauthorized
 from .normalize import STATUSES
 from .store import EvaluationFilter
-from .times import parse_moment
+from .store.outbox import STATES
+from .times import now, parse_moment
 
 FILTERS = ("client_ref", "status", "passed", "task_type", "failure_code", "since", "until", "q")
 MAX_LIMIT = 500
@@ -130,9 +131,49 @@ def healthz(request: Request) -> Response:
 
 
 async def readyz(request: Request) -> Response:
-    """Ready when an (empty) write transaction commits through the writer right now."""
-    await context(request).store.probe()
-    return JSONResponse({"ok": True, "store": "writable"})
+    """Ready when an (empty) write transaction commits right now and the worker (if it runs
+    in this process) is running."""
+    ctx = context(request)
+    await ctx.store.probe()
+    if ctx.worker is not None and not ctx.worker.running:
+        return JSONResponse({"ok": False, "error": "the worker is not running"}, status_code=503)
+    return JSONResponse(
+        {"ok": True, "store": "writable", "worker": "running" if ctx.worker else "separate"}
+    )
+
+
+def list_forwards(request: Request) -> Response:
+    params = request.query_params
+    _check_known(params, ("state", "sink", "limit", "cursor"))
+    state = _one(params, "state")
+    if state is not None and state not in STATES:
+        raise BadRequest(f"state must be one of {', '.join(STATES)}, got {state!r}")
+    cursor = _one(params, "cursor")
+    if cursor is not None and not cursor.isdecimal():
+        raise BadRequest("cursor is not valid: pass next_cursor from the previous page unchanged")
+    limit = _limit(params)
+    items = context(request).store.list_forwards(
+        state=state,
+        sink=_one(params, "sink"),
+        limit=limit,
+        after=None if cursor is None else int(cursor),
+    )
+    next_cursor = str(items[-1]["id"]) if len(items) == limit else None
+    return JSONResponse({"items": items, "next_cursor": next_cursor})
+
+
+async def retry_forward(request: Request) -> Response:
+    ctx = context(request)
+    forward = await ctx.store.retry_forward(request.path_params["forward_id"], now())
+    ctx.notify()
+    return JSONResponse({"ok": True, "forward": forward})
+
+
+async def replay_delivery(request: Request) -> Response:
+    ctx = context(request)
+    queued = await ctx.store.replay_delivery(request.path_params["delivery_id"], now())
+    ctx.notify()
+    return JSONResponse({"ok": True, "queued": queued})
 
 
 routes = [
@@ -140,4 +181,7 @@ routes = [
     Route("/evaluations/{evaluation_id:path}", get_evaluation, methods=["GET"]),
     Route("/client-refs/{client_ref:path}", get_client_ref, methods=["GET"]),
     Route("/stats", get_stats, methods=["GET"]),
+    Route("/forwards", list_forwards, methods=["GET"]),
+    Route("/forwards/{forward_id:int}/retry", retry_forward, methods=["POST"]),
+    Route("/deliveries/{delivery_id:int}/replay", replay_delivery, methods=["POST"]),
 ]

@@ -6,6 +6,7 @@ import contextlib
 import logging
 from collections.abc import AsyncIterator
 
+import httpx
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
@@ -17,7 +18,8 @@ from . import api, openapi, web
 from .config import Settings
 from .context import Context
 from .errors import ReceiverError
-from .store import Store
+from .store import Forwarding, Store
+from .worker import Worker
 
 log = logging.getLogger("receiver")
 
@@ -71,18 +73,42 @@ def openapi_json(request: Request) -> Response:
     return JSONResponse(openapi.document())
 
 
-def create_app(settings: Settings, *, store: Store | None = None) -> Starlette:
-    """Build the app; nothing is opened until the lifespan starts."""
+def http_client() -> httpx.AsyncClient:
+    """The one outbound client (sinks, Runflow): bounded timeouts, no redirects."""
+    return httpx.AsyncClient(
+        timeout=httpx.Timeout(10.0, connect=5.0),
+        limits=httpx.Limits(max_connections=100, max_keepalive_connections=20),
+        follow_redirects=False,
+    )
+
+
+def forwarding(settings: Settings) -> Forwarding:
+    return Forwarding(sinks=settings.sinks, refetch=settings.refetch)
+
+
+def create_app(
+    settings: Settings, *, store: Store | None = None, http: httpx.AsyncClient | None = None
+) -> Starlette:
+    """Build the app; nothing is opened until the lifespan starts. A sink or setting that
+    cannot work fails here, before the server listens."""
     settings.check_ingest()
-    ctx = Context(settings=settings, store=store or Store(settings.database))
+    store = store or Store(settings.database, forwarding=forwarding(settings))
+    http = http or http_client()
+    worker = Worker.from_settings(settings, store, http) if settings.worker else None
+    ctx = Context(settings=settings, store=store, worker=worker)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
-        ctx.store.open()
+        store.open()
         try:
+            if worker is not None:
+                await worker.start()
             yield
         finally:
-            ctx.store.close()
+            if worker is not None:
+                await worker.stop()
+            await http.aclose()
+            store.close()
 
     app = Starlette(
         routes=[

@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
 import os
+import signal
 import sys
 import uuid
+from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -18,7 +22,8 @@ from .errors import ReceiverError
 from .normalize import STATUSES
 from .signing import sign
 from .store import EvaluationFilter, Store
-from .times import parse_moment
+from .store.outbox import STATES
+from .times import now, parse_moment
 
 
 class Group(click.Group):
@@ -278,6 +283,131 @@ def send_test(url: str | None, event: str, client_ref: str, secret: str | None) 
     if response.status_code != 200:
         raise click.ClickException(f"{url} refused the callback")
     click.echo(f"see it: receiver show {response.json()['evaluation_id']}")
+
+
+@contextlib.contextmanager
+def writing_store(settings: Settings) -> Iterator[Store]:
+    """The store with its writer running, for commands that change something."""
+    from .app import forwarding
+
+    store = Store(settings.database, forwarding=forwarding(settings))
+    store.open()
+    try:
+        yield store
+    finally:
+        store.close()
+
+
+@cli.command()
+def worker() -> None:
+    """Run the forwarding worker as its own process (with RECEIVER_WORKER=false on `serve`)."""
+    from .app import forwarding, http_client
+    from .worker import Worker
+
+    settings = load_settings()
+
+    async def run() -> None:
+        store = Store(settings.database, forwarding=forwarding(settings))
+        http = http_client()
+        runner = Worker.from_settings(settings, store, http)
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        store.open()
+        try:
+            await runner.start()
+            names = ", ".join(spec.name for spec in settings.sinks) or "none"
+            click.echo(f"receiver: worker running (sinks: {names}); Ctrl-C stops it")
+            await stop.wait()
+        finally:
+            await runner.stop()
+            await http.aclose()
+            store.close()
+
+    asyncio.run(run())
+
+
+@cli.command()
+@click.option("--dead", is_flag=True, help="Only dead letters.")
+@click.option("--state", type=click.Choice(STATES), help="Only this state.")
+@click.option("--sink", help="Only this sink.")
+@click.option("--retry", "retry_id", type=int, metavar="ID", help="Send forward ID again.")
+@click.option("--retry-all-dead", is_flag=True, help="Send every dead forward again.")
+@click.option("--limit", type=click.IntRange(1, 500), default=50, show_default=True)
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+def forwards(
+    dead: bool,
+    state: str | None,
+    sink: str | None,
+    retry_id: int | None,
+    retry_all_dead: bool,
+    limit: int,
+    as_json: bool,
+) -> None:
+    """List forwards (the outbox), or send dead ones again."""
+    settings = load_settings()
+    if retry_id is not None or retry_all_dead:
+        with writing_store(settings) as store:
+            if retry_id is not None:
+                asyncio.run(store.retry_forward(retry_id, now()))
+                click.echo(f"forward {retry_id} is pending again")
+            else:
+                count = asyncio.run(store.retry_dead(now(), sink))
+                click.echo(f"{count} dead forward(s) pending again")
+        return
+    items = reading_store(settings).list_forwards(
+        state="dead" if dead else state, sink=sink, limit=limit
+    )
+    if as_json:
+        echo_json(items)
+        return
+    for item in items:
+        click.echo(
+            f"#{item['id']} {item['sink']} {item['state']} attempts={item['attempts']}"
+            f" {item['event_type']} {item['evaluation_id']}"
+            + (f" error: {item['last_error']}" if item["last_error"] else "")
+        )
+    if not items:
+        click.echo("(no forwards match)")
+
+
+@cli.command()
+@click.argument("delivery_id", type=int)
+def replay(delivery_id: int) -> None:
+    """Forward a stored delivery's verdict again to every sink that wants it."""
+    with writing_store(load_settings()) as store:
+        queued = asyncio.run(store.replay_delivery(delivery_id, now()))
+    click.echo(f"delivery {delivery_id}: {queued} forward(s) queued (same event ids)")
+
+
+@cli.command()
+@click.argument("evaluation_id")
+def refetch(evaluation_id: str) -> None:
+    """Fetch an evaluation from the Runflow API now and store it as the current state."""
+    from .app import http_client
+    from .runflow import RunflowClient
+
+    settings = load_settings()
+    if not settings.runflow_api_key:
+        raise click.ClickException("RUNFLOW_API_KEY is not set: refetch needs a Runflow API key")
+
+    async def run(store: Store) -> None:
+        async with http_client() as http:
+            client = RunflowClient(
+                http,
+                base=settings.runflow_api_base,
+                api_key=settings.runflow_api_key or "",
+                org_id=settings.runflow_org_id,
+            )
+            found = await client.get_evaluation(evaluation_id, settings.refetch_embeds)
+        if not isinstance(found, dict) or found.get("id") != evaluation_id:
+            raise click.ClickException("Runflow answered with a different or malformed evaluation")
+        await store.refetched(found, now())
+
+    with writing_store(settings) as store:
+        asyncio.run(run(store))
+    click.echo(f"refetched {evaluation_id}; see: receiver show {evaluation_id}")
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -8,12 +8,19 @@ from starlette.requests import Request
 
 from .config import Settings
 from .store import Store
+from .worker import Worker
 
 
 @dataclass
 class Context:
     settings: Settings
     store: Store
+    worker: Worker | None = None
+
+    def notify(self) -> None:
+        """New work is stored: wake the in-process worker, if any."""
+        if self.worker is not None:
+            self.worker.notify()
 
 
 def context(request: Request) -> Context:

@@ -160,6 +160,43 @@ SCHEMAS: dict[str, Any] = {
 }
 
 
+SCHEMAS["Forward"] = {
+    "type": "object",
+    "required": ["id", "sink", "event_id", "event_type", "evaluation_id", "state", "attempts"],
+    "properties": {
+        "id": {"type": "integer"},
+        "sink": _STR,
+        "event_id": _STR,
+        "event_type": _STR,
+        "evaluation_id": _STR,
+        "delivery_id": {"type": ["integer", "null"]},
+        "state": {"enum": ["pending", "done", "dead", "skipped"]},
+        "attempts": {"type": "integer"},
+        "next_attempt_at": _NULL_STR,
+        "last_error": _NULL_STR,
+        "created_at": _STR,
+        "updated_at": _NULL_STR,
+    },
+}
+SCHEMAS["ForwardPage"] = {
+    "type": "object",
+    "required": ["items", "next_cursor"],
+    "properties": {"items": {"type": "array", "items": _ref("Forward")}, "next_cursor": _NULL_STR},
+}
+
+
+def _post(summary: str, ok: dict[str, Any], name: str) -> Any:
+    return {
+        "post": {
+            "summary": summary,
+            "parameters": [
+                {"name": name, "in": "path", "required": True, "schema": {"type": "integer"}}
+            ],
+            "responses": {"200": ok, "400": _ERROR, "401": _ERROR, "404": _ERROR},
+        }
+    }
+
+
 def _get(summary: str, ok: dict[str, Any], params: list[dict[str, Any]] | None = None) -> Any:
     return {
         "get": {
@@ -226,6 +263,56 @@ def document() -> dict[str, Any]:
             [{"name": "client_ref", "in": "path", "required": True, "schema": _STR}],
         ),
         "/api/stats": _get("Counts and rates", _json(_ref("Stats"), "statistics"), _FILTER_PARAMS),
+        "/api/forwards": _get(
+            "Forwards (outbox rows), newest first",
+            _json(_ref("ForwardPage"), "a page"),
+            [
+                {
+                    "name": "state",
+                    "in": "query",
+                    "schema": {"enum": ["pending", "done", "dead", "skipped"]},
+                },
+                {
+                    "name": "sink",
+                    "in": "query",
+                    "schema": {**_STR, "minLength": 1, "maxLength": 255},
+                },
+                {
+                    "name": "limit",
+                    "in": "query",
+                    "schema": {"type": "integer", "minimum": 1, "maximum": 500},
+                },
+                {
+                    "name": "cursor",
+                    "in": "query",
+                    "schema": {"type": "string", "pattern": "^[0-9]+$"},
+                },
+            ],
+        ),
+        "/api/forwards/{forward_id}/retry": _post(
+            "Send a dead (or done) forward again",
+            _json(
+                {
+                    "type": "object",
+                    "required": ["ok", "forward"],
+                    "properties": {"ok": {"const": True}, "forward": {"type": "object"}},
+                },
+                "queued",
+            ),
+            "forward_id",
+        ),
+        "/api/deliveries/{delivery_id}/replay": _post(
+            "Forward a stored delivery's verdict again to every sink that wants it",
+            _json(
+                {
+                    "type": "object",
+                    "required": ["ok", "queued"],
+                    "properties": {"ok": {"const": True}, "queued": {"type": "integer"}},
+                },
+                "queued",
+            ),
+            "delivery_id",
+        ),
     }
     return {
         "openapi": "3.1.0",

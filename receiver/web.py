@@ -75,6 +75,8 @@ async def webhook(request: Request) -> JSONResponse:
             secret_index=secret_index,
         )
     )
+    if receipt.outcome == "stored":
+        ctx.notify()
     return JSONResponse(
         {
             "ok": True,

@@ -55,6 +55,7 @@ class Worker:
         self._started: set[str] = set()
         self._tasks: list[asyncio.Task[None]] = []
         self._stopping = False
+        self._active = False
 
     @classmethod
     def from_settings(
@@ -79,7 +80,8 @@ class Worker:
 
     @property
     def running(self) -> bool:
-        return bool(self._tasks) and not any(task.done() for task in self._tasks)
+        """Started, not stopped, and no loop has died (a worker with no sinks is idle, not down)."""
+        return self._active and not any(task.done() for task in self._tasks)
 
     def notify(self) -> None:
         """New work was stored: wake every loop now instead of at the next poll."""
@@ -88,6 +90,7 @@ class Worker:
 
     async def start(self) -> None:
         self._stopping = False
+        self._active = True
         self._tasks = [
             asyncio.create_task(self._loop(self._sink_round, sink, self._wake[i]))
             for i, sink in enumerate(self.sinks)
@@ -100,6 +103,7 @@ class Worker:
     async def stop(self, timeout: float = 30.0) -> None:
         """Let in-flight deliveries finish (bounded by `timeout`), then close the sinks."""
         self._stopping = True
+        self._active = False
         self.notify()
         if self._tasks:
             _, pending = await asyncio.wait(self._tasks, timeout=timeout)

@@ -1,0 +1,418 @@
+"""The worker against a real store, a real fake Runflow API over HTTP, and recording sinks."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import sqlite3
+from collections.abc import AsyncIterator, Iterator, Sequence
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from receiver.config import Settings
+from receiver.events import event_id
+from receiver.fakes.runflow import FakeRunflow
+from receiver.fakes.server import serve_in_thread
+from receiver.normalize import normalize, parse_body
+from receiver.runflow import RunflowClient
+from receiver.sinks import Event, SinkError
+from receiver.sinkspec import SinkSpec
+from receiver.store import Delivery, Forwarding, Store
+from receiver.worker import Worker
+
+from .helpers import fixture, make_settings
+
+pytestmark = pytest.mark.anyio
+EVALUATION_ID = "0193a7c2-5b1e-7c3d-9f10-2a4b6c8d0e11"
+API_KEY = "rf_test_key"
+
+
+@pytest.fixture
+def anyio_backend() -> str:
+    return "asyncio"
+
+
+class RecordingSink:
+    """A destination that records what arrives and fails on demand."""
+
+    def __init__(self, spec: SinkSpec) -> None:
+        self.spec = spec
+        self.received: list[Event] = []
+        self.failures: list[SinkError] = []
+
+    async def start(self) -> None:
+        return None
+
+    async def close(self) -> None:
+        return None
+
+    async def deliver(self, events: Sequence[Event]) -> list[SinkError | None]:
+        results: list[SinkError | None] = []
+        for event in events:
+            if self.failures:
+                results.append(self.failures.pop(0))
+            else:
+                self.received.append(event)
+                results.append(None)
+        return results
+
+
+def spec(name: str, **filters: Any) -> SinkSpec:
+    return SinkSpec(name=name, type="http", url="http://127.0.0.1:9/", **filters)
+
+
+@pytest.fixture(scope="module")
+def runflow() -> Iterator[tuple[FakeRunflow, str]]:
+    fake = FakeRunflow(API_KEY)
+    with serve_in_thread(fake.app) as url:
+        yield fake, url
+
+
+class Rig:
+    """Store + worker + sinks on one temp database."""
+
+    def __init__(self, settings: Settings, sinks: list[RecordingSink], http: httpx.AsyncClient):
+        self.settings = settings
+        self.sinks = {sink.spec.name: sink for sink in sinks}
+        forwarding = Forwarding(tuple(s.spec for s in sinks), settings.refetch)
+        self.store = Store(settings.database, forwarding=forwarding)
+        client = RunflowClient(http, base=settings.runflow_api_base, api_key=API_KEY)
+        self.worker = Worker(settings, self.store, sinks, client)
+
+    async def post(self, name_or_body: str | bytes, **fields: Any) -> None:
+        body = fixture(name_or_body) if isinstance(name_or_body, str) else name_or_body
+        if fields:
+            body = json.dumps({**json.loads(body), **fields}).encode()
+        await self.store.ingest(Delivery(body, normalize(parse_body(body))))
+
+    async def drain(self, rounds: int = 50) -> None:
+        """Run rounds until nothing is due (bounded)."""
+        for _ in range(rounds):
+            if not await self.worker.run_once():
+                return
+
+    def rows(self, sql: str, *params: object) -> list[tuple[Any, ...]]:
+        conn = sqlite3.connect(self.settings.database)
+        try:
+            return conn.execute(sql, params).fetchall()
+        finally:
+            conn.close()
+
+
+@pytest.fixture
+async def http() -> AsyncIterator[httpx.AsyncClient]:
+    async with httpx.AsyncClient(timeout=2.0) as client:
+        yield client
+
+
+def rig_for(tmp_path: Path, http: httpx.AsyncClient, sinks: list[RecordingSink], **kw: Any) -> Rig:
+    settings = make_settings(tmp_path, **{"retry_base": 0.001, "retry_max": 0.01, **kw})
+    rig = Rig(settings, sinks, http)
+    rig.store.open()
+    return rig
+
+
+FILTERS = [
+    ({}, {"evaluation-completed.json", "evaluation-failed.json"}),
+    ({"only_failures": True}, {"evaluation-completed.json", "evaluation-failed.json"}),
+    ({"events": frozenset({"evaluation.failed"})}, {"evaluation-failed.json"}),
+    ({"task_types": frozenset({"portrait"})}, set()),
+    ({"client_ref_prefix": "customer-job-124"}, {"evaluation-failed.json"}),
+]
+
+
+@pytest.mark.parametrize(("filters", "expected"), FILTERS)
+async def test_one_forward_per_matching_sink(
+    tmp_path: Path, http: httpx.AsyncClient, filters: dict[str, Any], expected: set[str]
+) -> None:
+    sink = RecordingSink(spec("s", **filters))
+    rig = rig_for(tmp_path, http, [sink])
+    try:
+        for name in ("evaluation-completed.json", "evaluation-failed.json"):
+            await rig.post(name)
+        await rig.drain()
+    finally:
+        rig.store.close()
+    ids = {"evaluation-completed.json": EVALUATION_ID, "evaluation-failed.json": FAILED}
+    assert {e["subject"] for e in sink.received} == {ids[name] for name in expected}
+
+
+FAILED = "0193a7c2-5b1e-7c3d-9f10-2a4b6c8d0e22"
+
+
+async def test_a_verdict_seen_again_is_forwarded_once(
+    tmp_path: Path, http: httpx.AsyncClient
+) -> None:
+    sink = RecordingSink(spec("s"))
+    rig = rig_for(tmp_path, http, [sink])
+    try:
+        for name in (
+            "evaluation-completed-envelope.json",
+            "evaluation-completed.json",
+            "evaluation-completed.json",
+            "get-evaluation-embedded.json",
+        ):
+            await rig.post(name)
+            await rig.drain()
+    finally:
+        rig.store.close()
+    assert [e["id"] for e in sink.received] == [event_id(EVALUATION_ID, "evaluation.completed")]
+    assert sink.received[0]["type"] == "io.runflow.evaluation.completed"
+
+
+async def test_a_failing_sink_retries_then_dies_without_delaying_others(
+    tmp_path: Path, http: httpx.AsyncClient
+) -> None:
+    broken = RecordingSink(spec("broken"))
+    broken.failures = [SinkError("boom")] * 3
+    healthy = RecordingSink(spec("healthy"))
+    rig = rig_for(tmp_path, http, [broken, healthy], max_attempts=3)
+    try:
+        await rig.post("evaluation-completed.json")
+        await rig.worker.run_once()
+        assert len(healthy.received) == 1  # on the first round, whatever the other sink does
+        for _ in range(20):
+            await asyncio.sleep(0.02)
+            await rig.worker.run_once()
+        states = dict(rig.rows("SELECT sink, state || ':' || attempts FROM outbox"))
+    finally:
+        rig.store.close()
+    assert states == {"broken": "dead:3", "healthy": "done:1"}
+    assert broken.received == []
+
+
+async def test_permanent_errors_die_at_once_and_retry_after_is_honoured(
+    tmp_path: Path, http: httpx.AsyncClient
+) -> None:
+    gone = RecordingSink(spec("gone"))
+    gone.failures = [SinkError("404", permanent=True)]
+    limited = RecordingSink(spec("limited"))
+    limited.failures = [SinkError("429", retry_after=3600)]
+    rig = rig_for(tmp_path, http, [gone, limited], retry_max=7200)
+    try:
+        await rig.post("evaluation-completed.json")
+        await rig.worker.run_once()
+        rows = dict(rig.rows("SELECT sink, state FROM outbox"))
+        (next_at,) = rig.rows("SELECT next_attempt_at FROM outbox WHERE sink = 'limited'")[0]
+        (created,) = rig.rows("SELECT created_at FROM outbox WHERE sink = 'limited'")[0]
+    finally:
+        rig.store.close()
+    assert rows == {"gone": "dead", "limited": "pending"}
+    assert next_at[:13] > created[:13]  # an hour later, not within the same hour
+
+
+async def test_dead_letters_and_replays_arrive_again_with_the_same_id(
+    tmp_path: Path, http: httpx.AsyncClient
+) -> None:
+    sink = RecordingSink(spec("s"))
+    sink.failures = [SinkError("down", permanent=True)]
+    rig = rig_for(tmp_path, http, [sink])
+    try:
+        await rig.post("evaluation-completed.json")
+        await rig.drain()
+        ((forward_id, state),) = rig.rows("SELECT id, state FROM outbox")
+        assert state == "dead"
+        await rig.store.retry_forward(forward_id, "2000-01-01T00:00:00.000000Z")
+        await rig.drain()
+        assert len(sink.received) == 1
+        assert await rig.store.replay_delivery(1, "2000-01-01T00:00:00.000000Z") == 1
+        await rig.drain()
+    finally:
+        rig.store.close()
+    assert [e["id"] for e in sink.received] == [event_id(EVALUATION_ID, "evaluation.completed")] * 2
+
+
+async def test_refetch_fills_the_event_and_becomes_the_stored_state(
+    tmp_path: Path, http: httpx.AsyncClient, runflow: tuple[FakeRunflow, str]
+) -> None:
+    fake, url = runflow
+    fake.add(EVALUATION_ID)
+    sink = RecordingSink(spec("s"))
+    rig = rig_for(tmp_path, http, [sink], runflow_api_key=API_KEY, runflow_api_base=url)
+    try:
+        await rig.post("evaluation-completed-envelope.json")
+        await rig.drain()
+        found = rig.store.get_evaluation(EVALUATION_ID)
+    finally:
+        rig.store.close()
+    (event,) = sink.received
+    assert event["data"]["refetched"] is True
+    assert event["data"]["action"]["improved_prompt"].endswith("hands out of frame")
+    assert {i["category"] for i in event["data"]["issues"]} == {"anatomy", "garment"}
+    assert found is not None
+    assert found["evaluation"]["refetched"] is True
+    assert len(found["issues"]) == 2
+    request = fake.requests[-1]
+    assert request["path"] == f"/v1/evaluations/{EVALUATION_ID}"
+    assert request["query"] == {"embed": "judges,action,gate_failures"}
+    assert request["headers"]["authorization"] == f"Bearer {API_KEY}"
+
+
+REFETCH_FAULTS = {
+    "429-retry-after": ({"status": 429, "retry_after": 0.01}, "done"),
+    "429-bare": ({"status": 429}, "done"),
+    "500": ({"status": 500}, "done"),
+    "503-twice": ({"status": 503, "count": 2}, "done"),
+    "slow": ({"status": None, "delay": 3.0}, "done"),
+}
+
+
+@pytest.mark.parametrize(("fault", "state"), REFETCH_FAULTS.values(), ids=REFETCH_FAULTS.keys())
+async def test_refetch_faults_are_retried(
+    tmp_path: Path,
+    http: httpx.AsyncClient,
+    runflow: tuple[FakeRunflow, str],
+    fault: dict[str, Any],
+    state: str,
+) -> None:
+    fake, url = runflow
+    fake.add(EVALUATION_ID)
+    fake.faults.clear()
+    fake.fail_next(**fault)
+    sink = RecordingSink(spec("s"))
+    rig = rig_for(tmp_path, http, [sink], runflow_api_key=API_KEY, runflow_api_base=url)
+    try:
+        await rig.post("evaluation-completed-envelope.json")
+        for _ in range(40):
+            await rig.worker.run_once()
+            if sink.received:
+                break
+            await asyncio.sleep(0.02)
+        ((refetch_state, attempts),) = rig.rows(
+            "SELECT refetch_state, refetch_attempts FROM evaluations"
+        )
+    finally:
+        rig.store.close()
+    assert refetch_state == state
+    assert attempts == fault.get("count", 1)
+    assert sink.received[0]["data"]["refetched"] is True
+
+
+@pytest.mark.parametrize("case", ["unauthorized", "not-found", "not-a-uuid"])
+async def test_refetch_refusals_are_not_retried_and_the_event_still_goes_out(
+    tmp_path: Path, http: httpx.AsyncClient, runflow: tuple[FakeRunflow, str], case: str
+) -> None:
+    fake, url = runflow
+    fake.faults.clear()
+    fake.evaluations.pop(EVALUATION_ID, None)
+    body = fixture("evaluation-completed-envelope.json")
+    if case == "not-a-uuid":
+        body = body.replace(EVALUATION_ID.encode(), b"../../admin")
+    key = "wrong" if case == "unauthorized" else API_KEY
+    sink = RecordingSink(spec("s"))
+    rig = rig_for(tmp_path, http, [sink], runflow_api_key=key, runflow_api_base=url)
+    rig.worker.runflow = RunflowClient(http, base=url, api_key=key)
+    requests_before = len(fake.requests)
+    try:
+        await rig.post(body)
+        await rig.drain()
+        ((refetch_state, attempts),) = rig.rows(
+            "SELECT refetch_state, refetch_attempts FROM evaluations"
+        )
+    finally:
+        rig.store.close()
+    assert (refetch_state, attempts) == ("failed", 1)
+    assert sink.received[0]["data"]["refetched"] is False
+    assert len(fake.requests) - requests_before == (0 if case == "not-a-uuid" else 1)
+
+
+async def test_past_the_budget_the_event_goes_out_and_the_refetch_goes_on(
+    tmp_path: Path, http: httpx.AsyncClient, runflow: tuple[FakeRunflow, str]
+) -> None:
+    fake, url = runflow
+    fake.add(EVALUATION_ID)
+    fake.faults.clear()
+    fake.fail_next(500, count=3)
+    sink = RecordingSink(spec("s"))
+    rig = rig_for(
+        tmp_path, http, [sink], runflow_api_key=API_KEY, runflow_api_base=url, refetch_budget=0
+    )
+    try:
+        await rig.post("evaluation-completed-envelope.json")
+        await rig.worker.run_once()
+        assert sink.received[0]["data"]["refetched"] is False
+        for _ in range(40):
+            await asyncio.sleep(0.02)
+            await rig.worker.run_once()
+        ((refetch_state, refetched),) = rig.rows("SELECT refetch_state, refetched FROM evaluations")
+    finally:
+        rig.store.close()
+    assert (refetch_state, refetched) == ("done", 1)
+    assert len(sink.received) == 1
+
+
+async def test_a_sink_that_wants_no_such_task_type_skips_after_refetch(
+    tmp_path: Path, http: httpx.AsyncClient, runflow: tuple[FakeRunflow, str]
+) -> None:
+    fake, url = runflow
+    fake.add(EVALUATION_ID)
+    fake.faults.clear()
+    sink = RecordingSink(spec("portraits", task_types=frozenset({"portrait"})))
+    rig = rig_for(tmp_path, http, [sink], runflow_api_key=API_KEY, runflow_api_base=url)
+    try:
+        await rig.post("evaluation-completed-envelope.json")  # no task_type in the envelope
+        await rig.drain()
+        states = rig.rows("SELECT state FROM outbox")
+    finally:
+        rig.store.close()
+    assert states == [("skipped",)]
+    assert sink.received == []
+
+
+async def test_two_workers_on_one_database_never_deliver_a_row_twice(
+    tmp_path: Path, http: httpx.AsyncClient
+) -> None:
+    sinks = [RecordingSink(spec("s")), RecordingSink(spec("s"))]
+    settings = make_settings(tmp_path)
+    rigs = [Rig(settings, [sink], http) for sink in sinks]
+    for rig in rigs:
+        rig.store.open()
+        rig.worker.batch_size = 7
+    try:
+        template = json.loads(fixture("evaluation-completed.json"))
+        for n in range(120):
+            await rigs[n % 2].post(
+                json.dumps({**template, "id": f"0193a7c2-0000-7000-8000-{n:012d}"}).encode()
+            )
+        for _ in range(40):
+            done = await asyncio.gather(*(rig.worker.run_once() for rig in rigs))
+            if not any(done):
+                break
+    finally:
+        for rig in rigs:
+            rig.store.close()
+    ids = [e["id"] for sink in sinks for e in sink.received]
+    assert len(ids) == len(set(ids)) == 120
+    assert all(sink.received for sink in sinks)
+
+
+async def test_the_worker_loop_wakes_on_notify_and_stops_cleanly(
+    tmp_path: Path, http: httpx.AsyncClient
+) -> None:
+    sink = RecordingSink(spec("s"))
+    rig = rig_for(tmp_path, http, [sink])
+    rig.worker.poll_interval = 30  # only notify() can wake it within the test's wait
+    await rig.worker.start()
+    try:
+        await asyncio.sleep(0.05)
+        await rig.post("evaluation-completed.json")
+        rig.worker.notify()
+        for _ in range(200):
+            if sink.received:
+                break
+            await asyncio.sleep(0.01)
+        assert rig.worker.running
+    finally:
+        await rig.worker.stop()
+        rig.store.close()
+    assert len(sink.received) == 1
+    assert not rig.worker.running
+
+
+def test_settings_replace_keeps_refetch_off_without_key(tmp_path: Path) -> None:
+    settings = replace(make_settings(tmp_path), refetch_embeds=("judges",))
+    assert settings.refetch is False
