@@ -14,6 +14,7 @@ from .errors import ConfigError
 from .sinkspec import SinkSpec, parse_sinks
 
 T = TypeVar("T")
+N = TypeVar("N", int, float)
 
 DEFAULT_MAX_BODY_BYTES = 8 * 1024 * 1024
 EMBEDS = (
@@ -60,19 +61,29 @@ def _parsed(env: Mapping[str, str], name: str, parse: Callable[[str], T], defaul
     return default if value is None else parse(value)
 
 
-def _integer(name: str, minimum: int, maximum: int) -> Callable[[str], int]:
-    def parse(text: str) -> int:
+def _ranged(
+    name: str, minimum: N, maximum: N, kind: Callable[[str], N], what: str
+) -> Callable[[str], N]:
+    def parse(text: str) -> N:
         try:
-            number = int(text)
+            number = kind(text)
         except ValueError:
             number = minimum - 1
         if not minimum <= number <= maximum:
             raise ConfigError(
-                f"{name} must be a whole number from {minimum} to {maximum}, got {text!r}"
+                f"{name} must be {what} from {minimum:g} to {maximum:g}, got {text!r}"
             )
         return number
 
     return parse
+
+
+def _integer(name: str, minimum: int, maximum: int) -> Callable[[str], int]:
+    return _ranged(name, minimum, maximum, int, "a whole number")
+
+
+def _number(name: str, minimum: float, maximum: float) -> Callable[[str], float]:
+    return _ranged(name, minimum, maximum, float, "a number")
 
 
 def _boolean(name: str) -> Callable[[str], bool]:
@@ -100,21 +111,6 @@ def _url(name: str) -> Callable[[str], str]:
         if not text.startswith(("http://", "https://")):
             raise ConfigError(f"{name} must start with http:// or https://, got {text!r}")
         return text.rstrip("/")
-
-    return parse
-
-
-def _number(name: str, minimum: float, maximum: float) -> Callable[[str], float]:
-    def parse(text: str) -> float:
-        try:
-            number = float(text)
-        except ValueError:
-            number = minimum - 1
-        if not minimum <= number <= maximum:
-            raise ConfigError(
-                f"{name} must be a number from {minimum:g} to {maximum:g}, got {text!r}"
-            )
-        return number
 
     return parse
 

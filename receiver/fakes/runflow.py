@@ -18,16 +18,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-EMBEDS = (
-    "action",
-    "comfyui_workflow",
-    "flow",
-    "gate_failures",
-    "judges",
-    "model",
-    "parent_evaluation",
-    "run",
-)
+from ..config import EMBEDS
 
 
 def template() -> dict[str, Any]:
