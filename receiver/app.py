@@ -83,7 +83,9 @@ def http_client() -> httpx.AsyncClient:
 
 
 def forwarding(settings: Settings) -> Forwarding:
-    return Forwarding(sinks=settings.sinks, refetch=settings.refetch)
+    return Forwarding(
+        sinks=settings.sinks, refetch=settings.refetch, reconcile_after=settings.reconcile_after
+    )
 
 
 def create_app(

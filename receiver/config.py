@@ -169,6 +169,8 @@ class Settings:
     max_attempts: int = 10
     retry_base: float = 2.0
     retry_max: float = 3600.0
+    reconcile_after: float = 600.0
+    reconcile_interval: float = 60.0
 
     @property
     def refetch(self) -> bool:
@@ -220,6 +222,18 @@ class Settings:
             ),
             retry_base=_parsed(
                 env, "RECEIVER_RETRY_BASE", _number("RECEIVER_RETRY_BASE", 0.01, 3600), 2.0
+            ),
+            reconcile_after=_parsed(
+                env,
+                "RECEIVER_RECONCILE_AFTER",
+                _number("RECEIVER_RECONCILE_AFTER", 1, 30 * 86400),
+                600.0,
+            ),
+            reconcile_interval=_parsed(
+                env,
+                "RECEIVER_RECONCILE_INTERVAL",
+                _number("RECEIVER_RECONCILE_INTERVAL", 0, 86400),
+                60.0,
             ),
             retry_max=_parsed(
                 env, "RECEIVER_RETRY_MAX", _number("RECEIVER_RETRY_MAX", 0.01, 604800), 3600.0

@@ -36,6 +36,11 @@ def normalize_time(value: object) -> str | None:
         return None
 
 
+def shift(stamp: str, seconds: float) -> str:
+    """A stored time moved by `seconds`."""
+    return format_time(parse_time(stamp.replace("Z", "+00:00")) + timedelta(seconds=seconds))
+
+
 def parse_duration(text: str) -> timedelta:
     """`90s`, `15m`, `24h`, `7d`, `2w`. Raises ValueError."""
     match = _DURATION.match(text.strip())

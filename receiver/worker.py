@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 from collections.abc import Awaitable, Callable, Sequence
 from datetime import UTC, datetime, timedelta
@@ -16,14 +17,18 @@ from datetime import UTC, datetime, timedelta
 import httpx
 
 from .config import Settings
+from .errors import ReceiverError
 from .events import build_event
+from .normalize import TERMINAL, normalize, parse_body
 from .retry import backoff
 from .runflow import RunflowClient, RunflowError
 from .sinks import Sink, SinkError, build_sink
-from .store import Claim, Outcome, Store
+from .store import Claim, Delivery, Outcome, Store
 from .times import format_time
 
 log = logging.getLogger("receiver.worker")
+
+POLLS_PER_SECOND = 5.0  # reconciliation's bound on Runflow API requests
 
 
 def utcnow() -> datetime:
@@ -46,6 +51,7 @@ class Worker:
         self.settings = settings
         self.store = store
         self.sinks = list(sinks)
+        self.client = runflow  # reconciliation polls with it even when refetch is off
         self.runflow = runflow if settings.refetch else None
         self.poll_interval = poll_interval
         self.batch_size = batch_size
@@ -56,6 +62,7 @@ class Worker:
         self._tasks: list[asyncio.Task[None]] = []
         self._stopping = False
         self._active = False
+        self._stopped = asyncio.Event()
 
     @classmethod
     def from_settings(
@@ -99,11 +106,15 @@ class Worker:
             self._tasks.append(
                 asyncio.create_task(self._loop(self._refetch_round, None, self._wake[-1]))
             )
+        if self.client is not None and self.settings.reconcile_interval > 0:
+            self._stopped.clear()
+            self._tasks.append(asyncio.create_task(self._reconcile_loop()))
 
     async def stop(self, timeout: float = 30.0) -> None:
         """Let in-flight deliveries finish (bounded by `timeout`), then close the sinks."""
         self._stopping = True
         self._active = False
+        self._stopped.set()
         self.notify()
         if self._tasks:
             _, pending = await asyncio.wait(self._tasks, timeout=timeout)
@@ -239,3 +250,65 @@ class Worker:
             )
             return
         await self.store.refetched(found, format_time(self.clock()))
+
+    async def _reconcile_loop(self) -> None:
+        while not self._stopping:
+            try:
+                await self.reconcile()
+            except Exception:
+                log.exception("reconciliation pass failed; next pass as scheduled")
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._stopped.wait(), self.settings.reconcile_interval)
+
+    async def reconcile(self, limit: int = 100) -> dict[str, int]:
+        """One pass: poll evaluations known but not terminal for longer than
+        RECEIVER_RECONCILE_AFTER, and ingest what Runflow says through the callback path
+        (source `poll`), so a verdict whose callbacks were all lost is stored and forwarded
+        exactly once. At most POLLS_PER_SECOND requests."""
+        counts = {"polled": 0, "verdicts": 0, "pending": 0, "errors": 0}
+        if self.client is None:
+            return counts
+        now = self.clock()
+        if not self.store.polls_due(format_time(now)):
+            return counts
+        due = await self.store.claim_polls(
+            now=format_time(now), lease_until=format_time(now + self.lease), limit=limit
+        )
+        for index, (evaluation_id, polls) in enumerate(due):
+            if index:
+                await asyncio.sleep(1 / POLLS_PER_SECOND)
+            counts["polled"] += 1
+            outcome = await self._poll(evaluation_id, polls)
+            counts[outcome] += 1
+        if counts["verdicts"]:
+            self.notify()
+        return counts
+
+    async def _poll(self, evaluation_id: str, polls: int) -> str:
+        assert self.client is not None
+        embeds = self.settings.refetch_embeds if self.settings.refetch else ()
+        after = self.settings.reconcile_after
+        try:
+            found = await self.client.get_evaluation(evaluation_id, embeds)
+            if not isinstance(found, dict) or found.get("id") != evaluation_id:
+                raise RunflowError("Runflow answered with a different or malformed evaluation")
+            body = json.dumps(found, separators=(",", ":")).encode()
+            callback = normalize(parse_body(body))
+        except (RunflowError, ReceiverError) as exc:
+            retryable = isinstance(exc, RunflowError) and exc.retryable
+            next_at = self.clock() + timedelta(seconds=min(after * 2**polls, 86400))
+            await self.store.polled(
+                evaluation_id,
+                str(exc)[:500],
+                format_time(next_at) if retryable else None,
+                format_time(self.clock()),
+            )
+            return "errors"
+        await self.store.ingest(
+            Delivery(body=body, callback=callback, source="poll", refetched=bool(embeds))
+        )
+        next_at = self.clock() + timedelta(seconds=min(after * 2 ** (polls + 1), 86400))
+        await self.store.polled(
+            evaluation_id, None, format_time(next_at), format_time(self.clock())
+        )
+        return "verdicts" if callback.fields.get("status_code") in TERMINAL else "pending"

@@ -78,7 +78,9 @@ class Rig:
     def __init__(self, settings: Settings, sinks: list[RecordingSink], http: httpx.AsyncClient):
         self.settings = settings
         self.sinks = {sink.spec.name: sink for sink in sinks}
-        forwarding = Forwarding(tuple(s.spec for s in sinks), settings.refetch)
+        forwarding = Forwarding(
+            tuple(s.spec for s in sinks), settings.refetch, settings.reconcile_after
+        )
         self.store = Store(settings.database, forwarding=forwarding)
         client = RunflowClient(http, base=settings.runflow_api_base, api_key=API_KEY)
         self.worker = Worker(settings, self.store, sinks, client)
@@ -416,3 +418,36 @@ async def test_the_worker_loop_wakes_on_notify_and_stops_cleanly(
 def test_settings_replace_keeps_refetch_off_without_key(tmp_path: Path) -> None:
     settings = replace(make_settings(tmp_path), refetch_embeds=("judges",))
     assert settings.refetch is False
+
+
+async def test_reconcile_recovers_a_verdict_whose_callbacks_were_lost(
+    tmp_path: Path, http: httpx.AsyncClient, runflow: tuple[FakeRunflow, str]
+) -> None:
+    fake, url = runflow
+    fake.faults.clear()
+    fake.add(EVALUATION_ID)  # completed at Runflow; only a "running" callback ever arrived
+    sink = RecordingSink(spec("s"))
+    rig = rig_for(
+        tmp_path, http, [sink], runflow_api_key=API_KEY, runflow_api_base=url, reconcile_after=0
+    )
+    try:
+        await rig.post("evaluation-completed.json", status_code="running", completed_at=None)
+        await rig.drain()
+        assert sink.received == []
+        first = await rig.worker.reconcile()
+        again = await rig.worker.reconcile()
+        await rig.drain()
+        sources = rig.rows("SELECT source, outcome FROM deliveries ORDER BY id")
+        ((status, next_poll, refetched),) = rig.rows(
+            "SELECT status, next_poll_at, refetched FROM evaluations"
+        )
+        await rig.post("evaluation-completed.json")  # the lost callback turns up after all
+        await rig.drain()
+    finally:
+        rig.store.close()
+    assert first == {"polled": 1, "verdicts": 1, "pending": 0, "errors": 0}
+    assert again["polled"] == 0
+    assert sources == [("webhook", "stored"), ("poll", "stored")]
+    assert (status, next_poll, refetched) == ("completed", None, 1)
+    assert [e["id"] for e in sink.received] == [event_id(EVALUATION_ID, "evaluation.completed")]
+    assert sink.received[0]["data"]["refetched"] is True

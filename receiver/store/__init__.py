@@ -11,7 +11,15 @@ from typing import Any
 
 from ..errors import ConfigError
 from . import outbox
-from .ingest import NO_FORWARDING, Delivery, Forwarding, Receipt, ingest, quarantine
+from .ingest import (
+    NO_FORWARDING,
+    Delivery,
+    Forwarding,
+    Receipt,
+    apply_evaluation,
+    ingest,
+    quarantine,
+)
 from .outbox import Claim, Outcome
 from .queries import (
     EvaluationFilter,
@@ -117,6 +125,36 @@ class Store:
             )
         )
 
+    async def claim_polls(self, *, now: str, lease_until: str, limit: int) -> list[tuple[str, int]]:
+        return await self.writer.run(
+            partial(outbox.claim_polls, now=now, lease_until=lease_until, limit=limit)
+        )
+
+    async def polled(
+        self, evaluation_id: str, error: str | None, next_at: str | None, stamp: str
+    ) -> None:
+        await self.writer.run(
+            partial(
+                outbox.polled,
+                evaluation_id=evaluation_id,
+                error=error,
+                next_at=next_at,
+                stamp=stamp,
+            )
+        )
+
+    async def record(self, fields: dict[str, Any], source: str, stamp: str) -> None:
+        """Store an evaluation object Runflow answered (submit, feedback) as its state."""
+        await self.writer.run(
+            partial(
+                apply_evaluation,
+                fields=fields,
+                source=source,
+                stamp=stamp,
+                forwarding=self.forwarding,
+            )
+        )
+
     async def request_refetch(self, evaluation_id: str, stamp: str) -> None:
         await self.writer.run(
             partial(outbox.request_refetch, evaluation_id=evaluation_id, stamp=stamp)
@@ -177,6 +215,9 @@ class Store:
 
     def outbox_depth(self) -> dict[str, dict[str, int]]:
         return outbox.outbox_depth(self.reader())
+
+    def polls_due(self, now: str) -> bool:
+        return outbox.polls_due(self.reader(), now)
 
     def has_due(self, sink: str, now: str) -> bool:
         """A cheap read-only look before taking the write lock to claim."""

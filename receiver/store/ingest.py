@@ -11,7 +11,7 @@ from typing import Any
 from ..events import event_id
 from ..normalize import TERMINAL, Callback, columns, judge_issues, merge
 from ..sinkspec import SinkSpec
-from ..times import now
+from ..times import now, shift
 
 
 @dataclass(frozen=True)
@@ -20,6 +20,7 @@ class Forwarding:
 
     sinks: tuple[SinkSpec, ...] = ()
     refetch: bool = False
+    reconcile_after: float = 600.0  # seconds a non-terminal evaluation waits before a poll
 
 
 NO_FORWARDING = Forwarding()
@@ -34,7 +35,8 @@ class Delivery:
     headers: dict[str, str] = field(default_factory=dict)
     request_id: str | None = None
     secret_index: int | None = None
-    source: str = "webhook"
+    source: str = "webhook"  # webhook | poll
+    refetched: bool = False  # the body is a full GET with the configured embeds (a poll)
 
 
 @dataclass(frozen=True)
@@ -93,6 +95,7 @@ def ingest(
             stamp=stamp,
             forwarding=forwarding,
             delivery_id=delivery_id,
+            refetched=delivery.refetched,
         )
     return Receipt(outcome, delivery_id, callback.evaluation_id)
 
@@ -105,6 +108,7 @@ def apply_evaluation(
     stamp: str,
     forwarding: Forwarding = NO_FORWARDING,
     delivery_id: int | None = None,
+    refetched: bool = False,
 ) -> None:
     """Merge `fields` into the stored evaluation under the state rules (design.md §8), and in
     the same transaction queue its refetch and one outbox row per matching sink."""
@@ -127,10 +131,14 @@ def apply_evaluation(
         "updated_at": stamp,
         "data": _dumps(merged),
     }
-    if source == "refetch":
+    if refetched:
         values.update(refetched=1, refetch_state="done", refetch_error=None)
     elif forwarding.refetch and status in TERMINAL and (row is None or row[2] is None):
         values.update(refetch_state="pending", refetch_next_at=stamp)
+    if status in TERMINAL:
+        values.update(next_poll_at=None)
+    elif row is None or source != "poll":
+        values.update(next_poll_at=shift(stamp, forwarding.reconcile_after))
     if row is None:
         values.update(received_at=stamp, source=source)
         names = ", ".join(values)

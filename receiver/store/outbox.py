@@ -115,7 +115,9 @@ def refetched(
     conn: sqlite3.Connection, fields: dict[str, Any], forwarding: Forwarding, stamp: str
 ) -> None:
     """Store the refetched object as the evaluation's state (the source of truth)."""
-    apply_evaluation(conn, fields, source="refetch", stamp=stamp, forwarding=forwarding)
+    apply_evaluation(
+        conn, fields, source="refetch", stamp=stamp, forwarding=forwarding, refetched=True
+    )
 
 
 def refetch_failed(
@@ -137,6 +139,41 @@ def request_refetch(conn: sqlite3.Connection, evaluation_id: str, stamp: str) ->
     )
     if not cursor.rowcount:
         raise NotFound(f"no evaluation {evaluation_id!r}")
+
+
+def claim_polls(
+    conn: sqlite3.Connection, *, now: str, lease_until: str, limit: int
+) -> list[tuple[str, int]]:
+    """(evaluation id, polls so far) of evaluations known but not terminal for too long."""
+    return [
+        (row[0], row[1])
+        for row in conn.execute(
+            "UPDATE evaluations SET next_poll_at = :lease WHERE id IN ("
+            " SELECT id FROM evaluations WHERE next_poll_at <= :now"
+            " ORDER BY next_poll_at LIMIT :limit)"
+            " RETURNING id, poll_attempts",
+            {"lease": lease_until, "now": now, "limit": limit},
+        ).fetchall()
+    ]
+
+
+def polls_due(conn: sqlite3.Connection, now: str) -> bool:
+    row = conn.execute(
+        "SELECT 1 FROM evaluations WHERE next_poll_at <= ? LIMIT 1", (now,)
+    ).fetchone()
+    return row is not None
+
+
+def polled(
+    conn: sqlite3.Connection, evaluation_id: str, error: str | None, next_at: str | None, stamp: str
+) -> None:
+    """Record a poll; `next_at` None stops polling (terminal, or Runflow does not know it)."""
+    conn.execute(
+        "UPDATE evaluations SET poll_attempts = poll_attempts + 1, poll_error = ?,"
+        " next_poll_at = CASE WHEN status IN ('completed', 'failed') THEN NULL ELSE ? END,"
+        " updated_at = ? WHERE id = ?",
+        (error, next_at, stamp, evaluation_id),
+    )
 
 
 FORWARD_COLUMNS = (

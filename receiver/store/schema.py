@@ -151,9 +151,18 @@ def _v2_forwarding(db: Database) -> None:
     db.table("outbox").create_index(["sink", "state", "next_attempt_at"])
 
 
+def _v3_reconcile(db: Database) -> None:
+    evaluations = db.table("evaluations")
+    evaluations.add_column("next_poll_at", str)  # set while not terminal; NULL once it is
+    evaluations.add_column("poll_attempts", int, not_null_default=0)
+    evaluations.add_column("poll_error", str)
+    evaluations.create_index(["next_poll_at"])
+
+
 MIGRATIONS: list[tuple[int, str, Callable[[Database], None]]] = [
     (1, "core tables", _v1_core),
     (2, "refetch state and outbox claiming", _v2_forwarding),
+    (3, "reconciliation schedule", _v3_reconcile),
 ]
 
 
