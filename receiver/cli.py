@@ -410,6 +410,28 @@ def refetch(evaluation_id: str) -> None:
     click.echo(f"refetched {evaluation_id}; see: receiver show {evaluation_id}")
 
 
+@cli.command()
+def reconcile() -> None:
+    """Run one reconciliation pass now: poll evaluations stuck non-terminal."""
+    from .app import http_client
+    from .worker import Worker
+
+    settings = load_settings()
+    if not settings.runflow_api_key:
+        raise click.ClickException("RUNFLOW_API_KEY is not set: reconciliation polls the API")
+
+    async def run(store: Store) -> dict[str, int]:
+        async with http_client() as http:
+            return await Worker.from_settings(settings, store, http).reconcile()
+
+    with writing_store(settings) as store:
+        counts = asyncio.run(run(store))
+    click.echo(
+        f"polled {counts['polled']}: {counts['verdicts']} verdict(s) stored, "
+        f"{counts['pending']} still pending, {counts['errors']} error(s)"
+    )
+
+
 def main(argv: list[str] | None = None) -> None:
     """Entry point: every user mistake (ours or click's usage errors) exits 1 with one line."""
     try:

@@ -1,0 +1,41 @@
+"""Discord webhooks: one embed per verdict, nothing pings (design.md §6)."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import httpx
+
+from ..messages import discord_message
+from .base import Event
+from .web import WebSink, json_body, response_error
+
+_JSON = {"content-type": "application/json"}
+
+
+def body_retry_after(response: httpx.Response) -> float | None:
+    """Discord's 429 body says `retry_after` in (fractional) seconds, more precisely than
+    its `Retry-After` header, which is rounded up to whole seconds."""
+    if response.status_code != 429:
+        return None
+    try:
+        body = json.loads(response.text)
+    except ValueError:
+        return None
+    value = body.get("retry_after") if isinstance(body, dict) else None
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return None
+    return float(value) if math.isfinite(value) and value >= 0 else None
+
+
+class DiscordSink(WebSink):
+    # A webhook takes a handful of messages per couple of seconds: post one at a time.
+    concurrency = 1
+
+    async def send(self, event: Event) -> None:
+        # wait=true: Discord answers only once the message exists, with a real status.
+        response = await self.post(json_body(discord_message(event)), _JSON, {"wait": "true"})
+        error = response_error(self.spec, response, retry_after=body_retry_after(response))
+        if error is not None:
+            raise error
