@@ -144,6 +144,16 @@ class RedisService(Service):
     def ready(self) -> bool:
         return _probe(self.port, b"PING\r\n").startswith(b"+PONG")
 
+    def stop(self) -> None:
+        """`SHUTDOWN SAVE` writes dump.rdb to the data dir (nothing is saved while running), so
+        a stream survives a stop/start like it would on a real server with persistence."""
+        process = self.process
+        if process is not None and process.poll() is None:
+            _probe(self.port, b"SHUTDOWN SAVE\r\n")
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                process.wait(timeout=self.stop_timeout)
+        super().stop()  # SIGTERM, then SIGKILL, if it is still running
+
 
 class NatsService(Service):
     package = "nats-server"

@@ -106,6 +106,7 @@ def receiver(
         RUNFLOW_API_BASE=urls["runflow"],
         RECEIVER_RETRY_BASE="0.05",
         RECEIVER_RETRY_MAX="0.3",
+        RECEIVER_MAX_ATTEMPTS="1000",  # retries outlast any outage here; dead letters per sink
         RECEIVER_PUBLIC_URL="https://receiver.example.com",
     )
 

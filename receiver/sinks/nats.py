@@ -40,6 +40,7 @@ class NatsSink:
         self._closing = False
 
     async def start(self) -> None:
+        self._closing = False
         client = Client()
         try:
             # The client reconnects forever once connected, so only the first connect is bounded.
