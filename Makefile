@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: run test lint check clean
+.PHONY: run test demo lint check clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -19,6 +19,10 @@ $(STAMP): pyproject.toml
 
 run: $(STAMP) .env
 	$(BIN)/receiver serve
+
+# The whole flow without a Runflow account: emulator + receiver + a consumer, a batch submitted.
+demo: $(STAMP)
+	$(BIN)/python -m receiver.fakes.demo
 
 test: $(STAMP)
 	$(BIN)/pytest -q

@@ -4,6 +4,7 @@ them on its thread pool, where each thread reads through its own read-only conne
 from __future__ import annotations
 
 import hmac
+import json
 from collections.abc import Mapping
 
 from starlette.requests import Request
@@ -13,10 +14,12 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from .context import context
 from .errors import BadRequest, NotFound, Unauthorized
+from .feedback import send_feedback
 from .normalize import STATUSES
 from .store import EvaluationFilter
 from .store.outbox import STATES
 from .times import now, parse_moment
+from .web import read_body
 
 FILTERS = ("client_ref", "status", "passed", "task_type", "failure_code", "since", "until", "q")
 MAX_LIMIT = 500
@@ -176,8 +179,39 @@ async def replay_delivery(request: Request) -> Response:
     return JSONResponse({"ok": True, "queued": queued})
 
 
+MAX_FEEDBACK_BODY = 16 * 1024
+
+
+async def patch_feedback(request: Request) -> Response:
+    """`{"is_positive": true|false|null, "reason": "..."}` → Runflow → stored → the evaluation."""
+    _check_known(request.query_params, ())
+    ctx = context(request)
+    evaluation_id = request.path_params["evaluation_id"]
+    body = await read_body(request, MAX_FEEDBACK_BODY)
+    try:
+        payload = json.loads(body)
+    except ValueError:
+        raise BadRequest(
+            'body must be JSON: {"is_positive": true|false|null, "reason": …}'
+        ) from None
+    if not isinstance(payload, dict) or "is_positive" not in payload:
+        raise BadRequest("body must be an object with is_positive (true, false or null)")
+    unknown = set(payload) - {"is_positive", "reason"}
+    if unknown:
+        raise BadRequest(f"unknown field {sorted(unknown)[0]!r}; expected is_positive, reason")
+    is_positive, reason = payload["is_positive"], payload.get("reason")
+    if is_positive is not None and not isinstance(is_positive, bool):
+        raise BadRequest("is_positive must be true, false or null")
+    if reason is not None and not isinstance(reason, str):
+        raise BadRequest("reason must be a string")
+    await send_feedback(ctx.settings, ctx.store, ctx.http, evaluation_id, is_positive, reason)
+    found = ctx.store.get_evaluation(evaluation_id)
+    return JSONResponse({"ok": True, "evaluation": found["evaluation"] if found else None})
+
+
 routes = [
     Route("/evaluations", list_evaluations, methods=["GET"]),
+    Route("/evaluations/{evaluation_id}/feedback", patch_feedback, methods=["PATCH"]),
     Route("/evaluations/{evaluation_id:path}", get_evaluation, methods=["GET"]),
     Route("/client-refs/{client_ref:path}", get_client_ref, methods=["GET"]),
     Route("/stats", get_stats, methods=["GET"]),

@@ -97,7 +97,7 @@ def create_app(
     store = store or Store(settings.database, forwarding=forwarding(settings))
     http = http or http_client()
     worker = Worker.from_settings(settings, store, http) if settings.worker else None
-    ctx = Context(settings=settings, store=store, worker=worker)
+    ctx = Context(settings=settings, store=store, http=http, worker=worker)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:

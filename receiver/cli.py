@@ -19,6 +19,7 @@ import httpx
 
 from .config import Settings
 from .errors import ReceiverError
+from .feedback import RATINGS, send_feedback
 from .normalize import STATUSES
 from .signing import sign
 from .store import EvaluationFilter, Store
@@ -386,20 +387,13 @@ def replay(delivery_id: int) -> None:
 def refetch(evaluation_id: str) -> None:
     """Fetch an evaluation from the Runflow API now and store it as the current state."""
     from .app import http_client
-    from .runflow import RunflowClient
+    from .runflow import client_for
 
     settings = load_settings()
-    if not settings.runflow_api_key:
-        raise click.ClickException("RUNFLOW_API_KEY is not set: refetch needs a Runflow API key")
 
     async def run(store: Store) -> None:
         async with http_client() as http:
-            client = RunflowClient(
-                http,
-                base=settings.runflow_api_base,
-                api_key=settings.runflow_api_key or "",
-                org_id=settings.runflow_org_id,
-            )
+            client = client_for(settings, http)
             found = await client.get_evaluation(evaluation_id, settings.refetch_embeds)
         if not isinstance(found, dict) or found.get("id") != evaluation_id:
             raise click.ClickException("Runflow answered with a different or malformed evaluation")
@@ -414,14 +408,14 @@ def refetch(evaluation_id: str) -> None:
 def reconcile() -> None:
     """Run one reconciliation pass now: poll evaluations stuck non-terminal."""
     from .app import http_client
+    from .runflow import client_for
     from .worker import Worker
 
     settings = load_settings()
-    if not settings.runflow_api_key:
-        raise click.ClickException("RUNFLOW_API_KEY is not set: reconciliation polls the API")
 
     async def run(store: Store) -> dict[str, int]:
         async with http_client() as http:
+            client_for(settings, http)  # a missing RUNFLOW_API_KEY is named here
             return await Worker.from_settings(settings, store, http).reconcile()
 
     with writing_store(settings) as store:
@@ -430,6 +424,84 @@ def reconcile() -> None:
         f"polled {counts['polled']}: {counts['verdicts']} verdict(s) stored, "
         f"{counts['pending']} still pending, {counts['errors']} error(s)"
     )
+
+
+@cli.command()
+@click.argument("image_url")
+@click.option("--task-type", required=True, help="What the image is for (1-100 characters).")
+@click.option("--client-ref", help="Your correlation label (at most 255 characters).")
+@click.option("--prompt", "generation_prompt", help="The prompt the image was generated from.")
+@click.option("--description", "task_description", help="What a good image shows.")
+@click.option("--instructions", "evaluation_instructions", help="Extra instructions for judges.")
+@click.option("--reference", "references", multiple=True, help="Reference image URL (up to 4).")
+@click.option("--idempotency-key", help="Default: derived from the request, so a retry is safe.")
+@click.option("--json", "as_json", is_flag=True, help="Print Runflow's answer as JSON.")
+def submit(
+    image_url: str,
+    references: tuple[str, ...],
+    idempotency_key: str | None,
+    as_json: bool,
+    **fields: str | None,
+) -> None:
+    """Submit an image to Runflow for evaluation, with this receiver as the callback URL."""
+    from .app import http_client
+    from .runflow import client_for
+
+    settings = load_settings()
+    if not settings.public_url:
+        raise click.ClickException(
+            "RECEIVER_PUBLIC_URL is not set: Runflow calls back "
+            "RECEIVER_PUBLIC_URL/webhooks/runflow"
+        )
+    request: dict[str, Any] = {
+        "generated_image_url": image_url,
+        "callback_url": f"{settings.public_url}/webhooks/runflow",
+        **{name: value for name, value in fields.items() if value is not None},
+    }
+    if references:
+        request["reference_images"] = [{"url": url} for url in references]
+
+    async def run(store: Store) -> dict[str, Any]:
+        async with http_client() as http:
+            evaluation = await client_for(settings, http).submit(request, idempotency_key)
+        await store.record(evaluation, "submit", now())
+        return evaluation
+
+    with writing_store(settings) as store:
+        evaluation = asyncio.run(run(store))
+    if as_json:
+        echo_json(evaluation)
+        return
+    click.echo(
+        f"submitted {evaluation['id']} ({evaluation.get('status_code')}); "
+        f"Runflow calls back {request['callback_url']}"
+    )
+
+
+@cli.command()
+@click.argument("evaluation_id")
+@click.option("--up", "rating", flag_value="up", help="Thumbs up.")
+@click.option("--down", "rating", flag_value="down", help="Thumbs down.")
+@click.option("--clear", "rating", flag_value="clear", help="Remove the rating.")
+@click.option("--reason", help="Why (1-2000 characters; dropped with --clear).")
+def feedback(evaluation_id: str, rating: str | None, reason: str | None) -> None:
+    """Rate an evaluation in Runflow and store what Runflow answers."""
+    if rating is None:
+        raise click.ClickException("say --up, --down or --clear")
+    from .app import http_client
+
+    settings = load_settings()
+
+    async def run(store: Store) -> dict[str, Any]:
+        async with http_client() as http:
+            return await send_feedback(
+                settings, store, http, evaluation_id, RATINGS[rating], reason
+            )
+
+    with writing_store(settings) as store:
+        evaluation = asyncio.run(run(store))
+    shown = {True: "up", False: "down", None: "cleared"}[evaluation.get("feedback_is_positive")]
+    click.echo(f"feedback on {evaluation_id}: {shown}")
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import httpx
 from starlette.requests import Request
 
 from .config import Settings
@@ -15,6 +16,7 @@ from .worker import Worker
 class Context:
     settings: Settings
     store: Store
+    http: httpx.AsyncClient
     worker: Worker | None = None
 
     def notify(self) -> None:

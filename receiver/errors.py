@@ -39,3 +39,9 @@ class ConfigError(ReceiverError):
     """A setting is missing or malformed; the message names the variable and what is expected."""
 
     status = 500
+
+
+class NotConfigured(ReceiverError):
+    """A feature whose setting is missing (e.g. RUNFLOW_API_KEY for feedback)."""
+
+    status = 501

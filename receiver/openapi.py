@@ -257,6 +257,45 @@ def document() -> dict[str, Any]:
             _json(_ref("EvaluationDetail"), "found"),
             [{"name": "evaluation_id", "in": "path", "required": True, "schema": _STR}],
         ),
+        "/api/evaluations/{evaluation_id}/feedback": {
+            "patch": {
+                "summary": "Rate an evaluation in Runflow (true up, false down, null clears)",
+                "parameters": [
+                    {"name": "evaluation_id", "in": "path", "required": True, "schema": _STR}
+                ],
+                "requestBody": {
+                    "required": True,
+                    "content": {
+                        "application/json": {
+                            "schema": {
+                                "type": "object",
+                                "required": ["is_positive"],
+                                "additionalProperties": False,
+                                "properties": {
+                                    "is_positive": {"type": ["boolean", "null"]},
+                                    "reason": {
+                                        "type": ["string", "null"],
+                                        "minLength": 1,
+                                        "maxLength": 2000,
+                                    },
+                                },
+                            }
+                        }
+                    },
+                },
+                "responses": {
+                    "200": _json(
+                        {
+                            "type": "object",
+                            "required": ["ok", "evaluation"],
+                            "properties": {"ok": {"const": True}, "evaluation": _ref("Evaluation")},
+                        },
+                        "stored",
+                    ),
+                    **{code: _ERROR for code in ("400", "401", "404", "501", "502")},
+                },
+            }
+        },
         "/api/client-refs/{client_ref}": _get(
             "A client_ref's current evaluation and history",
             _json(_ref("ClientRef"), "found"),

@@ -15,15 +15,18 @@ import logging
 import uuid
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import Any
+from urllib.parse import urlsplit
 
 import httpx
 
-from .errors import BadRequest, ReceiverError
+from .config import Settings
+from .errors import BadRequest, NotConfigured, ReceiverError
 from .retry import backoff, parse_retry_after
 from .runflow_requests import (
     SubmitRequest,
     check_idempotency_key,
     derive_idempotency_key,
+    is_loopback_host,
     validate_feedback,
 )
 
@@ -256,4 +259,21 @@ def _error(method: str, path: str, response: httpx.Response) -> RunflowError:
         retry_after=parse_retry_after(response.headers.get("retry-after")),
         errors=errors,
         runflow_message=message if isinstance(message, str) else None,
+    )
+
+
+def client_for(settings: Settings, http: httpx.AsyncClient) -> RunflowClient:
+    """The client the settings describe. Plain-http callback URLs are allowed only when
+    RECEIVER_PUBLIC_URL is on a loopback host (a local receiver behind the emulator)."""
+    if not settings.runflow_api_key:
+        raise NotConfigured("RUNFLOW_API_KEY is not set: this needs a Runflow API key")
+    host = urlsplit(settings.public_url or "").hostname
+    return RunflowClient(
+        http,
+        base=settings.runflow_api_base,
+        api_key=settings.runflow_api_key,
+        org_id=settings.runflow_org_id,
+        retry_base=settings.retry_base,
+        retry_max=min(settings.retry_max, 60.0),
+        allow_http_callbacks=bool(host) and is_loopback_host(host or ""),
     )

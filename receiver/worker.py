@@ -21,7 +21,7 @@ from .errors import ReceiverError
 from .events import build_event
 from .normalize import TERMINAL, normalize, parse_body
 from .retry import backoff
-from .runflow import RunflowClient, RunflowError
+from .runflow import RunflowClient, RunflowError, client_for
 from .sinks import Sink, SinkError, build_sink
 from .store import Claim, Delivery, Outcome, Store
 from .times import format_time
@@ -74,14 +74,7 @@ class Worker:
         poll_interval: float = 0.25,
     ) -> Worker:
         """The worker for `settings`: its sinks, and a Runflow client when an API key is set."""
-        runflow = None
-        if settings.runflow_api_key:
-            runflow = RunflowClient(
-                http,
-                base=settings.runflow_api_base,
-                api_key=settings.runflow_api_key,
-                org_id=settings.runflow_org_id,
-            )
+        runflow = client_for(settings, http) if settings.runflow_api_key else None
         sinks = [build_sink(spec, http) for spec in settings.sinks]
         return cls(settings, store, sinks, runflow, poll_interval=poll_interval)
 

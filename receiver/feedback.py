@@ -1,0 +1,34 @@
+"""Feedback on an evaluation: sent to Runflow through the client, then what Runflow answers is
+stored as the evaluation's state. One path for the CLI, the API and the dashboard."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import httpx
+
+from .config import Settings
+from .errors import NotFound
+from .runflow import client_for
+from .store import Store
+from .times import now
+
+RATINGS: dict[str, bool | None] = {"up": True, "down": False, "clear": None}
+
+
+async def send_feedback(
+    settings: Settings,
+    store: Store,
+    http: httpx.AsyncClient,
+    evaluation_id: str,
+    is_positive: bool | None,
+    reason: str | None,
+) -> dict[str, Any]:
+    """Raises NotFound for an evaluation this receiver never saw, BadRequest for a reason
+    Runflow would refuse, RunflowError for Runflow's own refusals."""
+    if store.get_evaluation(evaluation_id) is None:
+        raise NotFound(f"no evaluation {evaluation_id!r}")
+    client = client_for(settings, http)
+    evaluation = await client.evaluation_feedback(evaluation_id, is_positive, reason)
+    await store.record(evaluation, "feedback", now())
+    return evaluation
