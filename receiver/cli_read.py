@@ -1,0 +1,164 @@
+"""Commands that read the store or act on the outbox: query, show, stats, forwards, replay."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import click
+
+from .cliutil import cell, echo_json, load_settings, moment, reading_store, writing_store
+from .normalize import STATUSES
+from .store import EvaluationFilter
+from .store.outbox import STATES
+from .times import now
+
+
+@click.command()
+@click.option("--client-ref", help="Exact client_ref.")
+@click.option("--status", type=click.Choice(STATUSES))
+@click.option("--passed/--failed", "passed", default=None, help="Verdict passed or not.")
+@click.option("--task-type")
+@click.option("--failure-code")
+@click.option("--since", callback=moment, help="ISO time or duration ago (24h, 7d).")
+@click.option("--until", callback=moment, help="ISO time or duration ago.")
+@click.option("--search", "q", help="Text search in id, client_ref, task type, issues.")
+@click.option("--limit", type=click.IntRange(1, 500), default=50, show_default=True)
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+def query(as_json: bool, limit: int, **filters: Any) -> None:
+    """List evaluations, newest first."""
+    items, _ = reading_store(load_settings()).list_evaluations(EvaluationFilter(**filters), limit)
+    if as_json:
+        echo_json(items)
+        return
+    header = ("id", "client_ref", "status", "passed", "score", "task_type", "received_at")
+    table = [header] + [
+        (*(cell(item[key]) for key in header[:-1]), item["received_at"][:19]) for item in items
+    ]
+    widths = [max(len(row[i]) for row in table) for i in range(len(header))]
+    for row in table:
+        click.echo(
+            "  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip()
+        )
+    if not items:
+        click.echo("(no evaluations match)")
+
+
+@click.command()
+@click.argument("evaluation_id")
+@click.option("--json", "as_json", is_flag=True, help="Print the API's JSON.")
+def show(evaluation_id: str, as_json: bool) -> None:
+    """Everything about one evaluation: verdict, issues, deliveries, forwards."""
+    found = reading_store(load_settings()).get_evaluation(evaluation_id)
+    if found is None:
+        raise click.ClickException(f"no evaluation {evaluation_id!r}")
+    if as_json:
+        echo_json(found)
+        return
+    ev = found["evaluation"]
+    verdict = {True: "passed", False: "not passed", None: "no verdict"}[ev["passed"]]
+    lines = [
+        f"evaluation   {ev['id']}",
+        f"client_ref   {cell(ev['client_ref'])}",
+        f"status       {cell(ev['status'])}"
+        + (f" ({ev['failure_code']})" if ev["failure_code"] else ""),
+        f"verdict      {verdict}, score {cell(ev['score'])}",
+        f"task_type    {cell(ev['task_type'])}",
+        f"attempt      {cell(ev['attempt_number'])}"
+        + (f", parent {ev['parent_evaluation_id']}" if ev["parent_evaluation_id"] else "")
+        + (", superseded" if ev["superseded"] else ""),
+        f"completed_at {cell(ev['completed_at'])}",
+        f"received_at  {ev['received_at']}",
+    ]
+    lines += [f"top issue    {label}" for label in ev["top_issues"]]
+    lines += [
+        f"issue        {i['category']}/{i['subcategory']}: {i['detail']} (judge {i['judge']})"
+        for i in found["issues"]
+    ]
+    lines += [
+        f"delivery     #{d['id']} {d['received_at']} {d['source']} {d['outcome']}"
+        f" receipts={d['receipts']} request_id={cell(d['request_id'])}"
+        for d in found["deliveries"]
+    ]
+    lines += [
+        f"forward      #{f['id']} {f['sink']} {f['state']} attempts={f['attempts']}"
+        for f in found["forwards"]
+    ]
+    click.echo("\n".join(lines))
+
+
+@click.command()
+@click.option("--since", callback=moment, help="ISO time or duration ago (24h, 7d).")
+@click.option("--task-type")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+def stats(since: str | None, task_type: str | None, as_json: bool) -> None:
+    """Counts, pass rate and top issues."""
+    result = reading_store(load_settings()).stats(
+        EvaluationFilter(since=since, task_type=task_type)
+    )
+    if as_json:
+        echo_json(result)
+        return
+    rate = "-" if result["pass_rate"] is None else f"{result['pass_rate']:.1%}"
+    click.echo(f"evaluations  {result['total']}")
+    for status, number in sorted(result["by_status"].items()):
+        click.echo(f"  {status:<10} {number}")
+    click.echo(f"pass rate    {rate} ({result['passed']} passed, {result['not_passed']} not)")
+    click.echo(f"mean score   {cell(result['mean_score'])}")
+    for row in result["failure_codes"]:
+        click.echo(f"failure      {row['failure_code']}: {row['count']}")
+    for row in result["top_issues"][:10]:
+        click.echo(f"top issue    {row['label']}: {row['count']}")
+
+
+@click.command()
+@click.option("--dead", is_flag=True, help="Only dead letters.")
+@click.option("--state", type=click.Choice(STATES), help="Only this state.")
+@click.option("--sink", help="Only this sink.")
+@click.option("--retry", "retry_id", type=int, metavar="ID", help="Send forward ID again.")
+@click.option("--retry-all-dead", is_flag=True, help="Send every dead forward again.")
+@click.option("--limit", type=click.IntRange(1, 500), default=50, show_default=True)
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+def forwards(
+    dead: bool,
+    state: str | None,
+    sink: str | None,
+    retry_id: int | None,
+    retry_all_dead: bool,
+    limit: int,
+    as_json: bool,
+) -> None:
+    """List forwards (the outbox), or send dead ones again."""
+    settings = load_settings()
+    if retry_id is not None or retry_all_dead:
+        with writing_store(settings) as store:
+            if retry_id is not None:
+                asyncio.run(store.retry_forward(retry_id, now()))
+                click.echo(f"forward {retry_id} is pending again")
+            else:
+                count = asyncio.run(store.retry_dead(now(), sink))
+                click.echo(f"{count} dead forward(s) pending again")
+        return
+    items = reading_store(settings).list_forwards(
+        state="dead" if dead else state, sink=sink, limit=limit
+    )
+    if as_json:
+        echo_json(items)
+        return
+    for item in items:
+        click.echo(
+            f"#{item['id']} {item['sink']} {item['state']} attempts={item['attempts']}"
+            f" {item['event_type']} {item['evaluation_id']}"
+            + (f" error: {item['last_error']}" if item["last_error"] else "")
+        )
+    if not items:
+        click.echo("(no forwards match)")
+
+
+@click.command()
+@click.argument("delivery_id", type=int)
+def replay(delivery_id: int) -> None:
+    """Forward a stored delivery's verdict again to every sink that wants it."""
+    with writing_store(load_settings()) as store:
+        queued = asyncio.run(store.replay_delivery(delivery_id, now()))
+    click.echo(f"delivery {delivery_id}: {queued} forward(s) queued (same event ids)")

@@ -1,0 +1,72 @@
+"""What every command shares: settings, the store opened for reading or writing, output."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import click
+
+from .app import forwarding
+from .config import Settings
+from .store import Store
+from .times import parse_moment
+
+
+def load_settings() -> Settings:
+    return Settings.from_env()
+
+
+def reading_store(settings: Settings) -> Store:
+    if not Path(settings.database).exists():
+        raise click.ClickException(
+            f"no database at {settings.database!r} (RECEIVER_DATABASE); "
+            "run `receiver serve` or `receiver migrate` first"
+        )
+    store = Store(settings.database)
+    store.migrate()
+    return store
+
+
+def echo_json(value: Any) -> None:
+    click.echo(json.dumps(value, indent=2, ensure_ascii=False))
+
+
+def moment(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
+    try:
+        return None if value is None else parse_moment(value)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc)) from None
+
+
+def cell(value: Any) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    return str(value)
+
+
+def first_secret(secret: str | None) -> str:
+    if secret:
+        return secret
+    secrets = load_settings().webhook_secrets
+    if not secrets:
+        raise click.ClickException(
+            "no secret: pass --secret or set RUNFLOW_WEBHOOK_SECRET (whsec_...)"
+        )
+    return secrets[0]
+
+
+@contextlib.contextmanager
+def writing_store(settings: Settings) -> Iterator[Store]:
+    """The store with its writer running, for commands that change something."""
+    store = Store(settings.database, forwarding=forwarding(settings))
+    store.open()
+    try:
+        yield store
+    finally:
+        store.close()
