@@ -451,3 +451,32 @@ async def test_reconcile_recovers_a_verdict_whose_callbacks_were_lost(
     assert (status, next_poll, refetched) == ("completed", None, 1)
     assert [e["id"] for e in sink.received] == [event_id(EVALUATION_ID, "evaluation.completed")]
     assert sink.received[0]["data"]["refetched"] is True
+
+
+class SlowSink(RecordingSink):
+    """Takes `delay` seconds per batch, like a destination that hangs until its timeout."""
+
+    delay = 1.0
+
+    async def deliver(self, events: Sequence[Event]) -> list[SinkError | None]:
+        await asyncio.sleep(self.delay)
+        return await super().deliver(events)
+
+
+async def test_a_slow_sink_never_delays_the_others(tmp_path: Path, http: httpx.AsyncClient) -> None:
+    slow, fast = SlowSink(spec("slow")), RecordingSink(spec("fast"))
+    rig = rig_for(tmp_path, http, [slow, fast])
+    await rig.worker.start()
+    try:
+        await rig.post("evaluation-completed.json")
+        rig.worker.notify()
+        for _ in range(100):
+            if fast.received:
+                break
+            await asyncio.sleep(0.005)
+        assert fast.received
+        assert not slow.received  # still in flight while the fast sink is done
+    finally:
+        await rig.worker.stop()
+        rig.store.close()
+    assert len(slow.received) == 1  # stop() let the in-flight delivery finish
