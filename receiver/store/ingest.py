@@ -212,16 +212,21 @@ def refresh_client_ref(conn: sqlite3.Connection, client_ref: str, stamp: str) ->
     definition); latest = its most recent verdict."""
     current = conn.execute(
         "SELECT id FROM evaluations WHERE client_ref = ? AND status = 'completed'"
-        " AND superseded = 0 ORDER BY completed_at DESC, received_at DESC LIMIT 1",
+        " AND superseded = 0 ORDER BY completed_at DESC LIMIT 1",
         (client_ref,),
     ).fetchone()
-    latest = conn.execute(
-        "SELECT id, status, passed, score FROM evaluations WHERE client_ref = ?"
-        " ORDER BY coalesce(status, '') NOT IN ('completed', 'failed'), completed_at DESC,"
-        " received_at DESC"
-        " LIMIT 1",
-        (client_ref,),
-    ).fetchone()
+    latest = (
+        conn.execute(
+            "SELECT id, status, passed, score FROM evaluations WHERE client_ref = ?"
+            " AND status IN ('completed', 'failed') ORDER BY completed_at DESC LIMIT 1",
+            (client_ref,),
+        ).fetchone()
+        or conn.execute(
+            "SELECT id, status, passed, score FROM evaluations WHERE client_ref = ?"
+            " ORDER BY received_at DESC LIMIT 1",
+            (client_ref,),
+        ).fetchone()
+    )
     count = conn.execute(
         "SELECT count(*) FROM evaluations WHERE client_ref = ?", (client_ref,)
     ).fetchone()[0]

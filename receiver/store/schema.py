@@ -159,10 +159,18 @@ def _v3_reconcile(db: Database) -> None:
     evaluations.create_index(["next_poll_at"])
 
 
+def _v4_client_ref_indexes(db: Database) -> None:
+    """Keep client_ref upkeep O(log n): without these the planner walks the status index."""
+    evaluations = db.table("evaluations")
+    evaluations.create_index(["client_ref", "status", "superseded", "completed_at"])
+    evaluations.create_index(["client_ref", "completed_at"])
+
+
 MIGRATIONS: list[tuple[int, str, Callable[[Database], None]]] = [
     (1, "core tables", _v1_core),
     (2, "refetch state and outbox claiming", _v2_forwarding),
     (3, "reconciliation schedule", _v3_reconcile),
+    (4, "client_ref indexes", _v4_client_ref_indexes),
 ]
 
 
