@@ -3,17 +3,17 @@ them on its thread pool, where each thread reads through its own read-only conne
 
 from __future__ import annotations
 
-import hmac
 import json
 from collections.abc import Mapping
 
-from starlette.requests import Request
+from starlette.requests import HTTPConnection, Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
+from .auth import CSRF_HEADER, identify
 from .context import context
-from .errors import BadRequest, NotFound, Unauthorized
+from .errors import BadRequest, Forbidden, NotFound, Unauthorized
 from .feedback import send_feedback
 from .normalize import STATUSES
 from .store import EvaluationFilter
@@ -25,8 +25,9 @@ FILTERS = ("client_ref", "status", "passed", "task_type", "failure_code", "since
 MAX_LIMIT = 500
 
 
-class BearerAuth:
-    """Requires `Authorization: Bearer <RECEIVER_DASHBOARD_TOKEN>` (compared in constant time)."""
+class ApiAuth:
+    """`/api/*` needs `Authorization: Bearer <RECEIVER_DASHBOARD_TOKEN>` or the dashboard's
+    session cookie; with the cookie, a state-changing request must also send X-CSRF-Token."""
 
     def __init__(self, app: ASGIApp, token: str) -> None:
         self.app = app
@@ -34,14 +35,15 @@ class BearerAuth:
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http":
-            header = dict(scope["headers"]).get(b"authorization", b"").decode("latin-1")
-            scheme, _, given = header.partition(" ")
-            if scheme.lower() != "bearer" or not hmac.compare_digest(
-                given.strip().encode(), self.token.encode()
-            ):
+            connection = HTTPConnection(scope)
+            identity = identify(connection, self.token)
+            if identity is None:
                 raise Unauthorized(
                     "missing or wrong token: send Authorization: Bearer <RECEIVER_DASHBOARD_TOKEN>"
                 )
+            unsafe = scope["method"] not in ("GET", "HEAD", "OPTIONS")
+            if unsafe and not identity.csrf_ok(self.token, connection.headers.get(CSRF_HEADER)):
+                raise Forbidden("missing or wrong X-CSRF-Token for a cookie-authenticated request")
         await self.app(scope, receive, send)
 
 

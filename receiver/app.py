@@ -11,25 +11,18 @@ from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
 from starlette.requests import Request
-from starlette.responses import HTMLResponse, JSONResponse, Response
+from starlette.responses import JSONResponse, Response
 from starlette.routing import Mount, Route
 
-from . import api, openapi, web
+from . import api, dashboard, openapi, web
 from .config import Settings
 from .context import Context
 from .errors import ReceiverError
+from .headers import SecurityHeaders
 from .store import Forwarding, Store
 from .worker import Worker
 
 log = logging.getLogger("receiver")
-
-LANDING = """<!doctype html><meta charset="utf-8"><title>receiver</title>
-<h1>receiver is running</h1>
-<p>Runflow callback URL: <code>POST /webhooks/runflow</code></p>
-<p>API (Authorization: Bearer &lt;RECEIVER_DASHBOARD_TOKEN&gt;):
-<code>/api/evaluations</code>, <code>/api/client-refs/{client_ref}</code>, <code>/api/stats</code>;
-schema at <a href="/openapi.json">/openapi.json</a>.</p>
-"""
 
 
 def error_response(status: int, message: str) -> JSONResponse:
@@ -63,10 +56,6 @@ async def http_error(request: Request, exc: Exception) -> Response:
 async def server_error(request: Request, exc: Exception) -> Response:
     log.exception("unhandled error on %s %s", request.method, request.url.path)
     return error_response(500, "internal error; the server log has the details")
-
-
-def landing(request: Request) -> Response:
-    return HTMLResponse(LANDING)
 
 
 def openapi_json(request: Request) -> Response:
@@ -118,18 +107,19 @@ def create_app(
             Route("/healthz", api.healthz, methods=["GET"]),
             Route("/readyz", api.readyz, methods=["GET"]),
             Route("/openapi.json", openapi_json, methods=["GET"]),
-            Route("/", landing, methods=["GET"]),
             Mount(
                 "/api",
                 routes=api.routes,
-                middleware=[Middleware(api.BearerAuth, token=settings.dashboard_token)],
+                middleware=[Middleware(api.ApiAuth, token=settings.dashboard_token)],
             ),
+            *dashboard.routes(),
         ],
         exception_handlers={
             ReceiverError: receiver_error,
             HTTPException: http_error,
             Exception: server_error,
         },
+        middleware=[Middleware(SecurityHeaders)],
         lifespan=lifespan,
     )
     app.state.receiver = ctx

@@ -20,6 +20,7 @@ from .ingest import (
     ingest,
     quarantine,
 )
+from .lineage import lineage
 from .outbox import Claim, Outcome
 from .queries import (
     EvaluationFilter,
@@ -195,9 +196,13 @@ class Store:
         return conn
 
     def list_evaluations(
-        self, where: EvaluationFilter, limit: int = 50, cursor: str | None = None
+        self,
+        where: EvaluationFilter,
+        limit: int = 50,
+        cursor: str | None = None,
+        newest_first: bool = True,
     ) -> tuple[list[dict[str, Any]], str | None]:
-        return list_evaluations(self.reader(), where, limit, cursor)
+        return list_evaluations(self.reader(), where, limit, cursor, newest_first)
 
     def get_evaluation(self, evaluation_id: str) -> dict[str, Any] | None:
         return get_evaluation(self.reader(), evaluation_id)
@@ -207,6 +212,9 @@ class Store:
 
     def stats(self, where: EvaluationFilter) -> dict[str, Any]:
         return stats(self.reader(), where)
+
+    def lineage(self, evaluation_id: str) -> list[dict[str, Any]]:
+        return lineage(self.reader(), evaluation_id)
 
     def list_forwards(
         self, *, state: str | None, sink: str | None, limit: int, after: int | None = None

@@ -102,17 +102,23 @@ def decode_cursor(cursor: str) -> tuple[str, str]:
 
 
 def list_evaluations(
-    conn: sqlite3.Connection, where: EvaluationFilter, limit: int, cursor: str | None = None
+    conn: sqlite3.Connection,
+    where: EvaluationFilter,
+    limit: int,
+    cursor: str | None = None,
+    newest_first: bool = True,
 ) -> tuple[list[dict[str, Any]], str | None]:
-    """Newest received first; `next_cursor` is None on the last page."""
+    """By time received (newest first unless asked); `next_cursor` is None on the last page."""
     sql, params = where.where()
     if cursor is not None:
         params["c_at"], params["c_id"] = decode_cursor(cursor)
-        sql += (" AND " if sql else " WHERE ") + "(received_at, id) < (:c_at, :c_id)"
+        beyond = "<" if newest_first else ">"
+        sql += (" AND " if sql else " WHERE ") + f"(received_at, id) {beyond} (:c_at, :c_id)"
     params["limit"] = limit + 1
+    order = "DESC" if newest_first else "ASC"
     rows = conn.execute(
         f"SELECT {ITEM_COLUMNS} FROM evaluations{sql}"
-        " ORDER BY received_at DESC, id DESC LIMIT :limit",
+        f" ORDER BY received_at {order}, id {order} LIMIT :limit",
         params,
     ).fetchall()
     items = [item(row) for row in rows[:limit]]

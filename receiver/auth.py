@@ -1,0 +1,78 @@
+"""Who may use the dashboard and /api: the bearer token, or a session cookie the browser got by
+logging in with it. The cookie is signed with the token (changing the token ends every
+session), HttpOnly and SameSite=Strict; state-changing requests also need a CSRF token bound to
+the session."""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import secrets
+import time
+from dataclasses import dataclass
+
+from starlette.requests import HTTPConnection
+
+COOKIE = "receiver_session"
+CSRF_HEADER = "x-csrf-token"
+SESSION_SECONDS = 7 * 86400
+
+
+def _mac(token: str, purpose: str, value: str) -> str:
+    return hmac.new(token.encode(), f"{purpose}:{value}".encode(), hashlib.sha256).hexdigest()
+
+
+def new_session(token: str, now: float | None = None) -> str:
+    """The cookie value: `<session id>.<issued>.<mac>`."""
+    sid = f"{secrets.token_urlsafe(18)}.{int(now if now is not None else time.time())}"
+    return f"{sid}.{_mac(token, 'session', sid)}"
+
+
+def session_id(cookie: str | None, token: str, now: float | None = None) -> str | None:
+    """The session id of a valid, unexpired cookie; None otherwise."""
+    if not cookie or cookie.count(".") != 2:
+        return None
+    sid, _, mac = cookie.rpartition(".")
+    if not hmac.compare_digest(mac, _mac(token, "session", sid)):
+        return None
+    issued = sid.partition(".")[2]
+    current = now if now is not None else time.time()
+    if not issued.isdecimal() or not 0 <= current - int(issued) < SESSION_SECONDS:
+        return None
+    return sid
+
+
+def csrf_token(token: str, sid: str) -> str:
+    return _mac(token, "csrf", sid)
+
+
+def token_ok(given: str, token: str) -> bool:
+    return hmac.compare_digest(given.strip().encode(), token.encode())
+
+
+def bearer_ok(header: str | None, token: str) -> bool:
+    scheme, _, given = (header or "").partition(" ")
+    return scheme.lower() == "bearer" and token_ok(given, token)
+
+
+@dataclass(frozen=True)
+class Identity:
+    """How a request proved itself: by bearer token (scripts) or session cookie (browser)."""
+
+    bearer: bool
+    sid: str | None
+
+    def csrf_ok(self, token: str, given: str | None) -> bool:
+        """Bearer requests cannot be forged cross-site; cookie ones must echo the CSRF token."""
+        if self.bearer:
+            return True
+        return self.sid is not None and hmac.compare_digest(
+            (given or "").encode(), csrf_token(token, self.sid).encode()
+        )
+
+
+def identify(connection: HTTPConnection, token: str) -> Identity | None:
+    if bearer_ok(connection.headers.get("authorization"), token):
+        return Identity(bearer=True, sid=None)
+    sid = session_id(connection.cookies.get(COOKIE), token)
+    return Identity(bearer=False, sid=sid) if sid else None

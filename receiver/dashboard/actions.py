@@ -1,0 +1,119 @@
+"""POST actions of the dashboard: log in/out, feedback, retries. Each checks the session and
+its CSRF token, does the work through the same code as the API and CLI, and redirects back
+with a notice or the error (Runflow's own message when it refuses)."""
+
+from __future__ import annotations
+
+import logging
+from urllib.parse import quote, urlencode
+
+from starlette.requests import Request
+from starlette.responses import RedirectResponse, Response
+
+from ..auth import COOKIE, SESSION_SECONDS, identify, new_session, token_ok
+from ..context import context
+from ..errors import BadRequest, Forbidden, NotFound, ReceiverError
+from ..feedback import RATINGS, send_feedback
+from ..times import now
+from .safety import form, local_path
+
+log = logging.getLogger("receiver.dashboard")
+
+
+def back(path: str, *, notice: str | None = None, error: str | None = None) -> Response:
+    message = {"notice": notice} if notice else {"error": error or ""}
+    joiner = "&" if "?" in path else "?"
+    return RedirectResponse(f"{path}{joiner}{urlencode(message)}", status_code=303)
+
+
+async def checked_form(request: Request) -> dict[str, str]:
+    """The form of a logged-in browser whose CSRF token matches its session."""
+    token = context(request).settings.dashboard_token
+    identity = identify(request, token)
+    if identity is None:
+        raise Forbidden("log in first")
+    fields = await form(request)
+    if not identity.csrf_ok(token, fields.get("csrf")):
+        raise Forbidden("the form's CSRF token does not match your session; reload the page")
+    return fields
+
+
+async def login(request: Request) -> Response:
+    ctx = context(request)
+    fields = await form(request)
+    target = local_path(fields.get("next"))
+    given = fields.get("token", "")
+    if not token_ok(given, ctx.settings.dashboard_token):
+        log.warning("dashboard login refused")
+        return RedirectResponse(
+            "/login?" + urlencode({"next": target, "error": "That token is not right."}),
+            status_code=303,
+        )
+    response = RedirectResponse(target, status_code=303)
+    secure = request.url.scheme == "https" or (ctx.settings.public_url or "").startswith("https:")
+    response.set_cookie(
+        COOKIE,
+        new_session(ctx.settings.dashboard_token),
+        max_age=SESSION_SECONDS,
+        httponly=True,
+        samesite="strict",
+        secure=secure,
+        path="/",
+    )
+    return response
+
+
+async def logout(request: Request) -> Response:
+    await checked_form(request)
+    response = RedirectResponse("/login?" + urlencode({"notice": "Logged out."}), status_code=303)
+    response.delete_cookie(COOKIE, path="/", httponly=True, samesite="strict")
+    return response
+
+
+async def feedback(request: Request) -> Response:
+    ctx = context(request)
+    fields = await checked_form(request)
+    evaluation_id = request.path_params["evaluation_id"]
+    page = f"/evaluations/{quote(evaluation_id, safe='')}"
+    rating = fields.get("rating", "")
+    if rating not in RATINGS:
+        return back(page, error="Choose 👍, 👎 or clear.")
+    reason = fields.get("reason") or None
+    try:
+        await send_feedback(
+            ctx.settings, ctx.store, ctx.http, evaluation_id, RATINGS[rating], reason
+        )
+    except NotFound:
+        raise
+    except ReceiverError as exc:  # a bad reason, no API key, or Runflow's own refusal
+        return back(page, error=f"Feedback not saved: {exc}")
+    return back(
+        page,
+        notice={
+            "up": "Thanks: 👍 sent to Runflow.",
+            "down": "Thanks: 👎 sent to Runflow.",
+            "clear": "Rating cleared in Runflow.",
+        }[rating],
+    )
+
+
+async def retry(request: Request) -> Response:
+    ctx = context(request)
+    fields = await checked_form(request)
+    target = local_path(fields.get("next"), "/forwards?state=dead")
+    forward_id = request.path_params["forward_id"]
+    try:
+        await ctx.store.retry_forward(forward_id, now())
+    except (BadRequest, NotFound) as exc:
+        return back(target, error=str(exc))
+    ctx.notify()
+    return back(target, notice=f"Forward {forward_id} will be sent again.")
+
+
+async def retry_dead(request: Request) -> Response:
+    ctx = context(request)
+    fields = await checked_form(request)
+    sink = fields.get("sink") or None
+    count = await ctx.store.retry_dead(now(), sink)
+    ctx.notify()
+    return back("/forwards?state=dead", notice=f"{count} dead forward(s) will be sent again.")

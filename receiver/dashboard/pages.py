@@ -1,0 +1,191 @@
+"""GET pages. Reads are sync and run on the thread pool; a bad filter renders the page with
+the reason instead of failing."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+from urllib.parse import urlencode
+
+from starlette.concurrency import run_in_threadpool
+from starlette.requests import Request
+from starlette.responses import RedirectResponse, Response
+
+from .. import charts
+from ..api import FILTERS, evaluation_filter
+from ..auth import identify
+from ..context import context
+from ..errors import BadRequest, NotFound
+from ..normalize import STATUSES
+from ..store import EvaluationFilter
+from ..store.outbox import STATES
+from .render import Endpoint, html_errors, render, templates
+from .safety import local_path
+
+PAGE = 50
+
+
+def protected(page: Callable[[Request], Response]) -> Endpoint:
+    """Logged in (cookie or bearer), or off to /login and back here afterwards."""
+
+    async def endpoint(request: Request) -> Response:
+        identity = identify(request, context(request).settings.dashboard_token)
+        if identity is None:
+            target = request.url.path + (f"?{request.url.query}" if request.url.query else "")
+            return RedirectResponse("/login?" + urlencode({"next": target}), status_code=303)
+        request.state.sid = identity.sid
+        request.state.bearer = identity.bearer
+        return await run_in_threadpool(page, request)
+
+    return html_errors(endpoint)
+
+
+def login(request: Request) -> Response:
+    return render(
+        request, "login.html", next=local_path(request.query_params.get("next")), csrf=None
+    )
+
+
+def overview(request: Request) -> Response:
+    store = context(request).store
+    stats = store.stats(EvaluationFilter())
+    depth = store.outbox_depth()
+    days = list(reversed(stats["per_day"][:30]))
+    recent, _ = store.list_evaluations(EvaluationFilter(), 10)
+    return render(
+        request,
+        "overview.html",
+        nav="overview",
+        stats=stats,
+        recent=recent,
+        sinks=sorted(depth.items()),
+        dead=sum(states.get("dead", 0) for states in depth.values()),
+        charts={
+            "verdicts": charts.daily_verdicts(days),
+            "rates": charts.daily_rates(days),
+            "failures": charts.ranked(
+                [(r["failure_code"], r["count"]) for r in stats["failure_codes"][:8]],
+                "failures by failure_code",
+            ),
+            "categories": charts.ranked(
+                [
+                    (f"{r['category']}/{r['subcategory']}", r["count"])
+                    for r in stats["top_issue_categories"][:8]
+                ],
+                "top issue categories",
+            ),
+        },
+    )
+
+
+def evaluations(request: Request) -> Response:
+    params = {k: v for k, v in request.query_params.items() if v != ""}
+    chosen = {k: v for k, v in params.items() if k in FILTERS}
+    cursor = params.get("cursor")
+    sort = params.get("sort", "newest")
+    values: dict[str, Any] = {
+        "nav": "evaluations",
+        "params": params,
+        "statuses": STATUSES,
+        "sort": sort,
+        "items": [],
+        "next_url": None,
+        "first_page_url": None,
+        "live": None,
+    }
+    try:
+        where = evaluation_filter(chosen)
+        if sort not in ("newest", "oldest"):
+            raise BadRequest(f"sort must be newest or oldest, got {sort!r}")
+        items, next_cursor = context(request).store.list_evaluations(
+            where, PAGE, cursor, newest_first=sort == "newest"
+        )
+    except BadRequest as exc:
+        return render(request, "evaluations.html", status=400, **{**values, "error": str(exc)})
+    keep = {**chosen, "sort": sort} if sort != "newest" else chosen
+    values["items"] = items
+    if next_cursor:
+        values["next_url"] = "/evaluations?" + urlencode({**keep, "cursor": next_cursor})
+    if cursor:
+        values["first_page_url"] = "/evaluations?" + urlencode(keep)
+    elif sort == "newest":
+        values["live"] = "/partials/rows?" + urlencode({**chosen, "limit": PAGE})
+    return render(request, "evaluations.html", **values)
+
+
+def rows(request: Request) -> Response:
+    """New rows for live updates: the same filters, `since` = newest shown."""
+    params = {k: v for k, v in request.query_params.items() if v != ""}
+    limit = min(int(params.get("limit", "10")) if params.get("limit", "").isdecimal() else 10, 100)
+    where = evaluation_filter({k: v for k, v in params.items() if k in FILTERS})
+    items, _ = context(request).store.list_evaluations(where, limit)
+    return templates().TemplateResponse(request, "_rows.html", {"items": items})
+
+
+def evaluation(request: Request) -> Response:
+    store = context(request).store
+    evaluation_id = request.path_params["evaluation_id"]
+    detail = store.get_evaluation(evaluation_id)
+    if detail is None:
+        raise NotFound(f"no evaluation {evaluation_id!r}")
+    evaluation = detail["evaluation"]
+    runflow = evaluation["runflow"]
+    action = runflow.get("action") if isinstance(runflow.get("action"), dict) else {}
+    image = evaluation["image_url"]
+    return render(
+        request,
+        "evaluation.html",
+        nav="evaluations",
+        e=evaluation,
+        r=runflow,
+        detail=detail,
+        action={
+            "primary_action": action.get("primary_action") or runflow.get("primary_action_code"),
+            "failure_summary": action.get("failure_summary"),
+            "improved_prompt": action.get("improved_prompt"),
+        },
+        judges=[j for j in runflow.get("judges") or [] if isinstance(j, dict)],
+        gate_failures=[g for g in runflow.get("gate_failures") or [] if isinstance(g, dict)],
+        lineage=store.lineage(evaluation_id),
+        image_url=image if image and image.startswith(("https://", "http://")) else None,
+    )
+
+
+def client_ref(request: Request) -> Response:
+    client_ref = request.path_params["client_ref"]
+    found = context(request).store.get_client_ref(client_ref)
+    if found is None:
+        raise NotFound(f"no evaluation with client_ref {client_ref!r}")
+    return render(request, "client_ref.html", nav="evaluations", ref=found)
+
+
+def forwards(request: Request) -> Response:
+    state = request.query_params.get("state") or "dead"
+    if state not in STATES:
+        raise BadRequest(f"state must be one of {', '.join(STATES)}, got {state!r}")
+    sink = request.query_params.get("sink") or None
+    after = request.query_params.get("after")
+    items = context(request).store.list_forwards(
+        state=state,
+        sink=sink,
+        limit=PAGE + 1,
+        after=int(after) if after and after.isdecimal() else None,
+    )
+    more = len(items) > PAGE
+    items = items[:PAGE]
+    next_url = None
+    if more:
+        next_url = "/forwards?" + urlencode(
+            {"state": state, **({"sink": sink} if sink else {}), "after": items[-1]["id"]}
+        )
+    return render(
+        request,
+        "forwards.html",
+        nav="forwards",
+        state=state,
+        sink=sink,
+        states=STATES,
+        items=items,
+        more=more,
+        next_url=next_url,
+    )
