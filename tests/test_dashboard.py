@@ -1,0 +1,185 @@
+"""The dashboard served by the app with its lifespan: login, CSRF, CSP, escaping, pages."""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from starlette.testclient import TestClient
+
+from receiver.app import create_app
+from receiver.auth import COOKIE
+
+from .helpers import TOKEN, auth, fixture, make_settings, post_callback
+
+EVALUATION_ID = "0193a7c2-5b1e-7c3d-9f10-2a4b6c8d0e11"
+HOSTILE = '<script>alert("x")</script><img src=x onerror=alert(1)>'
+PAGES = [
+    "/",
+    "/evaluations",
+    "/evaluations?status=completed&passed=false&sort=oldest",
+    f"/evaluations/{EVALUATION_ID}",
+    "/client-refs/customer-job-123",
+    "/forwards?state=dead",
+    "/forwards?state=done",
+    "/partials/rows?limit=5",
+]
+
+
+@pytest.fixture
+def browser(tmp_path: Path) -> Iterator[TestClient]:
+    """A client that has logged in through the form, like a person."""
+    with TestClient(create_app(make_settings(tmp_path))) as client:
+        body = json.loads(fixture("get-evaluation-embedded.json"))
+        body["judges"][0]["issues"][0]["detail"] = HOSTILE
+        body["client_ref"] = "customer-job-123"
+        post_callback(client, json.dumps(body).encode())
+        post_callback(client, fixture("evaluation-failed.json"))
+        response = client.post("/login", data={"token": TOKEN, "next": "/"}, follow_redirects=False)
+        assert response.status_code == 303
+        yield client
+
+
+def csrf_of(page: str) -> str:
+    found = re.search(r'name="csrf" value="([^"]+)"', page)
+    assert found is not None
+    return found.group(1)
+
+
+@pytest.mark.parametrize("path", PAGES)
+def test_pages_need_a_login(tmp_path: Path, path: str) -> None:
+    with TestClient(create_app(make_settings(tmp_path))) as client:
+        response = client.get(path, follow_redirects=False)
+    assert response.status_code == 303
+    assert response.headers["location"].startswith("/login?next=")
+
+
+@pytest.mark.parametrize("path", PAGES)
+def test_pages_render_with_a_strict_csp(browser: TestClient, path: str) -> None:
+    response = browser.get(path)
+    assert response.status_code == 200, response.text
+    csp = response.headers["content-security-policy"]
+    assert "script-src 'self'" in csp
+    assert "'unsafe-inline'" not in csp
+    assert response.headers["x-frame-options"] == "DENY"
+    assert "<script>" not in response.text  # no inline script anywhere
+    assert " style=" not in response.text
+
+
+def test_bearer_token_also_opens_pages(tmp_path: Path) -> None:
+    with TestClient(create_app(make_settings(tmp_path))) as client:
+        assert client.get("/", headers=auth()).status_code == 200
+
+
+def test_payload_strings_render_as_text(browser: TestClient) -> None:
+    page = browser.get(f"/evaluations/{EVALUATION_ID}").text
+    assert (
+        "&lt;script&gt;alert(&#34;x&#34;)&lt;/script&gt;&lt;img src=x onerror=alert(1)&gt;" in page
+    )
+    assert HOSTILE not in page
+    assert "&lt;@U123&gt;" not in page or "<@U123>" not in page
+
+
+def test_the_session_cookie_is_httponly_and_strict(tmp_path: Path) -> None:
+    with TestClient(create_app(make_settings(tmp_path))) as client:
+        response = client.post("/login", data={"token": TOKEN}, follow_redirects=False)
+    cookie = response.headers["set-cookie"].lower()
+    assert cookie.startswith(f"{COOKIE}=")
+    assert "httponly" in cookie
+    assert "samesite=strict" in cookie
+
+
+@pytest.mark.parametrize(
+    ("next_path", "landing"),
+    [
+        ("/evaluations", "/evaluations"),
+        ("//evil.example", "/"),
+        ("https://evil.example", "/"),
+        ("/\\evil.example", "/"),
+    ],
+)
+def test_login_goes_back_only_to_local_paths(tmp_path: Path, next_path: str, landing: str) -> None:
+    with TestClient(create_app(make_settings(tmp_path))) as client:
+        response = client.post(
+            "/login", data={"token": TOKEN, "next": next_path}, follow_redirects=False
+        )
+    assert response.headers["location"] == landing
+
+
+def test_a_wrong_token_is_refused_on_the_page(tmp_path: Path) -> None:
+    with TestClient(create_app(make_settings(tmp_path))) as client:
+        response = client.post("/login", data={"token": "nope"})
+        assert "That token is not right." in response.text
+        assert COOKIE not in client.cookies
+
+
+ACTIONS = [
+    (f"/evaluations/{EVALUATION_ID}/feedback", {"rating": "up"}),
+    ("/forwards/1/retry", {"next": "/"}),
+    ("/forwards/retry-dead", {"sink": "x"}),
+    ("/logout", {"next": "/"}),
+]
+
+
+@pytest.mark.parametrize(("path", "data"), ACTIONS)
+def test_every_state_change_needs_the_csrf_token(
+    browser: TestClient, path: str, data: dict[str, str]
+) -> None:
+    for csrf in (None, "forged"):
+        sent = data if csrf is None else {**data, "csrf": csrf}
+        response = browser.post(path, data=sent, follow_redirects=False)
+        assert response.status_code == 403
+        assert "CSRF" in response.text
+
+
+def test_api_with_the_cookie_needs_the_csrf_header_for_changes(browser: TestClient) -> None:
+    assert browser.get("/api/evaluations").status_code == 200
+    refused = browser.post("/api/deliveries/1/replay")
+    assert refused.status_code == 403
+    csrf = csrf_of(browser.get("/").text)
+    allowed = browser.post("/api/deliveries/1/replay", headers={"x-csrf-token": csrf})
+    assert allowed.status_code == 200
+
+
+def test_feedback_without_runflow_shows_the_reason_on_the_page(browser: TestClient) -> None:
+    page = browser.get(f"/evaluations/{EVALUATION_ID}").text
+    response = browser.post(
+        f"/evaluations/{EVALUATION_ID}/feedback", data={"csrf": csrf_of(page), "rating": "down"}
+    )
+    assert response.status_code == 200
+    assert "Feedback not saved: RUNFLOW_API_KEY is not set" in response.text
+
+
+def test_a_bad_filter_is_explained_on_the_page(browser: TestClient) -> None:
+    response = browser.get("/evaluations?since=yesterday")
+    assert response.status_code == 400
+    assert "since: expected an ISO 8601 time" in response.text
+
+
+def test_unknown_evaluation_is_an_html_404(browser: TestClient) -> None:
+    response = browser.get("/evaluations/nope")
+    assert response.status_code == 404
+    assert "no evaluation &#39;nope&#39;" in response.text
+
+
+def test_list_pages_walk_with_the_cursor(browser: TestClient) -> None:
+    for number in range(60):
+        body = json.loads(fixture("evaluation-completed.json"))
+        body["id"] = f"0193a7c2-0000-7000-8000-{number:012d}"
+        post_callback(browser, json.dumps(body).encode())
+    first = browser.get("/evaluations").text
+    assert first.count('<tr data-id="') == 50
+    next_url = re.search(r'class="next" href="([^"]+)"', first)
+    assert next_url is not None
+    second = browser.get(next_url.group(1).replace("&amp;", "&")).text
+    assert second.count('<tr data-id="') == 12
+    assert 'class="next"' not in second
+
+
+def test_logout_ends_the_session(browser: TestClient) -> None:
+    csrf = csrf_of(browser.get("/").text)
+    browser.post("/logout", data={"csrf": csrf})
+    assert browser.get("/", follow_redirects=False).status_code == 303
