@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: run test demo lint check clean
+.PHONY: run test demo bench lint check clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -23,6 +23,10 @@ run: $(STAMP) .env
 # The whole flow without a Runflow account: emulator + receiver + a consumer, a batch submitted.
 demo: $(STAMP)
 	$(BIN)/python -m receiver.fakes.demo
+
+# Ingest throughput: bare app vs naive durable receiver vs receiver (needs wrk: apt-get install wrk).
+bench: $(STAMP)
+	$(BIN)/python bench/ingest.py
 
 test: $(STAMP)
 	$(BIN)/pytest -q

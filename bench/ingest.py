@@ -1,0 +1,251 @@
+"""`make bench`: the same signed load against (a) a bare Starlette app, (b) a naive durable
+receiver, (c) receiver with default settings, (d) receiver with --workers 2, one after another.
+Prints requests/s, p50, p99, peak RSS and the ratios to (a) and (b); writes the same as JSON;
+checks after each receiver run that every 200 was stored.
+
+Load: wrk (Debian package `wrk`) with 32 connections, pinned to its own core; each request is a
+unique ~2 KB callback signed with the secret below.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import shutil
+import socket
+import sqlite3
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+from receiver.signing import sign  # noqa: E402
+
+SECRET = "whsec_bench_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLa"
+TEMPLATE = json.loads((ROOT / "tests/fixtures/runflow/evaluation-completed.json").read_text())
+
+
+def bodies(path: Path, count: int, size: int = 2048) -> int:
+    """`count` unique signed callbacks of about `size` bytes; returns the body size."""
+    with path.open("w") as out:
+        for number in range(count):
+            body = {
+                **TEMPLATE,
+                "id": f"0193a7c2-0000-7000-8000-{number:012d}",
+                "client_ref": f"bench-{number % 5000}",
+            }
+            text = json.dumps(body, separators=(",", ":"))
+            body["evaluation_instructions"] = "x" * max(0, size - len(text) - 30)
+            raw = json.dumps(body, separators=(",", ":"))
+            out.write(f"{sign(raw.encode(), SECRET)} {raw}\n")
+    return len(raw)
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def peak_rss_mb(pid: int) -> float:
+    """VmHWM of the server and its children (uvicorn workers), in MB."""
+    total = 0
+    pids = [pid]
+    children = Path(f"/proc/{pid}/task/{pid}/children")
+    if children.exists():
+        pids += [int(p) for p in children.read_text().split()]
+    for one in pids:
+        status = Path(f"/proc/{one}/status")
+        if status.exists():
+            found = re.search(r"VmHWM:\s+(\d+) kB", status.read_text())
+            total += int(found.group(1)) if found else 0
+    return total / 1024
+
+
+def wrk(url: str, seconds: int, connections: int, cpus: str, env: dict[str, str]) -> dict[str, Any]:
+    done = subprocess.run(
+        [
+            "taskset",
+            "-c",
+            cpus,
+            "wrk",
+            "-t1",
+            f"-c{connections}",
+            f"-d{seconds}s",
+            "--latency",
+            "-s",
+            str(ROOT / "bench/wrk_post.lua"),
+            url,
+        ],
+        capture_output=True,
+        text=True,
+        check=False,
+        env=env,
+    )
+    if done.returncode:
+        raise SystemExit(f"wrk failed: {done.stdout} {done.stderr}")
+    out = done.stdout
+
+    def ms(label: str) -> float:
+        value, unit = re.search(rf"{label}\s+([\d.]+)(us|ms|s)", out).groups()  # type: ignore[union-attr]
+        return float(value) * {"us": 0.001, "ms": 1.0, "s": 1000.0}[unit]
+
+    requests = int(re.search(r"(\d+) requests in", out).group(1))  # type: ignore[union-attr]
+    bad = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
+    return {
+        "requests_per_s": float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1)),  # type: ignore[union-attr]
+        "p50_ms": ms("50%"),
+        "p99_ms": ms("99%"),
+        "responses": requests,
+        "non_2xx": int(bad.group(1)) if bad else 0,
+    }
+
+
+def run_system(
+    name: str,
+    command: list[str],
+    env: dict[str, str],
+    port: int,
+    cpus: str,
+    load_cpus: str,
+    seconds: int,
+    connections: int,
+    database: Path | None,
+) -> dict[str, Any]:
+    server = subprocess.Popen(
+        ["taskset", "-c", cpus, *command],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        for _ in range(300):
+            try:
+                httpx.post(f"{url}/webhooks/runflow", content=b"{}", timeout=1)
+                break
+            except httpx.HTTPError:
+                time.sleep(0.05)
+        result = wrk(url, seconds, connections, load_cpus, env)
+        time.sleep(0.5)  # let in-flight requests finish
+        result["peak_rss_mb"] = round(peak_rss_mb(server.pid), 1)
+    finally:
+        server.terminate()
+        server.wait(30)
+    if database is not None:
+        conn = sqlite3.connect(database)
+        table = "deliveries"
+        stored = conn.execute(f"SELECT count(*) FROM {table}").fetchone()[0]
+        conn.close()
+        oks = result["responses"] - result["non_2xx"]
+        result["stored"] = stored
+        # wrk drops requests still in flight when time is up; the server may still store those.
+        result["all_200s_stored"] = oks <= stored <= oks + connections
+    result["system"] = name
+    return result
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--seconds", type=int, default=10)
+    parser.add_argument("--connections", type=int, default=32)
+    parser.add_argument("--bodies", type=int, default=150_000)
+    parser.add_argument("--only", help="comma-separated system names")
+    parser.add_argument("--json", type=Path, default=ROOT / "bench/results/ingest.json")
+    options = parser.parse_args(argv)
+    if shutil.which("wrk") is None:
+        raise SystemExit("wrk is not installed: apt-get install -y wrk (see docs/performance.md)")
+    work = Path(tempfile.mkdtemp(prefix="receiver-bench-"))
+    body_file = work / "bodies.txt"
+    size = bodies(body_file, options.bodies)
+    base_env = {
+        **os.environ,
+        "BENCH_BODIES": str(body_file),
+        "RUNFLOW_WEBHOOK_SECRET": SECRET,
+        "RECEIVER_DASHBOARD_TOKEN": "bench",
+        "PYTHONPATH": str(ROOT),
+    }
+    python = sys.executable
+    uvicorn = [python, "-m", "uvicorn", "--no-access-log", "--log-level", "warning"]
+    systems: list[tuple[str, list[str], str, str, bool]] = [
+        ("bare", [*uvicorn, "bench.apps.bare:app"], "0", "1", False),
+        ("naive", [*uvicorn, "bench.apps.naive:app"], "0", "1", True),
+        ("receiver", [python, "-m", "receiver", "serve"], "0", "1", True),
+        (
+            "receiver --workers 2",
+            [python, "-m", "receiver", "serve", "--workers", "2"],
+            "0,1",
+            "1",
+            True,
+        ),
+    ]
+    wanted = set(options.only.split(",")) if options.only else None
+    results = []
+    for name, command, cpus, load_cpus, durable in systems:
+        if wanted and name not in wanted:
+            continue
+        port = free_port()
+        database = work / f"{name.replace(' ', '_')}.db" if durable else None
+        env = {
+            **base_env,
+            "NAIVE_DATABASE": str(database or ""),
+            "RECEIVER_DATABASE": str(database or ""),
+            "PORT": str(port),
+        }
+        command = [*command, "--port", str(port)]
+        print(f"running {name} …", file=sys.stderr)
+        results.append(
+            run_system(
+                name,
+                command,
+                env,
+                port,
+                cpus,
+                load_cpus,
+                options.seconds,
+                options.connections,
+                database,
+            )
+        )
+    by_name = {r["system"]: r for r in results}
+    for result in results:
+        for base in ("bare", "naive"):
+            if base in by_name:
+                result[f"x_{base}"] = round(
+                    result["requests_per_s"] / by_name[base]["requests_per_s"], 2
+                )
+    header = f"{'system':<22}{'req/s':>9}{'p50 ms':>9}{'p99 ms':>9}{'RSS MB':>9}{'×bare':>7}{'×naive':>8}  stored=200s"
+    print(f"\n{options.connections} connections, {options.seconds}s each, {size} B signed bodies")
+    print(header)
+    for r in results:
+        print(
+            f"{r['system']:<22}{r['requests_per_s']:>9.0f}{r['p50_ms']:>9.2f}{r['p99_ms']:>9.2f}"
+            f"{r['peak_rss_mb']:>9.1f}{r.get('x_bare', 0):>7.2f}{r.get('x_naive', 0):>8.2f}  "
+            f"{r.get('all_200s_stored', '-')}"
+        )
+    options.json.parent.mkdir(parents=True, exist_ok=True)
+    options.json.write_text(
+        json.dumps(
+            {
+                "body_bytes": size,
+                "connections": options.connections,
+                "seconds": options.seconds,
+                "results": results,
+            },
+            indent=2,
+        )
+    )
+    shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
