@@ -229,7 +229,7 @@ def main(argv: list[str] | None = None) -> None:
     for r in results:
         print(
             f"{r['system']:<22}{r['requests_per_s']:>9.0f}{r['p50_ms']:>9.2f}{r['p99_ms']:>9.2f}"
-            f"{r['peak_rss_mb']:>9.1f}{r.get('x_bare', 0):>7.2f}{r.get('x_naive', 0):>8.2f}  "
+            f"{r['peak_rss_mb']:>9.1f}{r.get('x_bare', 0):>8.2f}{r.get('x_naive', 0):>9.2f}  "
             f"{r.get('all_200s_stored', '-')}"
         )
     options.json.parent.mkdir(parents=True, exist_ok=True)
