@@ -223,7 +223,10 @@ def main(argv: list[str] | None = None) -> None:
                 result[f"x_{base}"] = round(
                     result["requests_per_s"] / by_name[base]["requests_per_s"], 2
                 )
-    header = f"{'system':<22}{'req/s':>9}{'p50 ms':>9}{'p99 ms':>9}{'RSS MB':>9}{'×bare':>7}{'×naive':>8}  stored=200s"
+    header = (
+        f"{'system':<22}{'req/s':>9}{'p50 ms':>9}{'p99 ms':>9}{'RSS MB':>9}"
+        f"{'x bare':>8}{'x naive':>9}  stored=200s"
+    )
     print(f"\n{options.connections} connections, {options.seconds}s each, {size} B signed bodies")
     print(header)
     for r in results:
