@@ -82,7 +82,8 @@ def daily_rates(days: Sequence[Mapping[str, Any]], label: str = "pass rate and m
             value = day.get(key)
             if value is None:
                 continue
-            x, y = PAD + index * step, HEIGHT - PAD - plot * float(value)
+            x = PAD + index * step if len(days) > 1 else WIDTH / 2  # one day: centred
+            y = HEIGHT - PAD - plot * float(value)
             points.append((x, y, f"{escape(str(day.get('day')))}: {name} {float(value):.2f}"))
         if points:
             line = " ".join(f"{x:.1f},{y:.1f}" for x, y, _ in points)
@@ -99,6 +100,8 @@ def daily_rates(days: Sequence[Mapping[str, Any]], label: str = "pass rate and m
 def _day_ticks(days: Sequence[Mapping[str, Any]]) -> str:
     first, last = escape(str(days[0].get("day"))), escape(str(days[-1].get("day")))
     y = HEIGHT - PAD + 16
+    if len(days) == 1:  # one label under the middle, not the same date at both ends
+        return f'<text class="tick" x="{WIDTH / 2}" y="{y}" text-anchor="middle">{first}</text>'
     return (
         f'<text class="tick" x="{PAD}" y="{y}">{first}</text>'
         f'<text class="tick" x="{WIDTH - PAD}" y="{y}" text-anchor="end">{last}</text>'
