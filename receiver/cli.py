@@ -6,12 +6,13 @@ import asyncio
 import os
 import signal
 import sys
+from pathlib import Path
 from typing import Any
 
 import click
 
 from . import cli_read, cli_runflow
-from .cliutil import load_settings
+from .cliutil import load_settings, reading_store
 from .errors import ReceiverError
 from .store import Store
 
@@ -104,6 +105,20 @@ def worker() -> None:
             store.close()
 
     asyncio.run(run())
+
+
+@cli.command()
+@click.argument("path", type=click.Path(dir_okay=False, path_type=Path))
+def backup(path: Path) -> None:
+    """Write a consistent copy of the database to PATH while the receiver keeps running."""
+    from .store.maintenance import backup as copy
+
+    settings = load_settings()
+    counts = copy(reading_store(settings).path, path)
+    click.echo(
+        f"backed up {settings.database} to {path}: {counts['evaluations']} evaluations, "
+        f"{counts['deliveries']} deliveries, {counts['outbox']} forwards"
+    )
 
 
 for command in (
