@@ -124,7 +124,7 @@ def run_system(
         ["taskset", "-c", cpus, *command],
         env=env,
         stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
         text=True,
     )
     url = f"http://127.0.0.1:{port}"

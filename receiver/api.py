@@ -11,7 +11,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from .auth import CSRF_HEADER, identify
+from .auth import CSRF_HEADER, bearer_ok, identify
 from .context import context
 from .errors import BadRequest, Forbidden, NotFound, Unauthorized
 from .feedback import send_feedback
@@ -23,6 +23,7 @@ from .web import read_body
 
 FILTERS = ("client_ref", "status", "passed", "task_type", "failure_code", "since", "until", "q")
 MAX_LIMIT = 500
+MAX_ROW_ID = 2**63 - 1  # SQLite's largest rowid; a larger path number would overflow the query
 
 
 class ApiAuth:
@@ -80,6 +81,9 @@ def evaluation_filter(params: Mapping[str, str]) -> EvaluationFilter:
             bounds[name] = None if text is None else parse_moment(text)
         except ValueError as exc:
             raise BadRequest(f"{name}: {exc}") from None
+    q = _one(params, "q", 200)
+    if q is not None and "\x00" in q:  # FTS5 reads NUL as the end of its query string
+        raise BadRequest("q must not contain NUL characters")
     return EvaluationFilter(
         client_ref=_one(params, "client_ref"),
         status=status,
@@ -88,7 +92,7 @@ def evaluation_filter(params: Mapping[str, str]) -> EvaluationFilter:
         failure_code=_one(params, "failure_code"),
         since=bounds["since"],
         until=bounds["until"],
-        q=_one(params, "q", 200),
+        q=q,
     )
 
 
@@ -97,6 +101,14 @@ def _limit(params: Mapping[str, str]) -> int:
     if not text.isdecimal() or not 1 <= int(text) <= MAX_LIMIT:
         raise BadRequest(f"limit must be a whole number from 1 to {MAX_LIMIT}, got {text!r}")
     return int(text)
+
+
+def row_id(request: Request, name: str, what: str) -> int:
+    """A numeric path parameter (`{name:int}`) as a row id; NotFound when no row can have it."""
+    value: int = request.path_params[name]
+    if value > MAX_ROW_ID:
+        raise NotFound(f"no {what} {value}")
+    return value
 
 
 def list_evaluations(request: Request) -> Response:
@@ -147,6 +159,23 @@ async def readyz(request: Request) -> Response:
     )
 
 
+def metrics(request: Request) -> Response:
+    """Prometheus exposition. Needs the bearer token: RECEIVER_METRICS_TOKEN (which opens
+    nothing else) or RECEIVER_DASHBOARD_TOKEN (or the dashboard's session cookie)."""
+    ctx = context(request)
+    settings = ctx.settings
+    scraper = settings.metrics_token is not None and bearer_ok(
+        request.headers.get("authorization"), settings.metrics_token
+    )
+    if not scraper and identify(request, settings.dashboard_token) is None:
+        raise Unauthorized(
+            "missing or wrong token: send Authorization: Bearer <RECEIVER_METRICS_TOKEN> "
+            "(or <RECEIVER_DASHBOARD_TOKEN>)"
+        )
+    body, content_type = ctx.metrics.render(request.headers.get("accept"))
+    return Response(body, headers={"content-type": content_type, "cache-control": "no-store"})
+
+
 def list_forwards(request: Request) -> Response:
     params = request.query_params
     _check_known(params, ("state", "sink", "limit", "cursor"))
@@ -154,7 +183,9 @@ def list_forwards(request: Request) -> Response:
     if state is not None and state not in STATES:
         raise BadRequest(f"state must be one of {', '.join(STATES)}, got {state!r}")
     cursor = _one(params, "cursor")
-    if cursor is not None and not cursor.isdecimal():
+    if cursor is not None and not (
+        cursor.isascii() and cursor.isdigit() and int(cursor) <= MAX_ROW_ID
+    ):
         raise BadRequest("cursor is not valid: pass next_cursor from the previous page unchanged")
     limit = _limit(params)
     items = context(request).store.list_forwards(
@@ -169,19 +200,21 @@ def list_forwards(request: Request) -> Response:
 
 async def retry_forward(request: Request) -> Response:
     ctx = context(request)
-    forward = await ctx.store.retry_forward(request.path_params["forward_id"], now())
+    forward = await ctx.store.retry_forward(row_id(request, "forward_id", "forward"), now())
     ctx.notify()
     return JSONResponse({"ok": True, "forward": forward})
 
 
 async def replay_delivery(request: Request) -> Response:
     ctx = context(request)
-    queued = await ctx.store.replay_delivery(request.path_params["delivery_id"], now())
+    delivery_id = row_id(request, "delivery_id", "delivery")
+    queued = await ctx.store.replay_delivery(delivery_id, now())
     ctx.notify()
     return JSONResponse({"ok": True, "queued": queued})
 
 
-MAX_FEEDBACK_BODY = 16 * 1024
+# `reason` may be 2000 characters, up to 12 bytes each as JSON escapes (a surrogate pair).
+MAX_FEEDBACK_BODY = 32 * 1024
 
 
 async def patch_feedback(request: Request) -> Response:
@@ -192,7 +225,7 @@ async def patch_feedback(request: Request) -> Response:
     body = await read_body(request, MAX_FEEDBACK_BODY)
     try:
         payload = json.loads(body)
-    except ValueError:
+    except (ValueError, RecursionError):  # RecursionError: nested thousands of levels deep
         raise BadRequest(
             'body must be JSON: {"is_positive": true|false|null, "reason": …}'
         ) from None
@@ -206,6 +239,11 @@ async def patch_feedback(request: Request) -> Response:
         raise BadRequest("is_positive must be true, false or null")
     if reason is not None and not isinstance(reason, str):
         raise BadRequest("reason must be a string")
+    if reason is not None and not reason.isascii():
+        try:
+            reason.encode()
+        except UnicodeEncodeError:  # "\ud800": valid JSON, but no text Runflow or SQLite takes
+            raise BadRequest("reason must be text: it holds a lone surrogate escape") from None
     await send_feedback(ctx.settings, ctx.store, ctx.http, evaluation_id, is_positive, reason)
     found = ctx.store.get_evaluation(evaluation_id)
     return JSONResponse({"ok": True, "evaluation": found["evaluation"] if found else None})

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 from collections.abc import AsyncIterator
 
 import httpx
@@ -19,6 +20,8 @@ from .config import Settings
 from .context import Context
 from .errors import ReceiverError
 from .headers import SecurityHeaders
+from .logs import AccessLog
+from .metrics import Metrics
 from .store import Forwarding, Store
 from .worker import Worker
 
@@ -33,12 +36,16 @@ async def receiver_error(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, ReceiverError)
     headers = (
         {"WWW-Authenticate": "Bearer"}
-        if exc.status == 401 and request.url.path.startswith("/api")
+        if exc.status == 401 and request.url.path.startswith(("/api", "/metrics"))
         else None
     )
     response = error_response(exc.status, str(exc))
     if headers:
         response.headers.update(headers)
+    if exc.status in (408, 413):
+        # The body was not read to its end: the connection cannot carry another request,
+        # and closing it is what cuts a slow or oversized sender off (uvicorn honours it).
+        response.headers["Connection"] = "close"
     return response
 
 
@@ -78,15 +85,24 @@ def forwarding(settings: Settings) -> Forwarding:
 
 
 def create_app(
-    settings: Settings, *, store: Store | None = None, http: httpx.AsyncClient | None = None
+    settings: Settings,
+    *,
+    store: Store | None = None,
+    http: httpx.AsyncClient | None = None,
+    metrics_dir: str | None = None,
 ) -> Starlette:
     """Build the app; nothing is opened until the lifespan starts. A sink or setting that
-    cannot work fails here, before the server listens."""
+    cannot work fails here, before the server listens. `metrics_dir` is the directory that
+    several server processes share for /metrics (prometheus-client's multiprocess mode)."""
     settings.check_ingest()
     store = store or Store(settings.database, forwarding=forwarding(settings))
     http = http or http_client()
-    worker = Worker.from_settings(settings, store, http) if settings.worker else None
-    ctx = Context(settings=settings, store=store, http=http, worker=worker)
+    metrics = Metrics()
+    metrics.expose(store.outbox_depth, [spec.name for spec in settings.sinks], metrics_dir)
+    worker = (
+        Worker.from_settings(settings, store, http, metrics=metrics) if settings.worker else None
+    )
+    ctx = Context(settings=settings, store=store, http=http, worker=worker, metrics=metrics)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
@@ -106,6 +122,7 @@ def create_app(
             Route("/webhooks/runflow", web.webhook, methods=["POST"]),
             Route("/healthz", api.healthz, methods=["GET"]),
             Route("/readyz", api.readyz, methods=["GET"]),
+            Route("/metrics", api.metrics, methods=["GET"]),
             Route("/openapi.json", openapi_json, methods=["GET"]),
             Mount(
                 "/api",
@@ -119,7 +136,7 @@ def create_app(
             HTTPException: http_error,
             Exception: server_error,
         },
-        middleware=[Middleware(SecurityHeaders)],
+        middleware=[Middleware(AccessLog), Middleware(SecurityHeaders)],
         lifespan=lifespan,
     )
     app.state.receiver = ctx
@@ -127,5 +144,8 @@ def create_app(
 
 
 def from_env() -> Starlette:
-    """App factory for `uvicorn --factory` (used by `receiver serve --workers N`)."""
-    return create_app(Settings.from_env())
+    """App factory for `uvicorn --factory` (used by `receiver serve --workers N`, which shares
+    a PROMETHEUS_MULTIPROC_DIR between the processes so /metrics sums them)."""
+    return create_app(
+        Settings.from_env(), metrics_dir=os.environ.get("PROMETHEUS_MULTIPROC_DIR") or None
+    )

@@ -3,15 +3,18 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import signal
 import sys
+import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import click
 
-from . import cli_read, cli_runflow
+from . import cli_read, cli_runflow, logs
 from .cliutil import load_settings, reading_store
 from .errors import ReceiverError
 from .store import Store
@@ -33,6 +36,19 @@ def cli() -> None:
     """Verified, durable webhook receiver for Runflow image evaluations."""
 
 
+def exit_zero_after_graceful_stop() -> None:
+    """uvicorn stops gracefully on SIGTERM/SIGINT, then raises the signal again to the handler
+    that was there before it; with this one the process then exits 0 (as `receiver worker`
+    does) instead of dying of the signal (143/130, a failure to `docker stop` and most
+    supervisors). A signal before uvicorn has taken over exits 0 at once."""
+
+    def stop(signum: int, frame: object) -> None:
+        raise SystemExit(0)
+
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, stop)
+
+
 @cli.command()
 @click.option("--host", default="127.0.0.1", show_default=True, help="Interface to listen on.")
 @click.option("--port", type=click.IntRange(1, 65535), help="Port (default: $PORT or 8000).")
@@ -44,6 +60,7 @@ def serve(host: str, port: int | None, workers: int) -> None:
     from .app import create_app
 
     settings = load_settings()
+    log_config = logs.configure(settings.log_format, settings.log_level, sys.stderr)
     settings.check_ingest()
     Store(settings.database).migrate()
     port = port or settings.port
@@ -60,10 +77,46 @@ def serve(host: str, port: int | None, workers: int) -> None:
     else:
         click.echo("receiver: API token     RECEIVER_DASHBOARD_TOKEN (as Authorization: Bearer)")
     if workers == 1:
-        uvicorn.run(create_app(settings), host=host, port=port)
-    else:
-        os.environ["RECEIVER_DASHBOARD_TOKEN"] = settings.dashboard_token
-        uvicorn.run("receiver.app:from_env", factory=True, host=host, port=port, workers=workers)
+        app = create_app(settings, metrics_dir=given_metrics_dir())
+        exit_zero_after_graceful_stop()
+        uvicorn.run(app, host=host, port=port, log_config=log_config, access_log=False)
+        return
+    os.environ["RECEIVER_DASHBOARD_TOKEN"] = settings.dashboard_token
+    with shared_metrics_dir():
+        uvicorn.run(
+            "receiver.app:from_env",
+            factory=True,
+            host=host,
+            port=port,
+            workers=workers,
+            log_config=log_config,
+            access_log=False,
+        )
+
+
+def given_metrics_dir() -> str | None:
+    """PROMETHEUS_MULTIPROC_DIR, when set: every process writing there (`serve --workers N`,
+    and a `receiver worker` on the same machine given the same one) adds to /metrics."""
+    given = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
+    if given and not os.path.isdir(given):
+        raise click.ClickException(f"PROMETHEUS_MULTIPROC_DIR: no such directory {given!r}")
+    return given or None
+
+
+@contextlib.contextmanager
+def shared_metrics_dir() -> Iterator[str]:
+    """The PROMETHEUS_MULTIPROC_DIR the server processes share so that /metrics sums them: the
+    one set in the environment (kept as it is), else a fresh temporary one (removed after)."""
+    given = given_metrics_dir()
+    if given:
+        yield given
+        return
+    with tempfile.TemporaryDirectory(prefix="receiver-metrics-") as directory:
+        os.environ["PROMETHEUS_MULTIPROC_DIR"] = directory
+        try:
+            yield directory
+        finally:
+            del os.environ["PROMETHEUS_MULTIPROC_DIR"]
 
 
 @cli.command()
@@ -84,6 +137,8 @@ def worker() -> None:
     from .worker import Worker
 
     settings = load_settings()
+    logs.configure(settings.log_format, settings.log_level, sys.stderr)
+    given_metrics_dir()  # its counters go there when set (prometheus-client reads it)
 
     async def run() -> None:
         store = Store(settings.database, forwarding=forwarding(settings))

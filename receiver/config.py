@@ -17,6 +17,9 @@ T = TypeVar("T")
 N = TypeVar("N", int, float)
 
 DEFAULT_MAX_BODY_BYTES = 8 * 1024 * 1024
+LOG_FORMATS = ("auto", "json", "text")
+LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
+DEFAULT_BODY_TIMEOUT = 10.0
 EMBEDS = (
     "action",
     "comfyui_workflow",
@@ -98,6 +101,16 @@ def _boolean(name: str) -> Callable[[str], bool]:
     return parse
 
 
+def _choice(name: str, choices: tuple[str, ...]) -> Callable[[str], str]:
+    def parse(text: str) -> str:
+        lowered = text.lower()
+        if lowered not in choices:
+            raise ConfigError(f"{name} must be one of {', '.join(choices)}, got {text!r}")
+        return lowered
+
+    return parse
+
+
 def _database(name: str, text: str) -> str:
     if text.startswith(("postgres://", "postgresql://")):
         raise ConfigError(f"{name}: PostgreSQL is not supported yet; expected a SQLite file path")
@@ -157,6 +170,7 @@ class Settings:
     dashboard_token_generated: bool = False
     public_url: str | None = None
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
+    body_timeout: float = DEFAULT_BODY_TIMEOUT
     allow_unsigned: bool = False
     port: int = 8000
     runflow_api_key: str | None = None
@@ -171,6 +185,9 @@ class Settings:
     retry_max: float = 3600.0
     reconcile_after: float = 600.0
     reconcile_interval: float = 60.0
+    log_format: str = "auto"
+    log_level: str = "info"
+    metrics_token: str | None = None
 
     @property
     def refetch(self) -> bool:
@@ -201,6 +218,12 @@ class Settings:
                 "RECEIVER_MAX_BODY_BYTES",
                 _integer("RECEIVER_MAX_BODY_BYTES", 1024, 1 << 30),
                 DEFAULT_MAX_BODY_BYTES,
+            ),
+            body_timeout=_parsed(
+                env,
+                "RECEIVER_BODY_TIMEOUT",
+                _number("RECEIVER_BODY_TIMEOUT", 0.1, 3600),
+                DEFAULT_BODY_TIMEOUT,
             ),
             allow_unsigned=_parsed(
                 env, "RECEIVER_ALLOW_UNSIGNED", _boolean("RECEIVER_ALLOW_UNSIGNED"), False
@@ -238,6 +261,13 @@ class Settings:
             retry_max=_parsed(
                 env, "RECEIVER_RETRY_MAX", _number("RECEIVER_RETRY_MAX", 0.01, 604800), 3600.0
             ),
+            log_format=_parsed(
+                env, "RECEIVER_LOG_FORMAT", _choice("RECEIVER_LOG_FORMAT", LOG_FORMATS), "auto"
+            ),
+            log_level=_parsed(
+                env, "RECEIVER_LOG_LEVEL", _choice("RECEIVER_LOG_LEVEL", LOG_LEVELS), "info"
+            ),
+            metrics_token=_get(env, "RECEIVER_METRICS_TOKEN"),
         )
 
     def check_ingest(self) -> None:

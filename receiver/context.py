@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import httpx
 from starlette.requests import Request
 
 from .config import Settings
+from .metrics import Metrics
 from .store import Store
 from .worker import Worker
 
@@ -18,6 +19,7 @@ class Context:
     store: Store
     http: httpx.AsyncClient
     worker: Worker | None = None
+    metrics: Metrics = field(default_factory=Metrics)
 
     def notify(self) -> None:
         """New work is stored: wake the in-process worker, if any."""

@@ -25,6 +25,12 @@ class NotFound(ReceiverError):
     status = 404
 
 
+class RequestTimeout(ReceiverError):
+    """The client did not send its whole body in time (RECEIVER_BODY_TIMEOUT)."""
+
+    status = 408
+
+
 class PayloadTooLarge(ReceiverError):
     status = 413
 

@@ -17,6 +17,9 @@ _RANK = {"pending": 0, "running": 1, "completed": 2, "failed": 2}
 _SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
 _LONE_SURROGATE = re.compile("[\ud800-\udfff]")
 _MAX_ID = 255
+# Deeper bodies are refused: far beyond any Runflow object, and every later step (storing,
+# the API, the dashboard, events) walks the tree recursively.
+MAX_DEPTH = 64
 
 
 @dataclass(frozen=True)
@@ -38,6 +41,18 @@ def _finite(text: str) -> float:
 
 def _no_constant(name: str) -> Any:
     raise ValueError(f"{name} is not valid JSON")
+
+
+def _too_deep(value: Any, limit: int) -> bool:
+    """Whether objects and arrays nest more than `limit` levels (iteratively: no recursion)."""
+    stack: list[tuple[Any, int]] = [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        if depth > limit:
+            return True
+        children = item.values() if isinstance(item, dict) else item
+        stack.extend((child, depth + 1) for child in children if isinstance(child, dict | list))
+    return False
 
 
 def _clean(value: Any) -> Any:
@@ -65,6 +80,8 @@ def parse_body(body: bytes) -> dict[str, Any]:
         raise BadRequest(f"body is not valid JSON: {str(exc).splitlines()[0][:200]}") from None
     if not isinstance(payload, dict):
         raise BadRequest(f"body must be a JSON object, got {type(payload).__name__}")
+    if body.count(b"[") + body.count(b"{") > MAX_DEPTH and _too_deep(payload, MAX_DEPTH):
+        raise BadRequest(f"body is nested more than {MAX_DEPTH} levels deep")
     if _SURROGATE_ESCAPE.search(body):
         cleaned: dict[str, Any] = _clean(payload)
         return cleaned
@@ -124,13 +141,19 @@ def merge(existing: dict[str, Any], incoming: dict[str, Any]) -> dict[str, Any]:
 
 
 def _int(value: Any) -> int | None:
-    return value if isinstance(value, int) and not isinstance(value, bool) else None
+    """An integer that fits a SQLite INTEGER (64 bits); JSON integers have no bound."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        return None
+    return value if -(2**63) <= value < 2**63 else None
 
 
 def _float(value: Any) -> float | None:
     if isinstance(value, bool) or not isinstance(value, int | float):
         return None
-    return float(value)
+    try:
+        return float(value)
+    except OverflowError:  # an integer such as 10**400: no float holds it
+        return None
 
 
 def _str(value: Any) -> str | None:

@@ -36,7 +36,7 @@ _FILTER_PARAMS: list[dict[str, Any]] = [
         "name": "q",
         "in": "query",
         "description": "text search",
-        "schema": {**_STR, "maxLength": 200},
+        "schema": {**_STR, "maxLength": 200, "pattern": "^[^\\u0000]*$"},
     },
 ]
 
@@ -221,7 +221,7 @@ def document() -> dict[str, Any]:
                 "requestBody": {"content": {"application/json": {"schema": {"type": "object"}}}},
                 "responses": {
                     "200": _json(_ref("Receipt"), "stored durably"),
-                    **{code: _ERROR for code in ("400", "401", "413", "503")},
+                    **{code: _ERROR for code in ("400", "401", "408", "413", "503")},
                 },
             }
         },
@@ -237,6 +237,21 @@ def document() -> dict[str, Any]:
                 "summary": "readiness: the store can commit",
                 "security": [],
                 "responses": {"200": _json({"type": "object"}, "ready"), "503": _ERROR},
+            }
+        },
+        "/metrics": {
+            "get": {
+                "summary": (
+                    "Prometheus metrics (text format; OpenMetrics when the Accept header asks). "
+                    "Bearer RECEIVER_METRICS_TOKEN or RECEIVER_DASHBOARD_TOKEN"
+                ),
+                "responses": {
+                    "200": {
+                        "description": "the exposition",
+                        "content": {"text/plain": {"schema": _STR}},
+                    },
+                    "401": _ERROR,
+                },
             }
         },
         "/api/evaluations": _get(
@@ -292,7 +307,7 @@ def document() -> dict[str, Any]:
                         },
                         "stored",
                     ),
-                    **{code: _ERROR for code in ("400", "401", "404", "501", "502")},
+                    **{code: _ERROR for code in ("400", "401", "404", "408", "413", "501", "502")},
                 },
             }
         },

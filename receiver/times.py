@@ -10,8 +10,9 @@ _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
 
 
 def format_time(moment: datetime) -> str:
-    """`2026-11-20T09:14:43.352000Z`: fixed width, always UTC."""
-    return moment.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+    """`2026-11-20T09:14:43.352000Z`: fixed width (`%Y` drops the zeros of year 1), always UTC."""
+    utc = moment.astimezone(UTC)
+    return f"{utc.year:04d}-{utc:%m-%dT%H:%M:%S.%f}Z"
 
 
 def now() -> str:
@@ -22,7 +23,11 @@ def parse_time(text: str) -> datetime:
     """Parse ISO 8601 (`Z` or an offset; a bare date means midnight UTC). Raises ValueError."""
     moment = datetime.fromisoformat(text.strip())
     if moment.tzinfo is None:
-        moment = moment.replace(tzinfo=UTC)
+        return moment.replace(tzinfo=UTC)
+    try:
+        moment.astimezone(UTC)
+    except OverflowError:  # 0001-01-01T00:00:00+01:00 is before the first moment there is
+        raise ValueError(f"{text[:40]!r} is out of range in UTC") from None
     return moment
 
 
@@ -46,7 +51,10 @@ def parse_duration(text: str) -> timedelta:
     match = _DURATION.match(text.strip())
     if not match:
         raise ValueError(f"expected a duration like 15m, 24h or 7d, got {text!r}")
-    return timedelta(seconds=int(match.group(1)) * _UNITS[match.group(2)])
+    try:
+        return timedelta(seconds=int(match.group(1)) * _UNITS[match.group(2)])
+    except OverflowError:
+        raise ValueError(f"duration {text[:40]!r} is too long") from None
 
 
 def parse_moment(text: str, *, reference: datetime | None = None) -> str:
@@ -62,4 +70,7 @@ def parse_moment(text: str, *, reference: datetime | None = None) -> str:
             f"expected an ISO 8601 time (2026-11-20T09:00:00Z) or a duration (24h, 7d), "
             f"got {text!r}"
         ) from None
-    return format_time((reference or datetime.now(UTC)) - delta)
+    try:
+        return format_time((reference or datetime.now(UTC)) - delta)
+    except OverflowError:
+        raise ValueError(f"duration {text[:40]!r} reaches back before year 1") from None

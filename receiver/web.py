@@ -3,17 +3,21 @@
 from __future__ import annotations
 
 import logging
+import time
+from contextlib import aclosing
 
-from starlette.requests import Request
+import anyio
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse
 
-from .context import context
-from .errors import BadRequest, PayloadTooLarge, Unauthorized
+from .context import Context, context
+from .errors import BadRequest, PayloadTooLarge, ReceiverError, RequestTimeout, Unauthorized
 from .normalize import normalize, parse_body
 from .signing import SIGNATURE_HEADER, verify
-from .store import Delivery
+from .store import Delivery, Receipt
 
 log = logging.getLogger("receiver.web")
+MAX_REQUEST_ID = 200  # Runflow-Request-Id as logged; the header is the sender's to choose
 
 # Kept with each delivery so it can be re-verified and traced; never credentials.
 KEPT_HEADERS = (
@@ -25,31 +29,112 @@ KEPT_HEADERS = (
 )
 
 
-async def read_body(request: Request, limit: int) -> bytes:
+async def read_body(request: Request, limit: int, setting: str | None = None) -> bytes:
     """The body, refusing anything over `limit` bytes before reading it (or as soon as it
-    grows past it, when no Content-Length was sent)."""
+    grows past it, when no Content-Length was sent), and anything that takes longer than
+    RECEIVER_BODY_TIMEOUT seconds to arrive in full (a slow client holds no slot for long).
+    `setting` names the variable that sets `limit`, if one does, in the 413's reason."""
     declared = request.headers.get("content-length")
     if declared is not None:
-        if not declared.isdigit():
+        if not (declared.isascii() and declared.isdigit()):
             raise BadRequest("Content-Length is not a number")
         if int(declared) > limit:
             raise PayloadTooLarge(
-                f"body is {declared} bytes; the limit is {limit} (RECEIVER_MAX_BODY_BYTES)"
+                f"body is {declared} bytes; the limit is {limit}"
+                + (f" ({setting})" if setting else "")
             )
+    timeout = context(request).settings.body_timeout
     chunks = []
     size = 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise PayloadTooLarge(f"body is over the limit of {limit} bytes")
-        chunks.append(chunk)
+    try:
+        with anyio.fail_after(timeout):
+            async with aclosing(request.stream()) as stream:
+                async for chunk in stream:
+                    size += len(chunk)
+                    if size > limit:
+                        raise PayloadTooLarge(
+                            f"body is over the limit of {limit} bytes"
+                            + (f" ({setting})" if setting else "")
+                        )
+                    chunks.append(chunk)
+    except TimeoutError:
+        raise RequestTimeout(
+            f"the body did not arrive within {timeout:g} seconds (RECEIVER_BODY_TIMEOUT)"
+        ) from None
+    except ClientDisconnect:
+        raise BadRequest("the client disconnected before sending the whole body") from None
     return b"".join(chunks)
 
 
 async def webhook(request: Request) -> JSONResponse:
+    """Accept one callback: a counter, a histogram observation and one log line each
+    (refusals at WARNING with the reason; never the body, the signature or a secret)."""
+    started = time.perf_counter()
     ctx = context(request)
+    request_id = request.headers.get("runflow-request-id")
+    if request_id is not None:
+        request_id = request_id[:MAX_REQUEST_ID]  # as logged; stored whole
+    try:
+        receipt, secret_index, verifying = await _accept(request, ctx)
+    except Exception as exc:
+        _refused(ctx, request, exc, request_id, started)
+        raise
+    committed = time.perf_counter()
+    ctx.metrics.accepted(receipt.outcome, committed - verifying)
+    if receipt.outcome == "stored":
+        ctx.notify()
+    log.info(
+        "callback %s",
+        receipt.outcome,
+        extra={
+            "request_id": request_id,
+            "outcome": receipt.outcome,
+            "delivery_id": receipt.delivery_id,
+            "evaluation_id": receipt.evaluation_id,
+            "secret_index": secret_index,
+            "status": 200,
+            "method": "POST",
+            "path": request.scope["path"],
+            "duration_ms": round((committed - started) * 1000, 3),
+        },
+    )
+    return JSONResponse(
+        {
+            "ok": True,
+            "outcome": receipt.outcome,
+            "delivery_id": receipt.delivery_id,
+            "evaluation_id": receipt.evaluation_id,
+        }
+    )
+
+
+def _refused(
+    ctx: Context, request: Request, exc: Exception, request_id: str | None, started: float
+) -> None:
+    status = exc.status if isinstance(exc, ReceiverError) else 500
+    outcome = ctx.metrics.refused(status)
+    reason = str(exc) if isinstance(exc, ReceiverError) else type(exc).__name__
+    log.warning(
+        "callback refused: %s",
+        reason,
+        extra={
+            "request_id": request_id,
+            "outcome": outcome,
+            "reason": reason,
+            "status": status,
+            "method": "POST",
+            "path": request.scope["path"],
+            "duration_ms": round((time.perf_counter() - started) * 1000, 3),
+        },
+    )
+
+
+async def _accept(request: Request, ctx: Context) -> tuple[Receipt, int | None, float]:
+    """Read, verify, parse and store: the receipt, the index of the secret that signed it and
+    when verification started (the ingest histogram runs from there to the commit)."""
     settings = ctx.settings
-    body = await read_body(request, settings.max_body_bytes)
+    body = await read_body(request, settings.max_body_bytes, "RECEIVER_MAX_BODY_BYTES")
+    verifying = time.perf_counter()
     signature = request.headers.get(SIGNATURE_HEADER)
     request_id = request.headers.get("runflow-request-id")
     secret_index = verify(body, signature, settings.webhook_secrets)
@@ -75,13 +160,4 @@ async def webhook(request: Request) -> JSONResponse:
             secret_index=secret_index,
         )
     )
-    if receipt.outcome == "stored":
-        ctx.notify()
-    return JSONResponse(
-        {
-            "ok": True,
-            "outcome": receipt.outcome,
-            "delivery_id": receipt.delivery_id,
-            "evaluation_id": receipt.evaluation_id,
-        }
-    )
+    return receipt, secret_index, verifying

@@ -19,6 +19,7 @@ import httpx
 from .config import Settings
 from .errors import ReceiverError
 from .events import build_event
+from .metrics import Metrics
 from .normalize import TERMINAL, normalize, parse_body
 from .retry import backoff
 from .runflow import RunflowClient, RunflowError, client_for
@@ -47,6 +48,7 @@ class Worker:
         batch_size: int = 200,
         lease: float = 300.0,
         clock: Callable[[], datetime] = utcnow,
+        metrics: Metrics | None = None,
     ) -> None:
         self.settings = settings
         self.store = store
@@ -57,6 +59,9 @@ class Worker:
         self.batch_size = batch_size
         self.lease = timedelta(seconds=lease)
         self.clock = clock
+        self.metrics = metrics if metrics is not None else Metrics()
+        for sink in self.sinks:  # every sink's counters exist (at zero) from the start
+            self.metrics.forward_results(sink.spec.name)
         self._wake = [asyncio.Event() for _ in range(len(self.sinks) + 1)]
         self._started: set[str] = set()
         self._tasks: list[asyncio.Task[None]] = []
@@ -72,11 +77,12 @@ class Worker:
         http: httpx.AsyncClient,
         *,
         poll_interval: float = 0.25,
+        metrics: Metrics | None = None,
     ) -> Worker:
         """The worker for `settings`: its sinks, and a Runflow client when an API key is set."""
         runflow = client_for(settings, http) if settings.runflow_api_key else None
         sinks = [build_sink(spec, http) for spec in settings.sinks]
-        return cls(settings, store, sinks, runflow, poll_interval=poll_interval)
+        return cls(settings, store, sinks, runflow, poll_interval=poll_interval, metrics=metrics)
 
     @property
     def running(self) -> bool:
@@ -186,6 +192,9 @@ class Worker:
             for (claim, _), error in zip(sending, results, strict=True):
                 outcomes.append(self._outcome(sink, claim, error, finished))
         await self.store.finish_forwards(outcomes, format_time(self.clock()))
+        counters = self.metrics.forward_results(name)
+        for outcome in outcomes:
+            counters[outcome.state].inc()
         return len(claims)
 
     async def _deliver(self, sink: Sink, events: list[dict[str, object]]) -> list[SinkError | None]:
@@ -241,8 +250,10 @@ class Worker:
             await self.store.refetch_failed(
                 evaluation_id, str(exc)[:500], retry_at, format_time(self.clock())
             )
+            self.metrics.refetch_results["failed" if retry_at is None else "retry"].inc()
             return
         await self.store.refetched(found, format_time(self.clock()))
+        self.metrics.refetch_results["ok"].inc()
 
     async def _reconcile_loop(self) -> None:
         while not self._stopping:
@@ -273,6 +284,7 @@ class Worker:
             counts["polled"] += 1
             outcome = await self._poll(evaluation_id, polls)
             counts[outcome] += 1
+            self.metrics.reconcile_results[outcome].inc()
         if counts["verdicts"]:
             self.notify()
         return counts

@@ -16,6 +16,7 @@ from receiver import api, openapi
 from receiver import dashboard as receiver_dashboard
 from receiver.app import create_app
 from receiver.config import Settings
+from receiver.store import rollups
 from receiver.times import format_time
 
 from .helpers import SECRET_B, TOKEN, auth, fixture, post_callback
@@ -77,7 +78,8 @@ def ids(page: dict[str, Any]) -> set[str]:
 
 
 def set_received_at(settings: Settings, evaluation_id: str, moment: datetime) -> None:
-    """Test data set-up: pretend an evaluation arrived at `moment`."""
+    """Test data set-up: pretend an evaluation arrived at `moment` (the rollups follow, as
+    they would have had it arrived then)."""
     conn = sqlite3.connect(settings.database)
     try:
         with conn:
@@ -85,6 +87,7 @@ def set_received_at(settings: Settings, evaluation_id: str, moment: datetime) ->
                 "UPDATE evaluations SET received_at = ? WHERE id = ?",
                 (format_time(moment), evaluation_id),
             )
+            rollups.rebuild(conn)
     finally:
         conn.close()
 

@@ -79,7 +79,7 @@ stream = "test:evaluations"
 def destinations(redis_server: RedisService) -> Iterator[tuple[Destinations, dict[str, str]]]:
     found = Destinations(redis_server)
     client = redis.Redis.from_url(redis_server.url)
-    client.delete("test:evaluations")
+    client.delete("test:evaluations", *client.keys("test:evaluations:dedupe:*"))
     client.close()
     with (
         serve_in_thread(found.slack.app) as slack,

@@ -10,6 +10,7 @@ from urllib.parse import quote, urlencode
 from starlette.requests import Request
 from starlette.responses import RedirectResponse, Response
 
+from ..api import row_id
 from ..auth import COOKIE, SESSION_SECONDS, identify, new_session, token_ok
 from ..context import context
 from ..errors import BadRequest, Forbidden, NotFound, ReceiverError
@@ -101,8 +102,8 @@ async def retry(request: Request) -> Response:
     ctx = context(request)
     fields = await checked_form(request)
     target = local_path(fields.get("next"), "/forwards?state=dead")
-    forward_id = request.path_params["forward_id"]
     try:
+        forward_id = row_id(request, "forward_id", "forward")
         await ctx.store.retry_forward(forward_id, now())
     except (BadRequest, NotFound) as exc:
         return back(target, error=str(exc))

@@ -35,6 +35,11 @@ from .writer import Writer, connect
 __all__ = ["Claim", "Delivery", "EvaluationFilter", "Forwarding", "Outcome", "Receipt", "Store"]
 
 
+def _rewrite_header(conn: sqlite3.Connection) -> None:
+    (value,) = conn.execute("PRAGMA application_id").fetchone()
+    conn.execute(f"PRAGMA application_id = {int(value)}")
+
+
 class Store:
     def __init__(
         self, path: str, *, busy_timeout: float = 10.0, forwarding: Forwarding = NO_FORWARDING
@@ -180,8 +185,11 @@ class Store:
         )
 
     async def probe(self) -> None:
-        """Raise StoreUnavailable unless a write transaction can commit now."""
-        await self.writer.run(lambda conn: None)
+        """Raise StoreUnavailable unless a write transaction can commit now. It writes the
+        header field `application_id` back unchanged, so the commit really appends a page to
+        the WAL and fsyncs it: an empty transaction writes nothing, and passes on a full or
+        read-only disk."""
+        await self.writer.run(_rewrite_header)
 
     # reads
 

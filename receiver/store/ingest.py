@@ -12,6 +12,8 @@ from ..events import event_id
 from ..normalize import TERMINAL, Callback, columns, judge_issues, merge
 from ..sinkspec import SinkSpec
 from ..times import now, shift
+from .rollups import FACT_COLUMNS, Facts, track
+from .search import SEARCHED, reindex
 
 
 @dataclass(frozen=True)
@@ -113,8 +115,10 @@ def apply_evaluation(
     """Merge `fields` into the stored evaluation under the state rules (design.md §8), and in
     the same transaction queue its refetch and one outbox row per matching sink."""
     evaluation_id = fields["id"]
-    row = conn.execute(
-        "SELECT data, client_ref, refetch_state FROM evaluations WHERE id = ?", (evaluation_id,)
+    row = conn.execute(  # data, refetch_state, rowid, then the searched and rolled-up columns
+        f"SELECT data, refetch_state, rowid, {', '.join(SEARCHED)}, {FACT_COLUMNS}"
+        " FROM evaluations WHERE id = ?",
+        (evaluation_id,),
     ).fetchone()
     merged = merge(json.loads(row[0]), fields) if row else fields
     cols = columns(merged)
@@ -133,7 +137,7 @@ def apply_evaluation(
     }
     if refetched:
         values.update(refetched=1, refetch_state="done", refetch_error=None)
-    elif forwarding.refetch and status in TERMINAL and (row is None or row[2] is None):
+    elif forwarding.refetch and status in TERMINAL and (row is None or row[1] is None):
         values.update(refetch_state="pending", refetch_next_at=stamp)
     if status in TERMINAL:
         values.update(next_poll_at=None)
@@ -143,18 +147,30 @@ def apply_evaluation(
         values.update(received_at=stamp, source=source)
         names = ", ".join(values)
         marks = ", ".join(f":{name}" for name in values)
-        conn.execute(f"INSERT INTO evaluations ({names}) VALUES ({marks})", values)
+        inserted = conn.execute(f"INSERT INTO evaluations ({names}) VALUES ({marks})", values)
+        rowid = int(inserted.lastrowid or 0)
     else:
+        rowid = row[2]
         assignments = ", ".join(f"{name} = :{name}" for name in values if name != "id")
         conn.execute(f"UPDATE evaluations SET {assignments} WHERE id = :id", values)
+    issues = None
     if "judges" in fields:
-        conn.execute("DELETE FROM issues WHERE evaluation_id = ?", (evaluation_id,))
+        replaced = conn.execute(
+            "DELETE FROM issues WHERE evaluation_id = ? RETURNING category, subcategory",
+            (evaluation_id,),
+        ).fetchall()
+        found = judge_issues(merged)
         conn.executemany(
             "INSERT INTO issues (evaluation_id, judge, category, subcategory, detail)"
             " VALUES (?, ?, ?, ?, ?)",
-            [(evaluation_id, *issue) for issue in judge_issues(merged)],
+            [(evaluation_id, *issue) for issue in found],
         )
-    refs = {cols["client_ref"], row[1] if row else None}
+        issues = (replaced, [(category, sub) for _, category, sub, _ in found])
+    before = Facts.from_row(row[8:]) if row else None
+    track(conn, evaluation_id, before, Facts.from_columns(row[8] if row else stamp, values), issues)
+    searched = (evaluation_id, *(values[name] for name in SEARCHED[1:]))
+    reindex(conn, rowid, row[3:8] if row else None, searched)
+    refs = {cols["client_ref"], row[4] if row else None}
     parent = cols["parent_evaluation_id"]
     if parent:
         superseding = conn.execute(

@@ -6,10 +6,15 @@ import base64
 import binascii
 import json
 import sqlite3
-from dataclasses import dataclass, fields
+from dataclasses import replace
 from typing import Any
 
 from ..errors import BadRequest
+from . import search
+from .filters import EvaluationFilter
+from .stats import stats
+
+__all__ = ["EvaluationFilter", "get_client_ref", "get_evaluation", "list_evaluations", "stats"]
 
 ITEM_COLUMNS = (
     "id, client_ref, status, event, passed, score, task_type, failure_code, top_issues,"
@@ -17,55 +22,6 @@ ITEM_COLUMNS = (
     " completed_at, received_at, updated_at, run_id, image_url, refetched,"
     " feedback_is_positive, feedback_reason, source"
 )
-
-
-@dataclass(frozen=True)
-class EvaluationFilter:
-    """Every filter of GET /api/evaluations; None means "any"."""
-
-    client_ref: str | None = None
-    status: str | None = None
-    passed: bool | None = None
-    task_type: str | None = None
-    failure_code: str | None = None
-    since: str | None = None  # stored time form, compared with received_at
-    until: str | None = None
-    q: str | None = None
-
-    def where(self, alias: str = "") -> tuple[str, dict[str, Any]]:
-        """` WHERE …` (or "") and its parameters; `alias` qualifies columns in joins."""
-        a = f"{alias}." if alias else ""
-        clauses = []
-        params: dict[str, Any] = {}
-        for name in ("client_ref", "status", "task_type", "failure_code"):
-            value = getattr(self, name)
-            if value is not None:
-                clauses.append(f"{a}{name} = :{name}")
-                params[name] = value
-        if self.passed is not None:
-            clauses.append(f"{a}passed = :passed")
-            params["passed"] = int(self.passed)
-        if self.since is not None:
-            clauses.append(f"{a}received_at >= :since")
-            params["since"] = self.since
-        if self.until is not None:
-            clauses.append(f"{a}received_at < :until")
-            params["until"] = self.until
-        if self.q:
-            pattern = "%" + self.q.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
-            params["q"] = pattern + "%"
-            clauses.append(
-                "("
-                + " OR ".join(
-                    f"{a}{column} LIKE :q ESCAPE '\\'"
-                    for column in ("id", "client_ref", "task_type", "failure_code", "top_issues")
-                )
-                + ")"
-            )
-        return (" WHERE " + " AND ".join(clauses)) if clauses else "", params
-
-    def is_empty(self) -> bool:
-        return all(getattr(self, f.name) is None for f in fields(self))
 
 
 def item(row: sqlite3.Row) -> dict[str, Any]:
@@ -101,6 +57,10 @@ def decode_cursor(cursor: str) -> tuple[str, str]:
     raise BadRequest("cursor is not valid: pass next_cursor from the previous page unchanged")
 
 
+# Equality filters in the order their indexes narrow best (client_ref: ~100 rows per value).
+LEADS = ("client_ref", "failure_code", "task_type", "status", "passed")
+
+
 def list_evaluations(
     conn: sqlite3.Connection,
     where: EvaluationFilter,
@@ -108,10 +68,28 @@ def list_evaluations(
     cursor: str | None = None,
     newest_first: bool = True,
 ) -> tuple[list[dict[str, Any]], str | None]:
-    """By time received (newest first unless asked); `next_cursor` is None on the last page."""
-    sql, params = where.where()
-    if cursor is not None:
-        params["c_at"], params["c_id"] = decode_cursor(cursor)
+    """By time received (newest first unless asked); `next_cursor` is None on the last page.
+
+    One index drives the walk: the text index's candidates when `q` has few, else the first
+    equality filter in LEADS order (each is indexed with received_at, id and the other
+    filters, so those are checked without reading rows), else received_at (search.FEW).
+    """
+    position = decode_cursor(cursor) if cursor is not None else None
+    if position is not None:
+        # A bound the cursor already implies is dropped, or the planner may seek from it.
+        if newest_first and where.until is not None and position[0] < where.until:
+            where = replace(where, until=None)
+        if not newest_first and where.since is not None and position[0] >= where.since:
+            where = replace(where, since=None)
+    lead = next((name for name in LEADS if getattr(where, name) is not None), "received_at")
+    found = search.candidates(conn, where.q, search.MANY) if where.q else None
+    if found is not None and len(found) > search.MANY:
+        found = None
+    if found is not None and len(found) <= search.FEW:
+        lead = "rowid"
+    sql, params = where.where(candidates=found, lead=lead)
+    if position is not None:
+        params["c_at"], params["c_id"] = position
         beyond = "<" if newest_first else ">"
         sql += (" AND " if sql else " WHERE ") + f"(received_at, id) {beyond} (:c_at, :c_id)"
     params["limit"] = limit + 1
@@ -200,79 +178,4 @@ def get_client_ref(
         "latest": lookup(pointer["latest_evaluation_id"]),
         "total": pointer["evaluations"],
         "evaluations": list(by_id.values()),
-    }
-
-
-def stats(conn: sqlite3.Connection, where: EvaluationFilter) -> dict[str, Any]:
-    """Counts, pass rate, score distribution, top issues, per day and per task type."""
-    sql, params = where.where()
-    totals = conn.execute(
-        "SELECT count(*) AS total, sum(passed = 1) AS passed, sum(passed = 0) AS not_passed,"
-        f" avg(score) AS mean_score FROM evaluations{sql}",
-        params,
-    ).fetchone()
-    by_status = dict(
-        conn.execute(
-            f"SELECT coalesce(status, 'unknown'), count(*) FROM evaluations{sql} GROUP BY 1",
-            params,
-        ).fetchall()
-    )
-    buckets = dict(
-        conn.execute(
-            "SELECT min(cast(score * 10 AS INTEGER), 9), count(*) FROM evaluations"
-            f"{sql}{' AND' if sql else ' WHERE'} score IS NOT NULL GROUP BY 1",
-            params,
-        ).fetchall()
-    )
-
-    def grouped(select: str, group: str, order: str = "count DESC", limit: int = 20) -> list[Any]:
-        rows = conn.execute(
-            f"SELECT {select} FROM evaluations{sql}"
-            f" GROUP BY {group} ORDER BY {order} LIMIT {limit}",
-            params,
-        ).fetchall()
-        return [dict(row) for row in rows]
-
-    verdict = (
-        "count(*) AS total, coalesce(sum(passed = 1), 0) AS passed,"
-        " coalesce(sum(passed = 0), 0) AS not_passed,"
-        " coalesce(sum(status = 'failed'), 0) AS failed,"
-        " round(1.0 * sum(passed = 1) / nullif(sum(passed IS NOT NULL), 0), 4) AS pass_rate,"
-        " round(avg(score), 4) AS mean_score"
-    )
-    joined, _ = where.where("e")
-    categories = conn.execute(
-        "SELECT i.category, i.subcategory, count(*) AS count FROM issues i"
-        " JOIN evaluations e ON e.id = i.evaluation_id"
-        f"{joined} GROUP BY 1, 2 ORDER BY count DESC LIMIT 20",
-        params,
-    ).fetchall()
-    labels = conn.execute(
-        "SELECT j.value AS label, count(*) AS count FROM evaluations e, json_each(e.top_issues) j"
-        f"{joined} GROUP BY 1 ORDER BY count DESC LIMIT 20",
-        params,
-    ).fetchall()
-    rated = (totals["passed"] or 0) + (totals["not_passed"] or 0)
-    return {
-        "total": totals["total"],
-        "by_status": by_status,
-        "passed": totals["passed"] or 0,
-        "not_passed": totals["not_passed"] or 0,
-        "pass_rate": round(totals["passed"] / rated, 4) if rated else None,
-        "mean_score": None if totals["mean_score"] is None else round(totals["mean_score"], 4),
-        "score_distribution": [
-            {"from": i / 10, "to": (i + 1) / 10, "count": buckets.get(i, 0)} for i in range(10)
-        ],
-        "failure_codes": grouped(
-            "failure_code, count(*) AS count", "failure_code HAVING failure_code IS NOT NULL"
-        ),
-        "top_issue_categories": [dict(row) for row in categories],
-        "top_issues": [dict(row) for row in labels],
-        "per_day": grouped(
-            f"substr(coalesce(completed_at, received_at), 1, 10) AS day, {verdict}",
-            "day",
-            order="day DESC",
-            limit=90,
-        ),
-        "per_task_type": grouped(f"task_type, {verdict}", "task_type", order="total DESC"),
     }

@@ -8,6 +8,7 @@ from collections.abc import Callable
 from sqlite_utils import Database
 
 from ..times import now
+from . import rollups, search
 
 
 def _v1_core(db: Database) -> None:
@@ -166,11 +167,41 @@ def _v4_client_ref_indexes(db: Database) -> None:
     evaluations.create_index(["client_ref", "completed_at"])
 
 
+def _v5_rollups(db: Database) -> None:
+    """Per-day rollups for the overview, backfilled from the rows already stored."""
+    rollups.create(db)
+    rollups.rebuild(db.conn)
+
+
+def _v6_list_indexes(db: Database) -> None:
+    """List pages in O(page) at any size: each filter's index also holds received_at and id
+    (the order and the cursor) and the other filters, which are then checked without reading
+    rows. They replace v1's (column, received_at) indexes; failure_code's skips NULLs (most)."""
+    others = ("status", "passed", "task_type", "failure_code")
+    for lead in ("client_ref", *others):
+        columns = ", ".join([lead, "received_at", "id", *(c for c in others if c != lead)])
+        partial = " WHERE failure_code IS NOT NULL" if lead == "failure_code" else ""
+        db.execute(
+            f"CREATE INDEX IF NOT EXISTS idx_evaluations_{lead}_list"
+            f" ON evaluations ({columns}){partial}"
+        )
+        db.execute(f"DROP INDEX IF EXISTS idx_evaluations_{lead}_received_at")
+
+
+def _v7_search(db: Database) -> None:
+    """A trigram index for `q`, filled from the rows already stored."""
+    search.create(db)
+    search.rebuild(db.conn)
+
+
 MIGRATIONS: list[tuple[int, str, Callable[[Database], None]]] = [
     (1, "core tables", _v1_core),
     (2, "refetch state and outbox claiming", _v2_forwarding),
     (3, "reconciliation schedule", _v3_reconcile),
     (4, "client_ref indexes", _v4_client_ref_indexes),
+    (5, "overview rollups", _v5_rollups),
+    (6, "list indexes", _v6_list_indexes),
+    (7, "text search", _v7_search),
 ]
 
 

@@ -8,6 +8,7 @@ future resolves only after its batch is committed (WAL + synchronous=FULL: fsync
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import queue
 import sqlite3
@@ -94,7 +95,13 @@ class Writer:
                         stopping = True
                         break
                     batch.append(item)
-                self._commit(conn, batch)
+                try:
+                    self._commit(conn, batch)
+                except Exception as exc:  # never let the one writer die: fail the batch
+                    log.exception("store write failed, nothing acknowledged")
+                    for _, future in batch:
+                        if not future.done():
+                            future.set_exception(StoreUnavailable(f"the store failed: {exc}"))
                 if stopping:
                     break
         finally:
@@ -113,6 +120,8 @@ class Writer:
                 try:
                     outcome = operation(conn)
                 except Exception as exc:
+                    if isinstance(exc, sqlite3.Error) and not conn.in_transaction:
+                        raise  # SQLite rolled it all back (disk full, I/O error): fail the batch
                     conn.execute("ROLLBACK TO op")
                     results.append((future, False, _translate(exc)))
                 else:
@@ -122,7 +131,8 @@ class Writer:
         except sqlite3.Error as exc:
             log.error("store write failed, nothing acknowledged: %s", exc)
             if conn.in_transaction:
-                conn.execute("ROLLBACK")
+                with contextlib.suppress(sqlite3.Error):  # a failing ROLLBACK must not kill us
+                    conn.execute("ROLLBACK")
             for _, future in batch:
                 future.set_exception(StoreUnavailable(f"the store cannot write: {exc}"))
             return

@@ -1,0 +1,1 @@
+"""Benchmarks: a data generator and a query harness (see docs/performance.md)."""

@@ -1,0 +1,182 @@
+"""Logging for `receiver serve` and `receiver worker`: one JSON object per line on standard error
+(or readable text in a terminal), uvicorn's loggers included, and one line per HTTP request in
+place of uvicorn's access log.
+
+A line carries `time`, `level`, `logger`, `message` and the record's extra fields (`request_id`,
+`outcome`, `delivery_id`, `evaluation_id`, `status`, `path`, `method`, `duration_ms`, …). Nothing
+here logs a body, a signature, a token, a key or a sink URL; third-party clients that would
+print URLs (httpx prints every request's full URL, and webhook URLs carry their tokens) are held
+at WARNING.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import logging.config
+import time
+from datetime import UTC, datetime
+from typing import Any, TextIO
+
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+# Attributes every LogRecord has; anything else on a record came in through `extra=`.
+_STANDARD = frozenset(vars(logging.makeLogRecord({}))) | {
+    "message",
+    "asctime",
+    "taskName",
+    "color_message",  # uvicorn's duplicate of the message with terminal colours
+}
+# Loggers that would print URLs with credentials or tokens at INFO/DEBUG.
+QUIET_LIBRARIES = ("httpx", "httpx2", "httpcore", "aio_pika", "aiormq", "nats", "redis", "hpack")
+WEBHOOK_PATH = "/webhooks/runflow"
+# Requests logged at DEBUG unless they fail: probes, scrapes, assets and live-row polling.
+ROUTINE_PREFIXES = ("/healthz", "/readyz", "/metrics", "/static/", "/partials/")
+
+
+def _time(record: logging.LogRecord) -> str:
+    moment = datetime.fromtimestamp(record.created, UTC)
+    return moment.isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def extra_fields(record: logging.LogRecord) -> dict[str, Any]:
+    return {
+        key: value
+        for key, value in record.__dict__.items()
+        if key not in _STANDARD and not key.startswith("_")
+    }
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object per line (ASCII, so any terminal or collector reads it)."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        entry: dict[str, Any] = {
+            "time": _time(record),
+            "level": record.levelname,
+            "logger": record.name,
+            "message": record.getMessage(),
+        }
+        for key, value in extra_fields(record).items():
+            entry.setdefault(key, value)
+        if record.exc_info:
+            entry["exception"] = self.formatException(record.exc_info)
+        if record.stack_info:
+            entry["stack"] = self.formatStack(record.stack_info)
+        return json.dumps(entry, default=str)
+
+
+class TextFormatter(logging.Formatter):
+    """`time LEVEL logger: message key=value …` for people reading a terminal."""
+
+    def __init__(self) -> None:
+        super().__init__("%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+    def format(self, record: logging.LogRecord) -> str:
+        text = super().format(record)
+        extras = extra_fields(record)
+        if not extras:
+            return text
+        pairs = " ".join(f"{key}={_text_value(value)}" for key, value in extras.items())
+        head, newline, tail = text.partition("\n")  # keep a traceback below the fields
+        return f"{head} {pairs}{newline}{tail}"
+
+
+def _text_value(value: Any) -> str:
+    if isinstance(value, str) and value and all(c.isprintable() and c not in ' "=' for c in value):
+        return value
+    return json.dumps(value, default=str)
+
+
+def resolve_format(name: str, stream: TextIO) -> str:
+    """`auto` is text in a terminal and JSON anywhere else (services, containers, files)."""
+    if name != "auto":
+        return name
+    isatty = getattr(stream, "isatty", None)
+    return "text" if isatty is not None and isatty() else "json"
+
+
+def config(log_format: str, level: str) -> dict[str, Any]:
+    """A `logging.config.dictConfig` document; also uvicorn's `log_config`, which configures
+    each `--workers` process with it. `log_format` is `json` or `text` (resolved already)."""
+    formatter = JsonFormatter if log_format == "json" else TextFormatter
+    upper = level.upper()
+    quiet = max(logging.WARNING, logging.getLevelName(upper))
+    return {
+        "version": 1,
+        "disable_existing_loggers": False,
+        "formatters": {"receiver": {"()": f"{__name__}.{formatter.__name__}"}},
+        "handlers": {
+            "receiver": {
+                "class": "logging.StreamHandler",
+                "formatter": "receiver",
+                "stream": "ext://sys.stderr",
+            }
+        },
+        "loggers": {
+            # uvicorn's own lines go through the root handler; its access log is replaced by
+            # AccessLog (one line per request, with the duration) and stays silent.
+            "uvicorn": {"handlers": [], "level": upper, "propagate": True},
+            "uvicorn.error": {"handlers": [], "level": upper, "propagate": True},
+            "uvicorn.access": {"handlers": [], "level": "WARNING", "propagate": False},
+            **{
+                name: {"handlers": [], "level": logging.getLevelName(quiet), "propagate": True}
+                for name in QUIET_LIBRARIES
+            },
+        },
+        "root": {"handlers": ["receiver"], "level": upper},
+    }
+
+
+def configure(log_format: str, level: str, stream: TextIO) -> dict[str, Any]:
+    """Set up logging for this process; returns the document (for uvicorn's `log_config`)."""
+    document = config(resolve_format(log_format, stream), level)
+    logging.config.dictConfig(document)
+    return document
+
+
+access_log = logging.getLogger("receiver.access")
+
+
+class AccessLog:
+    """One line per HTTP request (method, path, status, duration) in place of uvicorn's access
+    log. The webhook logs its own, richer line, so it is left out here; routine requests
+    (probes, scrapes, static files) are logged at DEBUG unless they fail. The query string is
+    never logged."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or (scope["path"] == WEBHOOK_PATH and scope["method"] == "POST"):
+            await self.app(scope, receive, send)
+            return
+        started = time.perf_counter()
+        status = 500
+
+        async def record_status(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, record_status)
+        finally:
+            path = scope["path"]
+            routine = path.startswith(ROUTINE_PREFIXES) and status < 400
+            level = logging.DEBUG if routine else logging.INFO
+            if access_log.isEnabledFor(level):
+                access_log.log(
+                    level,
+                    "%s %s %d",
+                    scope["method"],
+                    path,
+                    status,
+                    extra={
+                        "method": scope["method"],
+                        "path": path,
+                        "status": status,
+                        "duration_ms": round((time.perf_counter() - started) * 1000, 3),
+                    },
+                )

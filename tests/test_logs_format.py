@@ -1,0 +1,288 @@
+"""Structured logs: one JSON object per line with the record's fields; one line per callback
+carrying its Runflow-Request-Id; refusals at WARNING with the reason; nothing secret; one
+access line per other request instead of uvicorn's; RECEIVER_LOG_FORMAT / RECEIVER_LOG_LEVEL."""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from starlette.testclient import TestClient
+
+from receiver import logs
+from receiver.app import create_app
+from receiver.config import Settings
+from receiver.errors import ConfigError
+from receiver.signing import sign
+
+from .helpers import SECRET_A, SECRET_B, TOKEN, auth, fixture, make_settings, post_callback
+from .servers import ReceiverProcess
+
+EVALUATION_ID = "0193a7c2-5b1e-7c3d-9f10-2a4b6c8d0e11"
+
+
+def record(message: str = "hello %s", *args: object, **extra: Any) -> logging.LogRecord:
+    made = logging.makeLogRecord(
+        {"name": "receiver.test", "levelno": logging.INFO, "levelname": "INFO", "msg": message}
+    )
+    made.args = args or ("world",)
+    made.__dict__.update(extra)
+    return made
+
+
+def as_json(line: str) -> dict[str, Any]:
+    assert "\n" not in line
+    parsed = json.loads(line)
+    assert isinstance(parsed, dict)
+    return parsed
+
+
+# the formatters
+
+
+def test_json_lines_carry_time_level_logger_message_and_extra_fields() -> None:
+    line = logs.JsonFormatter().format(
+        record(request_id="req-1", outcome="stored", delivery_id=7, duration_ms=1.5)
+    )
+    entry = as_json(line)
+    assert entry["level"] == "INFO"
+    assert entry["logger"] == "receiver.test"
+    assert entry["message"] == "hello world"
+    assert entry["time"].endswith("Z")
+    assert "T" in entry["time"]
+    assert (entry["request_id"], entry["outcome"], entry["delivery_id"]) == ("req-1", "stored", 7)
+    assert entry["duration_ms"] == 1.5
+    assert "args" not in entry
+    assert "msg" not in entry
+    assert "levelno" not in entry
+
+
+def test_a_json_line_stays_one_line_with_newlines_tracebacks_and_odd_values() -> None:
+    try:
+        raise ValueError("boom\nsecond line")
+    except ValueError:
+        failed = record("multi\nline %s", "value\r\nx", thing=object(), color_message="\x1b[1m")
+        failed.exc_info = sys.exc_info()
+    entry = as_json(logs.JsonFormatter().format(failed))
+    assert entry["message"] == "multi\nline value\r\nx"
+    assert "ValueError: boom" in entry["exception"]
+    assert entry["thing"].startswith("<object object")
+    assert "color_message" not in entry  # uvicorn's coloured duplicate
+
+
+def test_text_lines_append_the_fields() -> None:
+    line = logs.TextFormatter().format(record(request_id="req 1", outcome="stored", status=200))
+    assert "INFO receiver.test: hello world" in line
+    assert line.endswith('request_id="req 1" outcome=stored status=200')
+
+
+@pytest.mark.parametrize(
+    ("given", "tty", "expected"),
+    [
+        ("auto", True, "text"),
+        ("auto", False, "json"),
+        ("json", True, "json"),
+        ("text", False, "text"),
+    ],
+)
+def test_auto_is_text_in_a_terminal_and_json_elsewhere(
+    given: str, tty: bool, expected: str
+) -> None:
+    class Stream(io.StringIO):
+        def isatty(self) -> bool:
+            return tty
+
+    assert logs.resolve_format(given, Stream()) == expected
+
+
+def test_the_logging_config_keeps_url_printing_clients_quiet_and_uvicorn_access_off() -> None:
+    document = logs.config("json", "debug")
+    assert document["root"]["level"] == "DEBUG"
+    assert document["formatters"]["receiver"]["()"] == "receiver.logs.JsonFormatter"
+    for name in ("httpx", "httpcore", "aio_pika", "nats"):
+        assert document["loggers"][name]["level"] == "WARNING"
+    assert document["loggers"]["uvicorn.access"] == {
+        "handlers": [],
+        "level": "WARNING",
+        "propagate": False,
+    }
+    assert logs.config("text", "error")["loggers"]["httpx"]["level"] == "ERROR"
+    assert logs.config("text", "info")["formatters"]["receiver"]["()"].endswith("TextFormatter")
+
+
+# settings
+
+
+def test_log_settings_default_and_parse(tmp_path: Path) -> None:
+    base = {"RUNFLOW_WEBHOOK_SECRET": "whsec_x"}
+    default = Settings.from_env(base, env_file=None)
+    assert (default.log_format, default.log_level) == ("auto", "info")
+    given = Settings.from_env(
+        {**base, "RECEIVER_LOG_FORMAT": "JSON", "RECEIVER_LOG_LEVEL": "Warning"}, env_file=None
+    )
+    assert (given.log_format, given.log_level) == ("json", "warning")
+
+
+@pytest.mark.parametrize(
+    ("name", "bad"), [("RECEIVER_LOG_FORMAT", "yaml"), ("RECEIVER_LOG_LEVEL", "loud")]
+)
+def test_a_bad_log_setting_names_its_variable(name: str, bad: str) -> None:
+    with pytest.raises(ConfigError, match=f"{name} must be one of .*got '{bad}'"):
+        Settings.from_env({"RUNFLOW_WEBHOOK_SECRET": "whsec_x", name: bad}, env_file=None)
+
+
+# what the app logs
+
+
+def lines_of(caplog: pytest.LogCaptureFixture) -> list[dict[str, Any]]:
+    formatter = logs.JsonFormatter()
+    return [as_json(formatter.format(item)) for item in caplog.records]
+
+
+def test_a_callback_logs_one_line_with_its_request_id(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    body = fixture("evaluation-completed.json")
+    with (
+        TestClient(create_app(make_settings(tmp_path, worker=False))) as client,
+        caplog.at_level(logging.DEBUG),
+    ):
+        response = post_callback(client, body, headers={"runflow-request-id": "req-abc-123"})
+    assert response.status_code == 200
+    lines = lines_of(caplog)
+    (line,) = [entry for entry in lines if entry["logger"] == "receiver.web"]
+    assert line["level"] == "INFO"
+    assert line["message"] == "callback stored"
+    assert line["request_id"] == "req-abc-123"
+    assert line["outcome"] == "stored"
+    assert line["delivery_id"] == response.json()["delivery_id"]
+    assert line["evaluation_id"] == EVALUATION_ID
+    assert line["secret_index"] == 0
+    assert (line["status"], line["method"], line["path"]) == (200, "POST", "/webhooks/runflow")
+    assert line["duration_ms"] > 0
+    # the webhook's own line is its access line: no second one for the same request
+    assert not [entry for entry in lines if entry["logger"] == "receiver.access"]
+    text = "\n".join(json.dumps(entry) for entry in lines)
+    for secret in (SECRET_A, SECRET_B, TOKEN, sign(body, SECRET_A)):
+        assert secret not in text
+    assert "generated_image_url" not in text
+    assert "cdn." not in text
+
+
+@pytest.mark.parametrize(
+    ("secret", "content", "outcome", "status"),
+    [
+        ("whsec_wrong", None, "bad_signature", 401),
+        (None, None, "bad_signature", 401),
+        (SECRET_A, b"[1]", "bad_request", 400),
+    ],
+)
+def test_refusals_log_a_warning_with_the_reason_and_nothing_secret(
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+    secret: str | None,
+    content: bytes | None,
+    outcome: str,
+    status: int,
+) -> None:
+    body = content or fixture("evaluation-completed.json")
+    with (
+        TestClient(create_app(make_settings(tmp_path, worker=False))) as client,
+        caplog.at_level(logging.INFO),
+    ):
+        response = post_callback(client, body, secret, headers={"runflow-request-id": "req-9"})
+    assert response.status_code == status
+    (line,) = [entry for entry in lines_of(caplog) if entry["logger"] == "receiver.web"]
+    assert line["level"] == "WARNING"
+    assert (line["outcome"], line["status"], line["request_id"]) == (outcome, status, "req-9")
+    assert line["reason"] == response.json()["error"]
+    assert line["message"] == f"callback refused: {line['reason']}"
+    text = json.dumps(line)
+    for value in (SECRET_A, SECRET_B, "whsec_wrong", sign(body, secret or SECRET_A)):
+        assert value not in text
+
+
+def test_a_long_request_id_is_cut_in_the_log(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    with (
+        TestClient(create_app(make_settings(tmp_path, worker=False))) as client,
+        caplog.at_level(logging.INFO),
+    ):
+        post_callback(
+            client, fixture("evaluation-completed.json"), headers={"runflow-request-id": "r" * 5000}
+        )
+    (line,) = [entry for entry in lines_of(caplog) if entry["logger"] == "receiver.web"]
+    assert line["request_id"] == "r" * 200
+
+
+def test_other_requests_get_one_access_line_without_the_query(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    with (
+        TestClient(create_app(make_settings(tmp_path, worker=False))) as client,
+        caplog.at_level(logging.DEBUG, logger="receiver.access"),
+    ):
+        assert client.get("/api/evaluations?client_ref=private-ref", headers=auth()).is_success
+        assert client.get("/api/evaluations").status_code == 401
+        assert client.get("/healthz").is_success
+        assert client.get("/metrics", headers=auth()).is_success
+    lines = [entry for entry in lines_of(caplog) if entry["logger"] == "receiver.access"]
+    assert [(e["level"], e["method"], e["path"], e["status"]) for e in lines] == [
+        ("INFO", "GET", "/api/evaluations", 200),
+        ("INFO", "GET", "/api/evaluations", 401),
+        ("DEBUG", "GET", "/healthz", 200),  # probes and scrapes only at DEBUG
+        ("DEBUG", "GET", "/metrics", 200),
+    ]
+    assert all(entry["duration_ms"] >= 0 for entry in lines)
+    assert "private-ref" not in json.dumps(lines)
+    assert TOKEN not in json.dumps(lines)
+
+
+# `receiver serve`
+
+
+def test_serve_writes_json_lines_and_no_uvicorn_access_log(tmp_path: Path) -> None:
+    body = fixture("evaluation-completed.json")
+    with ReceiverProcess(tmp_path, RECEIVER_LOG_FORMAT="auto") as server:  # not a terminal
+        headers = {
+            "content-type": "application/json",
+            "runflow-signature": sign(body, SECRET_A),
+            "runflow-request-id": "req-from-runflow-1",
+        }
+        response = httpx.post(f"{server.url}/webhooks/runflow", content=body, headers=headers)
+        assert response.status_code == 200
+        httpx.get(f"{server.url}/api/evaluations", headers=auth())
+    output = server.log.read_text()
+    entries = [as_json(line) for line in output.splitlines() if line.startswith("{")]
+    (callback,) = [entry for entry in entries if entry.get("request_id") == "req-from-runflow-1"]
+    assert (callback["logger"], callback["outcome"]) == ("receiver.web", "stored")
+    assert any(entry["logger"].startswith("uvicorn") for entry in entries)
+    assert any(entry.get("path") == "/api/evaluations" for entry in entries)
+    assert '"POST /webhooks/runflow HTTP/1.1" 200' not in output  # uvicorn's access line
+    # every log line is JSON; only the start-up banner (stdout) is plain text
+    for line in output.splitlines():
+        assert line.startswith(("{", "receiver: ")), line
+    for secret in (SECRET_A, SECRET_B, TOKEN, headers["runflow-signature"]):
+        assert secret not in output
+
+
+def test_serve_text_format_and_level(tmp_path: Path) -> None:
+    with ReceiverProcess(tmp_path, RECEIVER_LOG_FORMAT="text", RECEIVER_LOG_LEVEL="warning") as s:
+        post_callback_over_http(s.url, fixture("evaluation-completed.json"), "whsec_wrong")
+    output = s.log.read_text()
+    assert not any(line.startswith("{") for line in output.splitlines())
+    assert "WARNING receiver.web: callback refused" in output
+    assert "outcome=bad_signature" in output
+    assert "INFO" not in output  # uvicorn's start-up lines are below the level
+
+
+def post_callback_over_http(url: str, body: bytes, secret: str) -> httpx.Response:
+    headers = {"content-type": "application/json", "runflow-signature": sign(body, secret)}
+    return httpx.post(f"{url}/webhooks/runflow", content=body, headers=headers)
