@@ -9,6 +9,7 @@ import signal
 import sys
 import tempfile
 from collections.abc import Iterator
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -173,6 +174,27 @@ def backup(path: Path) -> None:
     click.echo(
         f"backed up {settings.database} to {path}: {counts['evaluations']} evaluations, "
         f"{counts['deliveries']} deliveries, {counts['outbox']} forwards"
+    )
+
+
+@cli.command()
+@click.option("--older-than", "age", required=True, help="Age, e.g. 90d, 12w, 36h.")
+def prune(age: str) -> None:
+    """Delete evaluations (with their deliveries, issues and forwards) last touched longer ago
+    than --older-than; never one whose forward, refetch or reconciliation is still pending."""
+    from .cliutil import writing_store
+    from .times import format_time, parse_duration
+
+    try:
+        cutoff = format_time(datetime.now(UTC) - parse_duration(age))
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), param_hint="--older-than") from None
+    with writing_store(load_settings()) as store:
+        counts = asyncio.run(store.prune(cutoff))
+    click.echo(
+        f"pruned before {cutoff}: {counts['evaluations']} evaluations, "
+        f"{counts['deliveries']} deliveries, {counts['forwards']} forwards, "
+        f"{counts['quarantine']} quarantined bodies"
     )
 
 

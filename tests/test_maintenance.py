@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import sqlite3
 import threading
@@ -9,7 +10,10 @@ from pathlib import Path
 
 import httpx
 
+from receiver.normalize import normalize, parse_body
 from receiver.signing import sign
+from receiver.sinkspec import SinkSpec
+from receiver.store import Delivery, EvaluationFilter, Forwarding, Outcome, Store
 
 from .helpers import SECRET_A, TOKEN, fixture
 from .servers import ReceiverProcess, run_cli
@@ -73,3 +77,72 @@ def test_backup_while_writing_then_restore(tmp_path: Path) -> None:
         again = run_cli("backup", str(restored / "receiver.db"), cwd=restored, env=server.env)
     assert again.returncode == 1
     assert again.stderr.strip().endswith("exists; choose a new path (a backup never overwrites)")
+
+
+def test_prune_keeps_everything_with_work_left_and_the_stats_follow(tmp_path: Path) -> None:
+    sink = SinkSpec(name="consumer", type="http", url="http://127.0.0.1:9/")
+    store = Store(str(tmp_path / "r.db"), forwarding=Forwarding(sinks=(sink,), refetch=True))
+    store.open()
+
+    def post(number: int, **fields: object) -> None:
+        body = json.loads(fixture("get-evaluation-embedded.json"))
+        body.update(
+            id=f"0193a7c2-0000-7000-8000-{number:012d}", client_ref=f"ref-{number}", **fields
+        )
+        raw = json.dumps(body).encode()
+        asyncio.run(store.ingest(Delivery(raw, normalize(parse_body(raw)))))
+
+    try:
+        for number in range(6):
+            post(number)
+        post(6, status_code="running", completed_at=None)
+        run = fixture("run-completed.json")
+        asyncio.run(store.ingest(Delivery(run, normalize(parse_body(run)))))
+        asyncio.run(store.quarantine(b"not json", "bad", {}, None))
+        conn = sqlite3.connect(tmp_path / "r.db")
+        old = "2020-01-01T00:00:00.000000Z"
+        conn.execute("UPDATE evaluations SET updated_at = ?, received_at = ?", (old, old))
+        conn.execute("UPDATE deliveries SET received_at = ?, last_received_at = ?", (old, old))
+        conn.execute("UPDATE quarantine SET received_at = ?", (old,))
+        conn.execute("UPDATE evaluations SET refetch_state = 'done' WHERE id NOT LIKE '%0001'")
+        conn.execute("UPDATE evaluations SET next_poll_at = NULL WHERE id NOT LIKE '%0006'")
+        conn.execute(
+            "UPDATE evaluations SET updated_at = '2999-01-01T00:00:00.000000Z'"
+            " WHERE id LIKE '%0005'"
+        )
+        conn.commit()
+        outcomes = [Outcome(n + 1, "done", old) for n in range(6) if n != 2]
+        asyncio.run(store.finish_forwards(outcomes, old))
+        conn.execute("UPDATE evaluations SET refetch_state = 'pending' WHERE id LIKE '%0001'")
+        conn.commit()
+        counts = asyncio.run(store.prune("2025-01-01T00:00:00.000000Z"))
+        kept = {row[0][-1] for row in conn.execute("SELECT id FROM evaluations")}
+        stats = store.stats(EvaluationFilter())
+        refs = {row[0] for row in conn.execute("SELECT client_ref FROM client_refs")}
+        leftover_issues = conn.execute(
+            "SELECT count(*) FROM issues WHERE evaluation_id NOT IN (SELECT id FROM evaluations)"
+        ).fetchone()[0]
+        conn.close()
+    finally:
+        store.close()
+    # 1: refetch pending; 2: forward pending; 5: touched recently; 6: still being reconciled
+    assert kept == {"1", "2", "5", "6"}
+    assert counts == {"evaluations": 3, "deliveries": 4, "forwards": 3, "quarantine": 1}
+    assert stats["total"] == 4
+    assert refs == {"ref-1", "ref-2", "ref-5", "ref-6"}
+    assert leftover_issues == 0
+
+
+def test_prune_command(tmp_path: Path) -> None:
+    env = {
+        "PATH": "/usr/bin:/bin",
+        "RECEIVER_DATABASE": str(tmp_path / "r.db"),
+        "RUNFLOW_WEBHOOK_SECRET": SECRET_A,
+    }
+    assert run_cli("migrate", cwd=tmp_path, env=env).returncode == 0
+    done = run_cli("prune", "--older-than", "90d", cwd=tmp_path, env=env)
+    assert done.returncode == 0, done.stderr
+    assert "pruned before" in done.stdout
+    bad = run_cli("prune", "--older-than", "soon", cwd=tmp_path, env=env)
+    assert bad.returncode == 1
+    assert "--older-than" in bad.stderr

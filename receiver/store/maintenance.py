@@ -1,4 +1,4 @@
-"""Operator tasks on the database file: an online, consistent backup."""
+"""Operator tasks on the database: an online, consistent backup; retention (prune)."""
 
 from __future__ import annotations
 
@@ -6,6 +6,8 @@ import sqlite3
 from pathlib import Path
 
 from ..errors import BadRequest
+from ..times import now
+from .ingest import refresh_client_ref
 
 
 def backup(source: str, target: Path) -> dict[str, int]:
@@ -33,3 +35,56 @@ def backup(source: str, target: Path) -> dict[str, int]:
         src.close()
     partial.rename(target)
     return counts
+
+
+def prune_batch(conn: sqlite3.Connection, cutoff: str, limit: int) -> dict[str, int]:
+    """Delete up to `limit` evaluations last touched before `cutoff` with everything that
+    belongs to them, never one that still has work to do: a pending forward, a pending
+    refetch, or a reconciliation poll scheduled. Their client_refs are recomputed."""
+    doomed = [
+        row[0]
+        for row in conn.execute(
+            "SELECT id FROM evaluations e WHERE updated_at < :cutoff"
+            " AND next_poll_at IS NULL AND refetch_state IS NOT 'pending'"
+            " AND NOT EXISTS (SELECT 1 FROM outbox o WHERE o.evaluation_id = e.id"
+            "  AND o.state = 'pending') LIMIT :limit",
+            {"cutoff": cutoff, "limit": limit},
+        )
+    ]
+    counts = {"evaluations": len(doomed), "deliveries": 0, "forwards": 0}
+    if not doomed:
+        return counts
+    marks = ", ".join("?" * len(doomed))
+    refs = {
+        row[0]
+        for row in conn.execute(
+            f"SELECT DISTINCT client_ref FROM evaluations WHERE id IN ({marks})"
+            " AND client_ref IS NOT NULL",
+            doomed,
+        )
+    }
+    counts["deliveries"] = conn.execute(
+        f"DELETE FROM deliveries WHERE evaluation_id IN ({marks})", doomed
+    ).rowcount
+    counts["forwards"] = conn.execute(
+        f"DELETE FROM outbox WHERE evaluation_id IN ({marks})", doomed
+    ).rowcount
+    conn.execute(f"DELETE FROM issues WHERE evaluation_id IN ({marks})", doomed)
+    conn.execute(f"DELETE FROM evaluations WHERE id IN ({marks})", doomed)
+    stamp = now()
+    for client_ref in refs:
+        refresh_client_ref(conn, client_ref, stamp)
+    return counts
+
+
+def prune_loose(conn: sqlite3.Connection, cutoff: str) -> dict[str, int]:
+    """Deliveries that belong to no evaluation (run callbacks) and quarantined bodies."""
+    return {
+        "deliveries": conn.execute(
+            "DELETE FROM deliveries WHERE evaluation_id IS NULL AND last_received_at < ?",
+            (cutoff,),
+        ).rowcount,
+        "quarantine": conn.execute(
+            "DELETE FROM quarantine WHERE received_at < ?", (cutoff,)
+        ).rowcount,
+    }
