@@ -12,7 +12,7 @@ import pytest
 
 from receiver.store import EvaluationFilter
 from receiver.store.ingest import apply_evaluation
-from receiver.store.rollups import TABLES, rebuild, score_bucket
+from receiver.store.rollups import TABLES, forget, rebuild, score_bucket
 from receiver.store.schema import migrate
 from receiver.store.stats import plan, stats
 
@@ -184,6 +184,25 @@ def test_the_migration_backfills_an_existing_database(conn: sqlite3.Connection) 
     assert 5 in migrate(conn)
     assert tables(conn) == incremental
     assert stats(conn, EvaluationFilter()) == stats(conn, EvaluationFilter(), exact=True)
+
+
+def test_forgetting_deleted_evaluations_equals_a_rebuild(conn: sqlite3.Connection) -> None:
+    """Retention deletes rows: forget() first keeps rollups and the text index exact."""
+    populate(conn, 9, count=300)
+    doomed = [row[0] for row in conn.execute("SELECT id FROM evaluations WHERE rowid % 3 = 0")]
+    conn.execute("BEGIN")
+    forget(conn, doomed)
+    marks = ", ".join("?" * len(doomed))
+    conn.execute(f"DELETE FROM issues WHERE evaluation_id IN ({marks})", doomed)
+    conn.execute(f"DELETE FROM evaluations WHERE id IN ({marks})", doomed)
+    conn.execute("COMMIT")
+    forgotten = tables(conn)
+    rebuild(conn)
+    assert tables(conn) == forgotten
+    conn.execute("INSERT INTO evaluations_fts(evaluations_fts, rank) VALUES ('integrity-check', 1)")
+    indexed = "SELECT count(*) FROM evaluations_fts WHERE evaluations_fts MATCH '\"e-0\"'"
+    stored = "SELECT count(*) FROM evaluations WHERE id LIKE 'e-0%'"
+    assert conn.execute(indexed).fetchone() == conn.execute(stored).fetchone() != (0,)
 
 
 def test_no_zero_rows_are_left_behind(conn: sqlite3.Connection) -> None:

@@ -150,4 +150,5 @@ def test_every_list_query_seeks_one_index_in_order(
         plan = [row[3] for row in conn.execute(f"EXPLAIN QUERY PLAN {sql}")]
         assert len(plan) == 1, plan
         assert index in plan[0], plan
-        assert "(received_at,id)" in plan[0] or " LIMIT 2" in sql, plan
+        if "(received_at, id)" in sql:  # a cursor page seeks to its place
+            assert "(received_at,id)" in plan[0], plan

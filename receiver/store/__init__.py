@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import ConfigError
-from . import maintenance, outbox, rollups
+from . import maintenance, outbox
 from .ingest import (
     NO_FORWARDING,
     Delivery,
@@ -185,8 +185,7 @@ class Store:
         )
 
     async def prune(self, cutoff: str, batch: int = 2000) -> dict[str, int]:
-        """Retention in short transactions (ingest keeps flowing between them), then one
-        rollup rebuild so the statistics equal the rows that are left."""
+        """Retention in short transactions, so ingest keeps flowing between them."""
         totals = {"evaluations": 0, "deliveries": 0, "forwards": 0, "quarantine": 0}
         while True:
             counts = await self.writer.run(
@@ -200,8 +199,6 @@ class Store:
             await self.writer.run(partial(maintenance.prune_loose, cutoff=cutoff))
         ).items():
             totals[key] += value
-        if totals["evaluations"]:
-            await self.writer.run(rollups.rebuild)
         return totals
 
     async def probe(self) -> None:

@@ -7,6 +7,7 @@ from pathlib import Path
 
 from ..errors import BadRequest
 from ..times import now
+from . import rollups
 from .ingest import refresh_client_ref
 
 
@@ -63,6 +64,7 @@ def prune_batch(conn: sqlite3.Connection, cutoff: str, limit: int) -> dict[str, 
             doomed,
         )
     }
+    rollups.forget(conn, doomed)  # statistics and the text index follow the rows
     counts["deliveries"] = conn.execute(
         f"DELETE FROM deliveries WHERE evaluation_id IN ({marks})", doomed
     ).rowcount

@@ -17,6 +17,8 @@ from typing import Any, NamedTuple
 
 from sqlite_utils import Database
 
+from . import search
+
 DIMS = ("received_day", "task_type", "status", "passed", "failure_code")
 
 # table: (key columns after DIMS, measures); every table counts in `count`.
@@ -171,6 +173,30 @@ def _upsert(table: str, returning: bool) -> str:
     )
 
 
+Changes = dict[tuple[str, Key], list[float]]  # (table, key) -> [count, score_sum] to add
+
+
+def _count(changes: Changes, sign: int, facts: Facts, issues: list[Issue], only: bool) -> None:
+    for table, key, score in facts.rows(issues, only):
+        change = changes.setdefault((table, key), [0, 0.0])
+        change[0] += sign
+        change[1] += sign * score
+
+
+def _write(conn: sqlite3.Connection, changes: Changes) -> None:
+    """Add the net changes; a row whose count drops to zero is deleted."""
+    for (table, key), (count, score_sum) in changes.items():
+        if not count and not score_sum:
+            continue
+        measures = (int(count), score_sum) if table == "rollup_daily" else (int(count),)
+        if count >= 0:
+            conn.execute(_upsert(table, False), (*key, *measures))
+            continue
+        rowid, total = conn.execute(_upsert(table, True), (*key, *measures)).fetchone()
+        if total <= 0:
+            conn.execute(f"DELETE FROM {table} WHERE rowid = ?", (rowid,))
+
+
 def track(
     conn: sqlite3.Connection,
     evaluation_id: str,
@@ -182,7 +208,7 @@ def track(
 
     `issues` is (old, new) when its issue rows were just replaced; otherwise they are read
     only if the dimensions they are counted under changed. Only rows whose count or score
-    sum changes are written; a row whose count drops to zero is deleted.
+    sum changes are written.
     """
     if before == after and issues is None:
         return
@@ -195,19 +221,27 @@ def track(
             ).fetchall()
         issues = (kept, kept)
     only_issues = before == after  # then only the issue rows were replaced
-    changes: dict[tuple[str, Key], list[float]] = {}
-    for sign, facts, counted in ((-1, before, issues[0]), (1, after, issues[1])):
-        for table, key, score in facts.rows(counted, only_issues) if facts is not None else ():
-            change = changes.setdefault((table, key), [0, 0.0])
-            change[0] += sign
-            change[1] += sign * score
-    for (table, key), (count, score_sum) in changes.items():
-        if not count and not score_sum:
-            continue
-        measures = (int(count), score_sum) if table == "rollup_daily" else (int(count),)
-        if count >= 0:
-            conn.execute(_upsert(table, False), (*key, *measures))
-            continue
-        rowid, total = conn.execute(_upsert(table, True), (*key, *measures)).fetchone()
-        if total <= 0:
-            conn.execute(f"DELETE FROM {table} WHERE rowid = ?", (rowid,))
+    changes: Changes = {}
+    if before is not None:
+        _count(changes, -1, before, issues[0], only_issues)
+    _count(changes, 1, after, issues[1], only_issues)
+    _write(conn, changes)
+
+
+def forget(conn: sqlite3.Connection, evaluation_ids: Sequence[str]) -> None:
+    """Take evaluations out of the rollups and the text index: call it in the transaction
+    that deletes their rows (retention), before the DELETE."""
+    marks = ", ".join("?" * len(evaluation_ids))
+    issues: dict[str, list[Issue]] = {}
+    for evaluation_id, category, subcategory in conn.execute(
+        f"SELECT evaluation_id, category, subcategory FROM issues WHERE evaluation_id IN ({marks})",
+        evaluation_ids,
+    ):
+        issues.setdefault(evaluation_id, []).append((category, subcategory))
+    changes: Changes = {}
+    for evaluation_id, *columns in conn.execute(
+        f"SELECT id, {FACT_COLUMNS} FROM evaluations WHERE id IN ({marks})", evaluation_ids
+    ):
+        _count(changes, -1, Facts.from_row(columns), issues.get(evaluation_id, []), False)
+    _write(conn, changes)
+    search.forget(conn, evaluation_ids)

@@ -43,10 +43,11 @@ def reindex(
     conn: sqlite3.Connection,
     rowid: int,
     before: Sequence[Any] | None,
-    after: Sequence[Any],
+    after: Sequence[Any] | None,
 ) -> None:
-    """Replace the row's entry when a searched column changed (values in SEARCHED order)."""
-    if before is not None and tuple(before) == tuple(after):
+    """Replace the row's entry when a searched column changed (values in SEARCHED order;
+    None: no entry before, or none after)."""
+    if before is not None and after is not None and tuple(before) == tuple(after):
         return
     names = ", ".join(SEARCHED)
     marks = ", ".join("?" * len(SEARCHED))
@@ -55,7 +56,19 @@ def reindex(
             f"INSERT INTO {TABLE}({TABLE}, rowid, {names}) VALUES ('delete', ?, {marks})",
             (rowid, *before),
         )
-    conn.execute(f"INSERT INTO {TABLE}(rowid, {names}) VALUES (?, {marks})", (rowid, *after))
+    if after is not None:
+        conn.execute(f"INSERT INTO {TABLE}(rowid, {names}) VALUES (?, {marks})", (rowid, *after))
+
+
+def forget(conn: sqlite3.Connection, evaluation_ids: Sequence[str]) -> None:
+    """Drop the entries of rows about to be deleted (with the values they were indexed by)."""
+    marks = ", ".join("?" * len(evaluation_ids))
+    rows = conn.execute(
+        f"SELECT rowid, {', '.join(SEARCHED)} FROM evaluations WHERE id IN ({marks})",
+        evaluation_ids,
+    ).fetchall()
+    for rowid, *values in rows:
+        reindex(conn, rowid, values, None)
 
 
 def phrase(text: str | None) -> str | None:
