@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sqlite3
+from collections.abc import Sequence
 from pathlib import Path
 
 import httpx2
@@ -10,6 +11,8 @@ from starlette.testclient import TestClient
 
 from receiver.config import Settings
 from receiver.signing import sign
+from receiver.sinks import Event, SinkError
+from receiver.sinkspec import SinkSpec
 
 ROOT = Path(__file__).resolve().parents[1]
 # Exact copies of ../shared/fixtures/runflow (test_signing checks they still match).
@@ -79,3 +82,29 @@ def rows(settings: Settings, sql: str, *params: object) -> list[sqlite3.Row]:
         return conn.execute(sql, params).fetchall()
     finally:
         conn.close()
+
+
+class RecordingSink:
+    """A destination (the `Sink` protocol) that records what arrives and fails on demand:
+    each queued error in `failures` answers one event."""
+
+    def __init__(self, spec: SinkSpec) -> None:
+        self.spec = spec
+        self.received: list[Event] = []
+        self.failures: list[SinkError] = []
+
+    async def start(self) -> None:
+        return None
+
+    async def close(self) -> None:
+        return None
+
+    async def deliver(self, events: Sequence[Event]) -> list[SinkError | None]:
+        results: list[SinkError | None] = []
+        for event in events:
+            if self.failures:
+                results.append(self.failures.pop(0))
+            else:
+                self.received.append(event)
+                results.append(None)
+        return results

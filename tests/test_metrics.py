@@ -7,7 +7,7 @@ from __future__ import annotations
 import json
 import os
 import sqlite3
-from collections.abc import AsyncIterator, Iterator, Sequence
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -25,12 +25,12 @@ from receiver.metrics import Metrics, OutboxCollector
 from receiver.normalize import normalize, parse_body
 from receiver.runflow import RunflowClient
 from receiver.signing import sign
-from receiver.sinks import Event, SinkError
+from receiver.sinks import SinkError
 from receiver.sinkspec import SinkSpec
 from receiver.store import Delivery, Forwarding, Store
 from receiver.worker import Worker
 
-from .helpers import SECRET_A, TOKEN, auth, fixture, make_settings, post_callback
+from .helpers import SECRET_A, TOKEN, RecordingSink, auth, fixture, make_settings, post_callback
 from .servers import ReceiverProcess
 
 EVALUATION_ID = "0193a7c2-5b1e-7c3d-9f10-2a4b6c8d0e11"
@@ -223,31 +223,6 @@ def test_each_app_has_its_own_registry_and_the_global_one_stays_empty(tmp_path: 
 
 
 # the worker
-
-
-class RecordingSink:
-    """Accepts events, or fails with the errors queued in `failures`."""
-
-    def __init__(self, spec: SinkSpec) -> None:
-        self.spec = spec
-        self.received: list[Event] = []
-        self.failures: list[SinkError] = []
-
-    async def start(self) -> None:
-        return None
-
-    async def close(self) -> None:
-        return None
-
-    async def deliver(self, events: Sequence[Event]) -> list[SinkError | None]:
-        results: list[SinkError | None] = []
-        for event in events:
-            if self.failures:
-                results.append(self.failures.pop(0))
-            else:
-                self.received.append(event)
-                results.append(None)
-        return results
 
 
 @pytest.fixture(scope="module")

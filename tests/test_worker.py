@@ -24,7 +24,7 @@ from receiver.sinkspec import SinkSpec
 from receiver.store import Delivery, Forwarding, Store
 from receiver.worker import Worker
 
-from .helpers import fixture, make_settings
+from .helpers import RecordingSink, fixture, make_settings
 
 pytestmark = pytest.mark.anyio
 EVALUATION_ID = "0193a7c2-5b1e-7c3d-9f10-2a4b6c8d0e11"
@@ -34,31 +34,6 @@ API_KEY = "rf_test_key"
 @pytest.fixture
 def anyio_backend() -> str:
     return "asyncio"
-
-
-class RecordingSink:
-    """A destination that records what arrives and fails on demand."""
-
-    def __init__(self, spec: SinkSpec) -> None:
-        self.spec = spec
-        self.received: list[Event] = []
-        self.failures: list[SinkError] = []
-
-    async def start(self) -> None:
-        return None
-
-    async def close(self) -> None:
-        return None
-
-    async def deliver(self, events: Sequence[Event]) -> list[SinkError | None]:
-        results: list[SinkError | None] = []
-        for event in events:
-            if self.failures:
-                results.append(self.failures.pop(0))
-            else:
-                self.received.append(event)
-                results.append(None)
-        return results
 
 
 def spec(name: str, **filters: Any) -> SinkSpec:
