@@ -1,9 +1,11 @@
 from __future__ import annotations
 
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import redis
 from starlette.testclient import TestClient
 
 from receiver.app import create_app
@@ -38,3 +40,15 @@ def rabbitmq_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Rabbit
 @pytest.fixture(scope="session")
 def nats_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[NatsService]:
     yield from running(NatsService, tmp_path_factory.mktemp("nats"))
+
+
+@pytest.fixture
+def stream(redis_server: RedisService) -> Iterator[str]:
+    """A Redis stream name of its own, removed afterwards with the sink's dedupe keys."""
+    name = f"test:{uuid.uuid4().hex[:12]}"
+    yield name
+    client = redis.Redis.from_url(redis_server.url)
+    try:
+        client.delete(name, *client.keys(f"{name}:dedupe:*"))
+    finally:
+        client.close()

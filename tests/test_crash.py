@@ -15,9 +15,7 @@ import random
 import signal
 import sqlite3
 import time
-import uuid
 from collections import Counter
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -177,17 +175,6 @@ def rows(database: Path, sql: str) -> list[tuple[Any, ...]]:
         return conn.execute(sql).fetchall()
     finally:
         conn.close()
-
-
-@pytest.fixture
-def stream(redis_server: RedisService) -> Iterator[str]:
-    name = f"crash:{uuid.uuid4().hex[:12]}"
-    yield name
-    client = redis.Redis.from_url(redis_server.url)
-    try:
-        client.delete(name, *client.keys(f"{name}:dedupe:*"))
-    finally:
-        client.close()
 
 
 def test_kill_9_under_load_loses_nothing_and_forwards_each_verdict_once(

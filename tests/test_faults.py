@@ -22,7 +22,6 @@ import signal
 import sqlite3
 import subprocess
 import time
-import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -106,17 +105,6 @@ def event_ids(received: list[Any]) -> list[str]:
 
 
 # -- a destination down, then back ------------------------------------------------------------
-
-
-@pytest.fixture
-def stream(redis_server: RedisService) -> Iterator[str]:
-    name = f"faults:{uuid.uuid4().hex[:12]}"
-    yield name
-    client = redis.Redis.from_url(redis_server.url)
-    try:
-        client.delete(name, *client.keys(f"{name}:dedupe:*"))
-    finally:
-        client.close()
 
 
 def stream_ids(url: str, stream: str) -> list[str]:
