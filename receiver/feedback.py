@@ -26,7 +26,7 @@ async def send_feedback(
 ) -> dict[str, Any]:
     """Raises NotFound for an evaluation this receiver never saw, BadRequest for a reason
     Runflow would refuse, RunflowError for Runflow's own refusals."""
-    if store.get_evaluation(evaluation_id) is None:
+    if not store.has_evaluation(evaluation_id):
         raise NotFound(f"no evaluation {evaluation_id!r}")
     client = client_for(settings, http)
     evaluation = await client.evaluation_feedback(evaluation_id, is_positive, reason)

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import ClassVar, TypeVar
 
 import pytest
+import redis
 
 from .servers import free_port
 
@@ -143,6 +144,15 @@ class RedisService(Service):
 
     def ready(self) -> bool:
         return _probe(self.port, b"PING\r\n").startswith(b"+PONG")
+
+    def stream_ids(self, stream: str) -> list[str]:
+        """The `id` field (the event id) of every entry of `stream`, in order."""
+        client = redis.Redis.from_url(self.url)
+        try:
+            entries: list[tuple[bytes, dict[bytes, bytes]]] = client.xrange(stream)  # type: ignore[assignment]
+            return [fields[b"id"].decode() for _, fields in entries]
+        finally:
+            client.close()
 
     def stop(self) -> None:
         """`SHUTDOWN SAVE` writes dump.rdb to the data dir (nothing is saved while running), so

@@ -160,15 +160,6 @@ async def crash_run(server: ReceiverProcess) -> tuple[Load, int]:
     return load, kills
 
 
-def stream_ids(url: str, stream: str) -> list[str]:
-    client = redis.Redis.from_url(url)
-    try:
-        entries: list[tuple[bytes, dict[bytes, bytes]]] = client.xrange(stream)  # type: ignore[assignment]
-        return [fields[b"id"].decode() for _, fields in entries]
-    finally:
-        client.close()
-
-
 def rows(database: Path, sql: str) -> list[tuple[Any, ...]]:
     conn = sqlite3.connect(database)
     try:
@@ -201,7 +192,7 @@ def test_kill_9_under_load_loses_nothing_and_forwards_each_verdict_once(
         }
         expected = {event_id(evaluation_id, "evaluation.completed") for evaluation_id in verdicts}
         deadline = time.monotonic() + SETTLE_LIMIT
-        while set(stream_ids(redis_server.url, stream)) != expected or rows(
+        while set(redis_server.stream_ids(stream)) != expected or rows(
             database, "SELECT 1 FROM outbox WHERE state != 'done'"
         ):
             assert time.monotonic() < deadline, rows(
@@ -210,7 +201,7 @@ def test_kill_9_under_load_loses_nothing_and_forwards_each_verdict_once(
             time.sleep(0.1)
         time.sleep(0.5)  # a doubled forward would arrive now
         assert server.stop() == 0
-    seen = stream_ids(redis_server.url, stream)
+    seen = redis_server.stream_ids(stream)
     summary = (
         f"seed {SEED}: {kills} kills, {len(load.acked)} acknowledged, {load.resent} sent again,"
         f" {load.unanswered} unanswered, statuses {dict(load.statuses)}"
@@ -281,5 +272,5 @@ async def test_the_redis_sink_adds_an_event_id_once_and_never_loses_one(
     finally:
         await sink.close()
         client.close()
-    assert stream_ids(redis_server.url, stream) == [second["id"]]  # `first` went with the delete
+    assert redis_server.stream_ids(stream) == [second["id"]]  # `first` went with the delete
     assert 0 < ttl <= DEDUPE_SECONDS

@@ -29,7 +29,6 @@ from urllib.parse import urlsplit
 
 import httpx
 import pytest
-import redis
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from receiver.app import create_app
@@ -107,15 +106,6 @@ def event_ids(received: list[Any]) -> list[str]:
 # -- a destination down, then back ------------------------------------------------------------
 
 
-def stream_ids(url: str, stream: str) -> list[str]:
-    client = redis.Redis.from_url(url)
-    try:
-        entries: list[tuple[bytes, dict[bytes, bytes]]] = client.xrange(stream)  # type: ignore[assignment]
-        return [fields[b"id"].decode() for _, fields in entries]
-    finally:
-        client.close()
-
-
 def test_destinations_down_for_a_while_neither_slow_ingestion_nor_the_others(
     tmp_path: Path, redis_server: RedisService, stream: str
 ) -> None:
@@ -137,7 +127,7 @@ def test_destinations_down_for_a_while_neither_slow_ingestion_nor_the_others(
             for n in range(4):
                 assert post(server.url, n).status_code == 200
             consumer.wait_for(4)
-            wait_until(lambda: len(stream_ids(redis_server.url, stream)) == 4, "redis")
+            wait_until(lambda: len(redis_server.stream_ids(stream)) == 4, "redis")
             stack.close()  # the consumer's server is gone: connections are refused
             redis_server.stop()
             try:
@@ -163,11 +153,11 @@ def test_destinations_down_for_a_while_neither_slow_ingestion_nor_the_others(
             assert port is not None
             with serve_in_thread(consumer.app, port=port):  # back, on the same address
                 consumer.wait_for(12)
-                wait_until(lambda: len(stream_ids(redis_server.url, stream)) >= 12, "redis")
+                wait_until(lambda: len(redis_server.stream_ids(stream)) >= 12, "redis")
                 time.sleep(0.5)  # anything doubled would arrive now
     assert sorted(event_ids(consumer.received)) == sorted(expected)
     assert len(slack.received) == 12  # Slack messages are Block Kit, not events
-    assert sorted(stream_ids(redis_server.url, stream)) == sorted(expected)
+    assert sorted(redis_server.stream_ids(stream)) == sorted(expected)
 
 
 # -- Slack: 429 with Retry-After, then 500s ---------------------------------------------------

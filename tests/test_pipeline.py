@@ -64,16 +64,6 @@ url = "{self.redis.url}"
 stream = "test:evaluations"
 """
 
-    def stream_ids(self) -> list[str]:
-        client = redis.Redis.from_url(self.redis.url)
-        try:
-            return [
-                fields[b"id"].decode()
-                for _, fields in client.xrange("test:evaluations")  # type: ignore[union-attr]
-            ]
-        finally:
-            client.close()
-
 
 @pytest.fixture
 def destinations(redis_server: RedisService) -> Iterator[tuple[Destinations, dict[str, str]]]:
@@ -169,7 +159,7 @@ def test_every_verdict_arrives_once_per_sink_through_outages_and_429s(
         expected = {event_id(i, "evaluation.completed") for i in ids}
         wait_until(
             lambda: (
-                len(found.stream_ids()) >= 20
+                len(found.redis.stream_ids("test:evaluations")) >= 20
                 and len(found.slack.received) >= 20
                 and len(found.discord.received) >= 20
                 and len(found.http.received) >= 20
@@ -177,7 +167,7 @@ def test_every_verdict_arrives_once_per_sink_through_outages_and_429s(
             database=tmp_path / "receiver.db",
         )
         time.sleep(0.5)  # anything doubled would arrive now
-    assert sorted(found.stream_ids()) == sorted(expected)
+    assert sorted(found.redis.stream_ids("test:evaluations")) == sorted(expected)
     for sink in (found.slack, found.discord, found.http):
         assert len(sink.received) == 20
     consumed = [json.loads(item.body) for item in found.http.received]

@@ -26,6 +26,7 @@ from .queries import (
     EvaluationFilter,
     get_client_ref,
     get_evaluation,
+    has_evaluation,
     list_evaluations,
     stats,
 )
@@ -228,6 +229,9 @@ class Store:
         newest_first: bool = True,
     ) -> tuple[list[dict[str, Any]], str | None]:
         return list_evaluations(self.reader(), where, limit, cursor, newest_first)
+
+    def has_evaluation(self, evaluation_id: str) -> bool:
+        return has_evaluation(self.reader(), evaluation_id)
 
     def get_evaluation(self, evaluation_id: str) -> dict[str, Any] | None:
         return get_evaluation(self.reader(), evaluation_id)

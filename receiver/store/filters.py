@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Sequence
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from typing import Any
 
 from .search import CANDIDATES, SEARCHED
@@ -65,6 +65,3 @@ class EvaluationFilter:
                 clauses.append(("+" if lead not in (None, "rowid") else "") + a + CANDIDATES)
                 params["candidates"] = json.dumps(list(candidates))
         return (" WHERE " + " AND ".join(clauses)) if clauses else "", params
-
-    def is_empty(self) -> bool:
-        return all(getattr(self, f.name) is None for f in fields(self))

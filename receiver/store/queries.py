@@ -105,6 +105,11 @@ def list_evaluations(
     return items, next_cursor
 
 
+def has_evaluation(conn: sqlite3.Connection, evaluation_id: str) -> bool:
+    found = conn.execute("SELECT 1 FROM evaluations WHERE id = ?", (evaluation_id,)).fetchone()
+    return found is not None
+
+
 def get_evaluation(conn: sqlite3.Connection, evaluation_id: str) -> dict[str, Any] | None:
     """The evaluation, its latest Runflow object, its issues, deliveries and forwards."""
     row = conn.execute(

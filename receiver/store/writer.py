@@ -78,9 +78,6 @@ class Writer:
         """Run `operation` in the next batch; returns once it is committed and on disk."""
         return await asyncio.wrap_future(self.submit(operation))
 
-    def run_sync(self, operation: Callable[[sqlite3.Connection], T]) -> T:
-        return self.submit(operation).result()
-
     def _run(self, conn: sqlite3.Connection) -> None:
         try:
             while (item := self._queue.get()) is not None:
