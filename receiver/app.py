@@ -117,9 +117,10 @@ def create_app(
             await http.aclose()
             store.close()
 
+    webhook = web.Webhook()
     app = Starlette(
         routes=[
-            Route("/webhooks/runflow", web.webhook, methods=["POST"]),
+            Route(web.PATH, webhook, methods=["POST"]),
             Route("/healthz", api.healthz, methods=["GET"]),
             Route("/readyz", api.readyz, methods=["GET"]),
             Route("/metrics", api.metrics, methods=["GET"]),
@@ -136,7 +137,11 @@ def create_app(
             HTTPException: http_error,
             Exception: server_error,
         },
-        middleware=[Middleware(AccessLog), Middleware(SecurityHeaders)],
+        middleware=[
+            Middleware(web.Shortcut, endpoint=webhook),
+            Middleware(AccessLog),
+            Middleware(SecurityHeaders),
+        ],
         lifespan=lifespan,
     )
     app.state.receiver = ctx

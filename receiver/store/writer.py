@@ -13,6 +13,7 @@ import logging
 import queue
 import sqlite3
 import threading
+from collections import defaultdict
 from collections.abc import Callable
 from concurrent.futures import Future
 from typing import Any, TypeVar
@@ -21,6 +22,9 @@ from ..errors import ReceiverError, StoreUnavailable
 
 T = TypeVar("T")
 Operation = Callable[[sqlite3.Connection], Any]
+# Who waits for an operation: a thread (`submit`) or a coroutine (`run`).
+Waiter = Future[Any] | asyncio.Future[Any]
+Result = tuple[Waiter, bool, Any]  # waiter, succeeded, value or exception
 
 log = logging.getLogger("receiver.store")
 
@@ -49,7 +53,7 @@ class Writer:
     def __init__(self, path: str, busy_timeout: float = 10.0) -> None:
         self._path = path
         self._busy_timeout = busy_timeout
-        self._queue: queue.SimpleQueue[tuple[Operation, Future[Any]] | None] = queue.SimpleQueue()
+        self._queue: queue.SimpleQueue[tuple[Operation, Waiter] | None] = queue.SimpleQueue()
         self._thread: threading.Thread | None = None
 
     def start(self) -> None:
@@ -75,8 +79,13 @@ class Writer:
         return future
 
     async def run(self, operation: Callable[[sqlite3.Connection], T]) -> T:
-        """Run `operation` in the next batch; returns once it is committed and on disk."""
-        return await asyncio.wrap_future(self.submit(operation))
+        """Run `operation` in the next batch; returns once it is committed and on disk. The
+        batch wakes its event loop once for all its coroutines, not once each."""
+        if self._thread is None:
+            raise StoreUnavailable("the store is closed")
+        future: asyncio.Future[T] = asyncio.get_running_loop().create_future()
+        self._queue.put((operation, future))
+        return await future
 
     def _run(self, conn: sqlite3.Connection) -> None:
         try:
@@ -96,23 +105,22 @@ class Writer:
                     self._commit(conn, batch)
                 except Exception as exc:  # never let the one writer die: fail the batch
                     log.exception("store write failed, nothing acknowledged")
-                    for _, future in batch:
-                        if not future.done():
-                            future.set_exception(StoreUnavailable(f"the store failed: {exc}"))
+                    failure = StoreUnavailable(f"the store failed: {exc}")
+                    _settle([(waiter, False, failure) for _, waiter in batch])
                 if stopping:
                     break
         finally:
             conn.close()
 
-    def _commit(self, conn: sqlite3.Connection, batch: list[tuple[Operation, Future[Any]]]) -> None:
+    def _commit(self, conn: sqlite3.Connection, batch: list[tuple[Operation, Waiter]]) -> None:
         # A caller that went away before its batch began is skipped: it was never acknowledged.
-        batch = [(op, future) for op, future in batch if future.set_running_or_notify_cancel()]
+        batch = [(op, waiter) for op, waiter in batch if _begin(waiter)]
         if not batch:
             return
-        results: list[tuple[Future[Any], bool, Any]] = []
+        results: list[Result] = []
         try:
             conn.execute("BEGIN IMMEDIATE")
-            for operation, future in batch:
+            for operation, waiter in batch:
                 conn.execute("SAVEPOINT op")
                 try:
                     outcome = operation(conn)
@@ -120,9 +128,9 @@ class Writer:
                     if isinstance(exc, sqlite3.Error) and not conn.in_transaction:
                         raise  # SQLite rolled it all back (disk full, I/O error): fail the batch
                     conn.execute("ROLLBACK TO op")
-                    results.append((future, False, _translate(exc)))
+                    results.append((waiter, False, _translate(exc)))
                 else:
-                    results.append((future, True, outcome))
+                    results.append((waiter, True, outcome))
                 conn.execute("RELEASE op")
             conn.execute("COMMIT")
         except sqlite3.Error as exc:
@@ -130,14 +138,46 @@ class Writer:
             if conn.in_transaction:
                 with contextlib.suppress(sqlite3.Error):  # a failing ROLLBACK must not kill us
                     conn.execute("ROLLBACK")
-            for _, future in batch:
-                future.set_exception(StoreUnavailable(f"the store cannot write: {exc}"))
+            failure = StoreUnavailable(f"the store cannot write: {exc}")
+            _settle([(waiter, False, failure) for _, waiter in batch])
             return
-        for future, ok, value in results:
-            if ok:
-                future.set_result(value)
-            else:
-                future.set_exception(value)
+        _settle(results)
+
+
+def _begin(waiter: Waiter) -> bool:
+    """Whether the caller still waits (a cancelled one is skipped, never acknowledged)."""
+    if isinstance(waiter, Future):
+        return waiter.set_running_or_notify_cancel()
+    return not waiter.cancelled()
+
+
+def _settle(results: list[Result]) -> None:
+    """Hand each caller its outcome: threads directly, coroutines by one call per loop."""
+    by_loop: dict[asyncio.AbstractEventLoop, list[Result]] = defaultdict(list)
+    for result in results:
+        waiter = result[0]
+        if isinstance(waiter, Future):
+            _resolve(result)
+        else:
+            by_loop[waiter.get_loop()].append(result)
+    for loop, batch in by_loop.items():
+        with contextlib.suppress(RuntimeError):  # that loop has closed: nobody is waiting
+            loop.call_soon_threadsafe(_resolve_all, batch)
+
+
+def _resolve_all(results: list[Result]) -> None:
+    for result in results:
+        _resolve(result)
+
+
+def _resolve(result: Result) -> None:
+    waiter, ok, value = result
+    if waiter.done():  # cancelled while its batch ran (the operation committed anyway)
+        return
+    if ok:
+        waiter.set_result(value)
+    else:
+        waiter.set_exception(value)
 
 
 def _translate(exc: Exception) -> Exception:
