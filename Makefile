@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: run test demo bench bench-queries lint check clean
+.PHONY: run test demo bench bench-queries bench-forwarding lint check clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -27,6 +27,10 @@ demo: $(STAMP)
 # Ingest throughput: bare app vs naive durable receiver vs receiver (needs wrk: apt-get install wrk).
 bench: $(STAMP)
 	$(BIN)/python bench/ingest.py
+
+# Outbox drain into Redis and callback → Redis latency (needs redis-server).
+bench-forwarding: $(STAMP)
+	$(BIN)/python bench/forwarding.py
 
 # Read paths at 1,000,000 evaluations (docs/performance.md); the database is generated once.
 BENCH_DB ?= bench/data/evaluations-1m.db
