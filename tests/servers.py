@@ -12,6 +12,7 @@ from pathlib import Path
 
 import httpx
 
+from .database import database_for
 from .helpers import SECRET_A, SECRET_B, TOKEN
 
 
@@ -32,7 +33,7 @@ class ReceiverProcess:
         self.env = {
             **os.environ,
             "RUNFLOW_WEBHOOK_SECRET": f"{SECRET_A},{SECRET_B}",
-            "RECEIVER_DATABASE": str(workdir / "receiver.db"),
+            "RECEIVER_DATABASE": database_for(workdir / "receiver.db"),
             "RECEIVER_DASHBOARD_TOKEN": TOKEN,
             **env,
         }

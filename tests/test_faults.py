@@ -42,6 +42,7 @@ from receiver.signing import sign
 from receiver.sinkspec import SinkSpec
 from receiver.store.writer import Writer
 
+from .database import connect
 from .helpers import SECRET_A, fixture, make_settings
 from .servers import ReceiverProcess
 from .services import RedisService
@@ -79,7 +80,7 @@ def wait_until(check: Callable[[], object], what: str, timeout: float = 20.0) ->
 
 
 def rows(database: Path, sql: str, *params: object) -> list[tuple[Any, ...]]:
-    conn = sqlite3.connect(database)
+    conn = connect(database)
     try:
         return conn.execute(sql, params).fetchall()
     finally:

@@ -30,6 +30,7 @@ from receiver.sinkspec import SinkSpec
 from receiver.store import Delivery, Forwarding, Store
 from receiver.worker import Worker
 
+from .database import connect
 from .helpers import SECRET_A, TOKEN, RecordingSink, auth, fixture, make_settings, post_callback
 from .servers import ReceiverProcess
 
@@ -132,7 +133,7 @@ def test_outbox_depth_and_dead_letters_per_sink(tmp_path: Path) -> None:
         for number in range(3):
             body = with_id("evaluation-completed.json", f"e-{number}")
             assert post_callback(client, body).json()["outcome"] == "stored"
-        conn = sqlite3.connect(settings.database)
+        conn = connect(settings.database)
         with conn:
             conn.execute("UPDATE outbox SET state = 'dead' WHERE id = (SELECT min(id) FROM outbox)")
         conn.close()

@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 import re
 import socket
-import sqlite3
 import threading
 import time
 from collections.abc import Iterator
@@ -21,6 +20,7 @@ from receiver.app import create_app
 from receiver.fakes.server import serve_in_thread
 from receiver.signing import sign
 
+from .database import connect
 from .helpers import SECRET_A, make_settings
 from .servers import ReceiverProcess
 
@@ -102,7 +102,7 @@ def _trickle(sock: socket.socket, data: bytes, stop: threading.Event) -> None:
 
 
 def _count(database: Path, table: str) -> int:
-    conn = sqlite3.connect(database)
+    conn = connect(database)
     try:
         return int(conn.execute(f"SELECT count(*) FROM {table}").fetchone()[0])
     finally:
