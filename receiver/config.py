@@ -209,6 +209,7 @@ class Settings:
     retry_max: float = 3600.0
     reconcile_after: float = 600.0
     reconcile_interval: float = 60.0
+    lease: float = 300.0
     log_format: str = "auto"
     log_level: str = "info"
     metrics_token: str | None = None
@@ -297,6 +298,7 @@ class Settings:
                 _number("RECEIVER_RECONCILE_INTERVAL", 0, 86400),
                 60.0,
             ),
+            lease=_parsed(env, "RECEIVER_LEASE", _number("RECEIVER_LEASE", 1, 86400), 300.0),
             retry_max=_parsed(
                 env, "RECEIVER_RETRY_MAX", _number("RECEIVER_RETRY_MAX", 0.01, 604800), 3600.0
             ),

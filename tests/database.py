@@ -59,7 +59,7 @@ def drop_all() -> None:
 def connect(database: Path | str) -> sqlite3.Connection:
     """A connection for a test's own set-up and checks: sqlite3 on a file, or on PostgreSQL the
     store's adapter (autocommit; `?` placeholders and rows as sqlite3.Row work the same)."""
-    if not POSTGRES:
+    if not POSTGRES and not is_postgres_url(str(database)):
         return sqlite3.connect(database)
     import psycopg
 
@@ -76,5 +76,6 @@ def connect(database: Path | str) -> sqlite3.Connection:
 
     raw = psycopg.connect(database_for(database), autocommit=True)
     configure(raw)
-    _opened.append(raw)
+    if POSTGRES:
+        _opened.append(raw)
     return cast(sqlite3.Connection, Connection(raw))
