@@ -30,7 +30,7 @@ from receiver.sinkspec import SinkSpec
 from receiver.store import Delivery, Forwarding, Store
 from receiver.worker import Worker
 
-from .database import connect
+from .database import connect, sqlite_only
 from .helpers import SECRET_A, TOKEN, RecordingSink, auth, fixture, make_settings, post_callback
 from .servers import ReceiverProcess
 
@@ -111,6 +111,7 @@ def test_callbacks_by_outcome_signature_failures_and_latency(tmp_path: Path) -> 
     assert not any(name.endswith("_created") for name, _ in found)
 
 
+@sqlite_only
 def test_a_store_that_cannot_write_counts_as_unavailable(tmp_path: Path) -> None:
     settings = make_settings(tmp_path, worker=False)
     store = Store(settings.database, busy_timeout=0.05)
