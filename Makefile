@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: run test demo bench bench-queries bench-forwarding lint check clean
+.PHONY: run test test-postgres demo bench bench-queries bench-forwarding lint check clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -40,6 +40,16 @@ bench-queries: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/pytest -q
+
+# The store, API and pipeline suites again on PostgreSQL (tests/postgres.py starts a server from
+# the Debian package `postgresql`); tests about the SQLite file itself are skipped there.
+PG_TESTS := tests/test_store.py tests/test_web.py tests/test_api.py \
+	tests/test_pipeline.py tests/test_worker.py tests/test_e2e.py tests/test_cli.py \
+	tests/test_cli_outbox.py tests/test_rollups.py tests/test_search.py tests/test_maintenance.py \
+	tests/test_metrics.py tests/test_faults.py tests/test_feedback.py tests/test_dashboard.py \
+	tests/test_server.py tests/test_slow_clients.py tests/test_fuzz.py
+test-postgres: $(STAMP)
+	RECEIVER_TEST_BACKEND=postgresql $(BIN)/pytest -q $(PG_TESTS)
 
 lint: $(STAMP)
 	$(BIN)/ruff check receiver tests bench

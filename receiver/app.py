@@ -95,7 +95,11 @@ def create_app(
     cannot work fails here, before the server listens. `metrics_dir` is the directory that
     several server processes share for /metrics (prometheus-client's multiprocess mode)."""
     settings.check_ingest()
-    store = store or Store(settings.database, forwarding=forwarding(settings))
+    store = store or Store(
+        settings.database,
+        forwarding=forwarding(settings),
+        pool_size=settings.database_pool_size,
+    )
     http = http or http_client()
     metrics = Metrics()
     metrics.expose(store.outbox_depth, [spec.name for spec in settings.sinks], metrics_dir)

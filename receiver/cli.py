@@ -69,7 +69,7 @@ def serve(host: str, port: int | None, workers: int) -> None:
     base = f"http://{shown}:{port}"
     click.echo(f"receiver: callback URL  {settings.public_url or base}/webhooks/runflow")
     click.echo(f"receiver: dashboard     {base}/")
-    click.echo(f"receiver: database      {settings.database}")
+    click.echo(f"receiver: database      {settings.database_shown}")
     if settings.dashboard_token_generated:
         click.echo(
             f"receiver: dashboard token {settings.dashboard_token} "
@@ -126,9 +126,10 @@ def migrate() -> None:
     settings = load_settings()
     applied = Store(settings.database).migrate()
     if applied:
-        click.echo(f"applied migrations {', '.join(map(str, applied))} to {settings.database}")
+        shown = settings.database_shown
+        click.echo(f"applied migrations {', '.join(map(str, applied))} to {shown}")
     else:
-        click.echo(f"{settings.database} is up to date")
+        click.echo(f"{settings.database_shown} is up to date")
 
 
 @cli.command()
@@ -142,7 +143,11 @@ def worker() -> None:
     given_metrics_dir()  # its counters go there when set (prometheus-client reads it)
 
     async def run() -> None:
-        store = Store(settings.database, forwarding=forwarding(settings))
+        store = Store(
+            settings.database,
+            forwarding=forwarding(settings),
+            pool_size=settings.database_pool_size,
+        )
         http = http_client()
         runner = Worker.from_settings(settings, store, http)
         stop = asyncio.Event()
@@ -170,6 +175,10 @@ def backup(path: Path) -> None:
     from .store.maintenance import backup as copy
 
     settings = load_settings()
+    if settings.postgres:
+        raise click.ClickException(
+            "receiver backup copies a SQLite file; on PostgreSQL use pg_dump (see deploy/README.md)"
+        )
     counts = copy(reading_store(settings).path, path)
     click.echo(
         f"backed up {settings.database} to {path}: {counts['evaluations']} evaluations, "

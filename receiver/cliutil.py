@@ -21,12 +21,12 @@ def load_settings() -> Settings:
 
 
 def reading_store(settings: Settings) -> Store:
-    if not Path(settings.database).exists():
+    if not settings.postgres and not Path(settings.database).exists():
         raise click.ClickException(
             f"no database at {settings.database!r} (RECEIVER_DATABASE); "
             "run `receiver serve` or `receiver migrate` first"
         )
-    store = Store(settings.database)
+    store = Store(settings.database, pool_size=settings.database_pool_size)
     store.migrate()
     return store
 
@@ -64,7 +64,11 @@ def first_secret(secret: str | None) -> str:
 @contextlib.contextmanager
 def writing_store(settings: Settings) -> Iterator[Store]:
     """The store with its writer running, for commands that change something."""
-    store = Store(settings.database, forwarding=forwarding(settings))
+    store = Store(
+        settings.database,
+        forwarding=forwarding(settings),
+        pool_size=settings.database_pool_size,
+    )
     store.open()
     try:
         yield store

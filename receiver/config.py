@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import secrets
 import tomllib
@@ -9,7 +10,9 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TypeVar
+from urllib.parse import urlsplit
 
+from .database_url import is_postgres_url, redact
 from .errors import ConfigError
 from .sinkspec import SinkSpec, parse_sinks
 
@@ -111,11 +114,31 @@ def _choice(name: str, choices: tuple[str, ...]) -> Callable[[str], str]:
     return parse
 
 
+def _postgres(name: str, text: str) -> str:
+    """A PostgreSQL URL, checked without connecting; errors never show its password."""
+    try:
+        parts = urlsplit(text)
+        port = parts.port
+    except ValueError:
+        raise ConfigError(f"{name}: not a valid PostgreSQL URL: {redact(text)!r}") from None
+    if not (parts.hostname or "host=" in parts.query) or port == 0:
+        raise ConfigError(
+            f"{name}: expected postgresql://user:password@host[:port]/database,"
+            f" got {redact(text)!r}"
+        )
+    if importlib.util.find_spec("psycopg") is None:
+        raise ConfigError(f"{name}: PostgreSQL needs psycopg: pip install 'receiver[postgres]'")
+    return "postgresql://" + text.partition("://")[2]
+
+
 def _database(name: str, text: str) -> str:
-    if text.startswith(("postgres://", "postgresql://")):
-        raise ConfigError(f"{name}: PostgreSQL is not supported yet; expected a SQLite file path")
+    if is_postgres_url(text):
+        return _postgres(name, text)
     if "://" in text and not text.startswith("sqlite:///"):
-        raise ConfigError(f"{name}: expected a SQLite file path or sqlite:///path, got {text!r}")
+        raise ConfigError(
+            f"{name}: expected a SQLite file path, sqlite:///path or postgresql://…,"
+            f" got {redact(text)!r}"
+        )
     return text.removeprefix("sqlite:///")
 
 
@@ -166,6 +189,7 @@ def load_sinks(env: Mapping[str, str]) -> tuple[SinkSpec, ...]:
 class Settings:
     webhook_secrets: tuple[str, ...] = ()
     database: str = "receiver.db"
+    database_pool_size: int = 10
     dashboard_token: str = ""
     dashboard_token_generated: bool = False
     public_url: str | None = None
@@ -185,9 +209,19 @@ class Settings:
     retry_max: float = 3600.0
     reconcile_after: float = 600.0
     reconcile_interval: float = 60.0
+    lease: float = 300.0
     log_format: str = "auto"
     log_level: str = "info"
     metrics_token: str | None = None
+
+    @property
+    def postgres(self) -> bool:
+        return is_postgres_url(self.database)
+
+    @property
+    def database_shown(self) -> str:
+        """The database as it may be printed or logged (a URL's password masked)."""
+        return redact(self.database)
 
     @property
     def refetch(self) -> bool:
@@ -210,6 +244,12 @@ class Settings:
         return cls(
             webhook_secrets=tuple(s.strip() for s in secrets_text.split(",") if s.strip()),
             database=_database(database_variable, database),
+            database_pool_size=_parsed(
+                env,
+                "RECEIVER_DATABASE_POOL_SIZE",
+                _integer("RECEIVER_DATABASE_POOL_SIZE", 1, 1000),
+                10,
+            ),
             dashboard_token=token or secrets.token_urlsafe(24),
             dashboard_token_generated=token is None,
             public_url=_parsed(env, "RECEIVER_PUBLIC_URL", _url("RECEIVER_PUBLIC_URL"), None),
@@ -258,6 +298,7 @@ class Settings:
                 _number("RECEIVER_RECONCILE_INTERVAL", 0, 86400),
                 60.0,
             ),
+            lease=_parsed(env, "RECEIVER_LEASE", _number("RECEIVER_LEASE", 1, 86400), 300.0),
             retry_max=_parsed(
                 env, "RECEIVER_RETRY_MAX", _number("RECEIVER_RETRY_MAX", 0.01, 604800), 3600.0
             ),

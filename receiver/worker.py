@@ -86,7 +86,15 @@ class Worker:
         """The worker for `settings`: its sinks, and a Runflow client when an API key is set."""
         runflow = client_for(settings, http) if settings.runflow_api_key else None
         sinks = [build_sink(spec, http) for spec in settings.sinks]
-        return cls(settings, store, sinks, runflow, poll_interval=poll_interval, metrics=metrics)
+        return cls(
+            settings,
+            store,
+            sinks,
+            runflow,
+            poll_interval=poll_interval,
+            lease=settings.lease,
+            metrics=metrics,
+        )
 
     @property
     def running(self) -> bool:

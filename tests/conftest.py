@@ -11,8 +11,39 @@ from starlette.testclient import TestClient
 from receiver.app import create_app
 from receiver.config import Settings
 
+from . import database
 from .helpers import make_settings
+from .postgres import PostgresService
 from .services import NatsService, RabbitMQService, RedisService, running
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    if database.POSTGRES:
+        skip = pytest.mark.skip(reason="about the SQLite file itself")
+        for item in items:
+            if item.get_closest_marker("sqlite_only"):
+                item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def postgres_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PostgresService]:
+    """A PostgreSQL server with a migrated template database (tests/postgres.py)."""
+    for server in running(PostgresService, tmp_path_factory.mktemp("postgres")):
+        server.make_template()
+        yield server
+
+
+@pytest.fixture(autouse=True)
+def _backend(request: pytest.FixtureRequest) -> Iterator[None]:
+    """On RECEIVER_TEST_BACKEND=postgresql: every test's databases on the session's server."""
+    if not database.POSTGRES:
+        yield
+        return
+    database.use(request.getfixturevalue("postgres_server"))
+    try:
+        yield
+    finally:
+        database.drop_all()
 
 
 @pytest.fixture

@@ -14,6 +14,8 @@ from receiver.signing import sign
 from receiver.sinks import Event, SinkError
 from receiver.sinkspec import SinkSpec
 
+from .database import connect, database_for
+
 ROOT = Path(__file__).resolve().parents[1]
 # Exact copies of ../shared/fixtures/runflow (test_signing checks they still match).
 FIXTURES = ROOT / "tests" / "fixtures" / "runflow"
@@ -43,7 +45,7 @@ def fixture(name: str) -> bytes:
 def make_settings(tmp_path: Path, **overrides: object) -> Settings:
     values: dict[str, object] = {
         "webhook_secrets": (SECRET_A, SECRET_B),
-        "database": str(tmp_path / "receiver.db"),
+        "database": database_for(tmp_path / "receiver.db"),
         "dashboard_token": TOKEN,
     }
     values.update(overrides)
@@ -67,8 +69,8 @@ def auth() -> dict[str, str]:
 
 
 def count(settings: Settings, table: str) -> int:
-    """Rows in `table`, read straight from the database file."""
-    conn = sqlite3.connect(settings.database)
+    """Rows in `table`, read straight from the database."""
+    conn = connect(settings.database)
     try:
         return int(conn.execute(f"SELECT count(*) FROM {table}").fetchone()[0])
     finally:
@@ -76,7 +78,7 @@ def count(settings: Settings, table: str) -> int:
 
 
 def rows(settings: Settings, sql: str, *params: object) -> list[sqlite3.Row]:
-    conn = sqlite3.connect(settings.database)
+    conn = connect(settings.database)
     conn.row_factory = sqlite3.Row
     try:
         return conn.execute(sql, params).fetchall()

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import httpx
 
+from .database import database_for
 from .helpers import SECRET_A, SECRET_B, TOKEN
 
 
@@ -32,7 +33,7 @@ class ReceiverProcess:
         self.env = {
             **os.environ,
             "RUNFLOW_WEBHOOK_SECRET": f"{SECRET_A},{SECRET_B}",
-            "RECEIVER_DATABASE": str(workdir / "receiver.db"),
+            "RECEIVER_DATABASE": database_for(workdir / "receiver.db"),
             "RECEIVER_DASHBOARD_TOKEN": TOKEN,
             **env,
         }
@@ -89,3 +90,47 @@ def run_cli(
         check=False,
         timeout=60,
     )
+
+
+class WorkerProcess:
+    """`receiver worker` in a subprocess: the outbox worker apart from the servers."""
+
+    def __init__(self, workdir: Path, env: dict[str, str]) -> None:
+        self.workdir = workdir
+        self.env = env
+        self.log = workdir / "worker.log"
+        self.process: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> WorkerProcess:
+        with self.log.open("ab") as log:
+            self.process = subprocess.Popen(
+                [sys.executable, "-m", "receiver", "worker"],
+                cwd=self.workdir,
+                env=self.env,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+            )
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"worker exited early:\n{self.log.read_text()}")
+            if b"worker running" in self.log.read_bytes():
+                return self
+            time.sleep(0.05)
+        raise RuntimeError(f"worker did not start:\n{self.log.read_text()}")
+
+    def stop(self, sig: int = signal.SIGTERM) -> int:
+        assert self.process is not None
+        self.process.send_signal(sig)
+        try:
+            return self.process.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            return self.process.wait()
+
+    def __enter__(self) -> WorkerProcess:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.stop()

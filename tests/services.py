@@ -18,7 +18,7 @@ import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import ClassVar, TypeVar
+from typing import Any, ClassVar, TypeVar
 
 import pytest
 import redis
@@ -51,6 +51,10 @@ class Service:
     def environment(self) -> dict[str, str]:
         return dict(os.environ)
 
+    def popen_options(self) -> dict[str, Any]:
+        """Extra subprocess.Popen arguments (e.g. the user to run as)."""
+        return {}
+
     def ready(self) -> bool:
         """One quick probe; False while the server is still starting."""
         raise NotImplementedError
@@ -80,6 +84,7 @@ class Service:
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 start_new_session=True,  # its own group: a hung stop can be killed whole
+                **self.popen_options(),
             )
         deadline = time.monotonic() + self.start_timeout
         while time.monotonic() < deadline:

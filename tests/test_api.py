@@ -3,7 +3,6 @@ from __future__ import annotations
 import hashlib
 import json
 import re
-import sqlite3
 from datetime import UTC, datetime, timedelta
 from typing import Any
 from urllib.parse import quote
@@ -19,6 +18,7 @@ from receiver.config import Settings
 from receiver.store import rollups
 from receiver.times import format_time
 
+from .database import connect
 from .helpers import SECRET_B, TOKEN, auth, fixture, post_callback
 
 COMPLETED_ID = "0193a7c2-5b1e-7c3d-9f10-2a4b6c8d0e11"
@@ -80,7 +80,7 @@ def ids(page: dict[str, Any]) -> set[str]:
 def set_received_at(settings: Settings, evaluation_id: str, moment: datetime) -> None:
     """Test data set-up: pretend an evaluation arrived at `moment` (the rollups follow, as
     they would have had it arrived then)."""
-    conn = sqlite3.connect(settings.database)
+    conn = connect(settings.database)
     try:
         with conn:
             conn.execute(
@@ -333,7 +333,7 @@ def test_cursor_pagination_with_a_filter(client: TestClient) -> None:
 
 def test_cursor_pagination_breaks_ties_by_id(client: TestClient, settings: Settings) -> None:
     store_all(client, *(make_body(f"gen-{n:02d}") for n in range(25)))
-    conn = sqlite3.connect(settings.database)
+    conn = connect(settings.database)
     with conn:
         conn.execute("UPDATE evaluations SET received_at = '2026-11-20T09:00:00.000000Z'")
     conn.close()

@@ -68,6 +68,18 @@ def test_no_mapping_reads_the_process_environment(monkeypatch: pytest.MonkeyPatc
         ({"DATABASE_URL": "other.db"}, "database", "other.db"),
         ({"DATABASE_URL": "other.db", "RECEIVER_DATABASE": "mine.db"}, "database", "mine.db"),
         ({"DATABASE_URL": "", "RECEIVER_DATABASE": ""}, "database", "receiver.db"),
+        (
+            {"RECEIVER_DATABASE": "postgresql://u:pw@db:5433/receiver"},
+            "database",
+            "postgresql://u:pw@db:5433/receiver",
+        ),
+        ({"DATABASE_URL": "postgres://db/r"}, "database", "postgresql://db/r"),
+        (
+            {"DATABASE_URL": "postgres://db/r", "RECEIVER_DATABASE": "mine.db"},
+            "database",
+            "mine.db",
+        ),
+        ({"RECEIVER_DATABASE_POOL_SIZE": "3"}, "database_pool_size", 3),
         ({"RECEIVER_PUBLIC_URL": "https://r.example.com/"}, "public_url", "https://r.example.com"),
         ({"RECEIVER_PUBLIC_URL": "http://localhost:8000"}, "public_url", "http://localhost:8000"),
         ({"RECEIVER_MAX_BODY_BYTES": "1024"}, "max_body_bytes", 1024),
@@ -120,9 +132,11 @@ def test_values(environ: dict[str, str], attribute: str, expected: Any) -> None:
         ("RECEIVER_ALLOW_UNSIGNED", "2"),
         ("RECEIVER_PUBLIC_URL", "ftp://x"),
         ("RECEIVER_PUBLIC_URL", "receiver.example.com"),
-        ("RECEIVER_DATABASE", "postgresql://user:pw@db/receiver"),
-        ("RECEIVER_DATABASE", "postgres://db/receiver"),
-        ("DATABASE_URL", "postgres://user:pw@db/receiver"),
+        ("RECEIVER_DATABASE", "postgresql://user:pw@db:port/receiver"),
+        ("RECEIVER_DATABASE", "postgres:///receiver"),
+        ("DATABASE_URL", "postgres://user:pw@db:0/receiver"),
+        ("DATABASE_URL", "mysql://user:pw@db/receiver"),
+        ("RECEIVER_DATABASE_POOL_SIZE", "0"),
     ],
 )
 def test_malformed_values_name_their_variable(name: str, value: str) -> None:
@@ -135,7 +149,24 @@ def test_malformed_values_name_their_variable(name: str, value: str) -> None:
 
 def test_receiver_database_is_named_even_when_database_url_is_fine() -> None:
     with pytest.raises(ConfigError, match=r"^RECEIVER_DATABASE"):
-        from_env({"RECEIVER_DATABASE": "postgresql://db/x", "DATABASE_URL": "sqlite:///x.db"})
+        from_env({"RECEIVER_DATABASE": "mysql://db/x", "DATABASE_URL": "sqlite:///x.db"})
+
+
+@pytest.mark.parametrize(
+    "value",
+    ["postgresql://user:s3cret-pw@db:port/receiver", "mysql://user:s3cret-pw@db/receiver"],
+)
+def test_a_database_password_is_never_shown(value: str) -> None:
+    with pytest.raises(ConfigError) as caught:
+        from_env({"DATABASE_URL": value})
+    assert "s3cret-pw" not in str(caught.value)
+    assert "user:***@" in str(caught.value)
+
+
+def test_the_database_is_shown_without_its_password() -> None:
+    settings = from_env({"RECEIVER_DATABASE": "postgresql://app:s3cret@db/receiver"})
+    assert settings.database_shown == "postgresql://app:***@db/receiver"
+    assert from_env({"RECEIVER_DATABASE": "r.db"}).database_shown == "r.db"
 
 
 def test_a_token_is_generated_when_unset() -> None:

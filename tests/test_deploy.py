@@ -88,16 +88,28 @@ def test_the_systemd_units_verify(tmp_path: Path, unit: str) -> None:
     assert done.stderr.strip() == ""  # unknown keys are only warned about
 
 
-def test_the_compose_file_describes_receiver_worker_and_redis() -> None:
+def test_the_compose_file_runs_receiver_and_worker_on_postgresql() -> None:
     compose = yaml.safe_load((DEPLOY / "docker-compose.yml").read_text())
     services = compose["services"]
-    assert set(services) == {"receiver", "worker", "redis"}
+    assert set(services) == {"receiver", "worker", "postgres", "redis"}
     assert services["receiver"]["environment"]["RECEIVER_WORKER"] == "false"
     assert services["worker"]["command"] == ["receiver", "worker"]
     for name in ("receiver", "worker"):
-        assert (ROOT / "deploy" / services[name]["build"]["dockerfile"].split("/")[-1]).exists()
-        assert "data:/data" in services[name]["volumes"]
+        service = services[name]
+        assert (ROOT / "deploy" / service["build"]["dockerfile"].split("/")[-1]).exists()
+        url = service["environment"]["RECEIVER_DATABASE"]
+        assert url.startswith("postgresql://receiver:${POSTGRES_PASSWORD")
+        assert url.endswith("@postgres:5432/receiver")
+        assert service["depends_on"]["postgres"] == {"condition": "service_healthy"}
+    postgres = services["postgres"]
+    assert postgres["environment"]["POSTGRES_DB"] == "receiver"
+    assert "pg_isready" in postgres["healthcheck"]["test"]
+    assert "postgres:/var/lib/postgresql/data" in postgres["volumes"]
     assert (DEPLOY / "receiver.toml.example").exists()
+
+
+def test_the_image_can_reach_postgresql() -> None:
+    assert "postgres]" in (DEPLOY / "Dockerfile").read_text()
 
 
 def test_the_dockerfile_runs_unprivileged_with_a_healthcheck_and_migrates_first() -> None:

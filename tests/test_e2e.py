@@ -5,7 +5,6 @@ validation. The receiver and its CLI run as real processes."""
 from __future__ import annotations
 
 import json
-import sqlite3
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -17,6 +16,7 @@ from receiver.fakes.recorder import Recorder
 from receiver.fakes.runflow import FakeRunflow
 from receiver.fakes.server import serve_in_thread
 
+from .database import connect
 from .helpers import SECRET_A, SECRET_B
 from .servers import ReceiverProcess, free_port, run_cli
 
@@ -71,7 +71,7 @@ class World:
         return out.split()[1]
 
     def rows(self, sql: str, *params: object) -> list[tuple[object, ...]]:
-        conn = sqlite3.connect(self.tmp_path / "receiver.db")
+        conn = connect(self.tmp_path / "receiver.db")
         try:
             return conn.execute(sql, params).fetchall()
         finally:

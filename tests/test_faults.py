@@ -41,7 +41,9 @@ from receiver.fakes.server import serve_in_thread
 from receiver.signing import sign
 from receiver.sinkspec import SinkSpec
 from receiver.store.writer import Writer
+from receiver.times import now, shift
 
+from .database import connect, sqlite_only
 from .helpers import SECRET_A, fixture, make_settings
 from .servers import ReceiverProcess
 from .services import RedisService
@@ -79,7 +81,7 @@ def wait_until(check: Callable[[], object], what: str, timeout: float = 20.0) ->
 
 
 def rows(database: Path, sql: str, *params: object) -> list[tuple[Any, ...]]:
-    conn = sqlite3.connect(database)
+    conn = connect(database)
     try:
         return conn.execute(sql, params).fetchall()
     finally:
@@ -392,6 +394,7 @@ UNWRITABLE: dict[str, type[Unwritable]] = {
 }
 
 
+@sqlite_only
 @pytest.mark.parametrize("kind", UNWRITABLE)
 def test_an_unwritable_database_answers_503_never_a_false_200_and_recovers(
     tmp_path: Path, kind: str
@@ -574,12 +577,12 @@ def test_sigterm_under_load_finishes_what_is_in_flight_and_leaves_nothing_half_d
         assert set(load.statuses) == {200}
         assert load.unanswered or load.todo
         # Nothing half-done: every claimed forward was finished (none waits out a lease).
-        soon = time.time() + 60
+        soon = shift(now(), 60)
         assert rows(database, "SELECT count(*) FROM outbox WHERE state = 'done'") == [(1,)]
         leased = rows(
             database,
             "SELECT id, next_attempt_at FROM outbox WHERE state = 'pending'"
-            " AND next_attempt_at > strftime('%Y-%m-%dT%H:%M:%fZ', ?, 'unixepoch')",
+            " AND next_attempt_at > ?",
             soon,
         )
         assert leased == []

@@ -13,7 +13,6 @@ import contextlib
 import json
 import re
 import socket
-import sqlite3
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -32,6 +31,7 @@ from receiver.fakes.server import serve_in_thread
 from receiver.signing import sign, verify
 from receiver.times import normalize_time
 
+from .database import connect
 from .helpers import SECRET_A, SECRET_B, auth, make_settings
 from .servers import ReceiverProcess
 
@@ -58,7 +58,7 @@ def fuzz_client(fuzz_settings: Settings) -> Iterator[TestClient]:
 
 def _counts(settings: Settings) -> dict[str, int]:
     """Rows per table, read straight from the database file."""
-    conn = sqlite3.connect(settings.database)
+    conn = connect(settings.database)
     try:
         return {t: conn.execute(f"SELECT count(*) FROM {t}").fetchone()[0] for t in TABLES}
     finally:
@@ -531,7 +531,7 @@ def test_raw_bytes_on_the_socket_never_get_a_5xx_or_hang(
 def test_the_live_server_stored_nothing_from_raw_bytes(live: ReceiverProcess) -> None:
     """Runs after the raw-bytes test (same module server): still healthy, nothing stored."""
     assert httpx.get(f"{live.url}/healthz", timeout=5).status_code == 200
-    conn = sqlite3.connect(live.workdir / "receiver.db")
+    conn = connect(live.workdir / "receiver.db")
     try:
         for table in TABLES:
             assert conn.execute(f"SELECT count(*) FROM {table}").fetchone()[0] == 0, table

@@ -15,6 +15,7 @@ from receiver.signing import sign
 from receiver.sinkspec import SinkSpec
 from receiver.store import Delivery, EvaluationFilter, Forwarding, Outcome, Store, rollups
 
+from .database import sqlite_only
 from .helpers import SECRET_A, TOKEN, fixture
 from .servers import ReceiverProcess, run_cli
 
@@ -25,6 +26,7 @@ def callback(number: int) -> bytes:
     return json.dumps(body).encode()
 
 
+@sqlite_only
 def test_backup_while_writing_then_restore(tmp_path: Path) -> None:
     live = tmp_path / "live"
     live.mkdir()

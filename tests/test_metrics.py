@@ -30,6 +30,7 @@ from receiver.sinkspec import SinkSpec
 from receiver.store import Delivery, Forwarding, Store
 from receiver.worker import Worker
 
+from .database import connect, sqlite_only
 from .helpers import SECRET_A, TOKEN, RecordingSink, auth, fixture, make_settings, post_callback
 from .servers import ReceiverProcess
 
@@ -110,6 +111,7 @@ def test_callbacks_by_outcome_signature_failures_and_latency(tmp_path: Path) -> 
     assert not any(name.endswith("_created") for name, _ in found)
 
 
+@sqlite_only
 def test_a_store_that_cannot_write_counts_as_unavailable(tmp_path: Path) -> None:
     settings = make_settings(tmp_path, worker=False)
     store = Store(settings.database, busy_timeout=0.05)
@@ -132,7 +134,7 @@ def test_outbox_depth_and_dead_letters_per_sink(tmp_path: Path) -> None:
         for number in range(3):
             body = with_id("evaluation-completed.json", f"e-{number}")
             assert post_callback(client, body).json()["outcome"] == "stored"
-        conn = sqlite3.connect(settings.database)
+        conn = connect(settings.database)
         with conn:
             conn.execute("UPDATE outbox SET state = 'dead' WHERE id = (SELECT min(id) FROM outbox)")
         conn.close()

@@ -5,7 +5,6 @@ arrives exactly once per sink (by event id)."""
 from __future__ import annotations
 
 import json
-import sqlite3
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -22,6 +21,7 @@ from receiver.fakes.runflow import FakeRunflow
 from receiver.fakes.server import serve_in_thread
 from receiver.signing import sign
 
+from .database import connect
 from .helpers import SECRET_A, TOKEN, fixture
 from .servers import ReceiverProcess
 from .services import RedisService
@@ -116,7 +116,7 @@ def post(url: str, body: bytes) -> None:
 
 
 def outbox_state(database: Path) -> list[tuple[Any, ...]]:
-    conn = sqlite3.connect(database)
+    conn = connect(database)
     try:
         return conn.execute(
             "SELECT sink, state, count(*), max(attempts), max(last_error) FROM outbox GROUP BY 1, 2"

@@ -5,13 +5,13 @@ from __future__ import annotations
 import asyncio
 import json
 import signal
-import sqlite3
 from pathlib import Path
 
 import httpx
 
 from receiver.signing import sign
 
+from .database import connect
 from .helpers import SECRET_A, TOKEN
 from .servers import ReceiverProcess, run_cli
 
@@ -54,7 +54,7 @@ def test_hundreds_of_concurrent_callbacks_are_each_stored_once(tmp_path: Path) -
     outcomes = [r.json()["outcome"] for r in responses]
     assert outcomes.count("stored") == 300
     assert outcomes.count("duplicate") == len(replays)
-    conn = sqlite3.connect(tmp_path / "receiver.db")
+    conn = connect(tmp_path / "receiver.db")
     assert conn.execute("SELECT count(*) FROM evaluations").fetchone()[0] == 300
     assert conn.execute("SELECT count(*) FROM deliveries").fetchone()[0] == 300
     assert conn.execute("SELECT sum(receipts) FROM deliveries").fetchone()[0] == 300 + len(replays)

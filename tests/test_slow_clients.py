@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 import re
 import socket
-import sqlite3
 import threading
 import time
 from collections.abc import Iterator
@@ -21,6 +20,7 @@ from receiver.app import create_app
 from receiver.fakes.server import serve_in_thread
 from receiver.signing import sign
 
+from .database import connect
 from .helpers import SECRET_A, make_settings
 from .servers import ReceiverProcess
 
@@ -30,7 +30,7 @@ GRACE = 4.0
 
 
 @contextmanager
-def receiver(tmp_path: Path, parser: str) -> Iterator[tuple[str, Path]]:
+def receiver(tmp_path: Path, parser: str) -> Iterator[tuple[str, str]]:
     """(base URL, database file) of a receiver with a one-second body budget."""
     if parser == "httptools":
         with ReceiverProcess(tmp_path, RECEIVER_BODY_TIMEOUT=str(BODY_TIMEOUT)) as server:
@@ -38,7 +38,7 @@ def receiver(tmp_path: Path, parser: str) -> Iterator[tuple[str, Path]]:
     else:
         settings = make_settings(tmp_path, body_timeout=BODY_TIMEOUT, worker=False)
         with serve_in_thread(create_app(settings)) as url:
-            yield url, Path(settings.database)
+            yield url, settings.database
 
 
 def _callback(evaluation_id: str) -> bytes:
@@ -101,8 +101,8 @@ def _trickle(sock: socket.socket, data: bytes, stop: threading.Event) -> None:
             return
 
 
-def _count(database: Path, table: str) -> int:
-    conn = sqlite3.connect(database)
+def _count(database: Path | str, table: str) -> int:
+    conn = connect(database)
     try:
         return int(conn.execute(f"SELECT count(*) FROM {table}").fetchone()[0])
     finally:

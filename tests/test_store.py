@@ -15,6 +15,7 @@ from receiver.normalize import normalize, parse_body
 from receiver.store import Delivery, EvaluationFilter, Receipt, Store
 from receiver.store.schema import MIGRATIONS
 
+from .database import connect, database_for, sqlite_only
 from .helpers import fixture
 
 COMPLETED_ID = "0193a7c2-5b1e-7c3d-9f10-2a4b6c8d0e11"
@@ -37,7 +38,7 @@ def anyio_backend() -> str:
 
 @pytest.fixture
 def path(tmp_path: Path) -> str:
-    return str(tmp_path / "receiver.db")
+    return database_for(tmp_path / "receiver.db")
 
 
 @pytest.fixture
@@ -65,7 +66,7 @@ async def ingest_all(store: Store, *values: dict[str, Any] | bytes) -> list[Rece
 
 
 def query(path: str, sql: str, *params: object) -> list[tuple[Any, ...]]:
-    conn = sqlite3.connect(path)
+    conn = connect(path)
     try:
         return conn.execute(sql, params).fetchall()
     finally:
@@ -103,7 +104,7 @@ def pointers(path: str, client_ref: str) -> tuple[Any, ...] | None:
 
 
 def row(path: str, evaluation_id: str) -> dict[str, Any]:
-    conn = sqlite3.connect(path)
+    conn = connect(path)
     conn.row_factory = sqlite3.Row
     try:
         found = conn.execute("SELECT * FROM evaluations WHERE id = ?", (evaluation_id,)).fetchone()
@@ -116,6 +117,7 @@ def row(path: str, evaluation_id: str) -> dict[str, Any]:
 # schema and migrations
 
 
+@sqlite_only
 def test_migrate_is_idempotent(path: str) -> None:
     store = Store(path)
     assert store.migrate() == VERSIONS
@@ -126,12 +128,14 @@ def test_migrate_is_idempotent(path: str) -> None:
     assert applied[0] == (1, "core tables")
 
 
+@sqlite_only
 def test_migrate_creates_missing_folders(tmp_path: Path) -> None:
     path = tmp_path / "a" / "b" / "receiver.db"
     assert Store(str(path)).migrate() == VERSIONS
     assert path.is_file()
 
 
+@sqlite_only
 def test_the_file_is_wal_and_plain_tables(store: Store, path: str) -> None:
     assert query(path, "PRAGMA journal_mode") == [("wal",)]
     assert set(Database(path).table_names()) >= TABLES

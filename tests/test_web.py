@@ -12,6 +12,7 @@ from receiver.config import Settings
 from receiver.signing import sign
 from receiver.store import Store
 
+from .database import connect, sqlite_only
 from .helpers import SECRET_A, SECRET_B, SIGNATURES, count, fixture, make_settings, post_callback
 
 COMPLETED_ID = "0193a7c2-5b1e-7c3d-9f10-2a4b6c8d0e11"
@@ -51,7 +52,7 @@ def test_every_fixture_is_accepted_with_its_listed_signature(
 def test_the_delivery_is_kept_byte_for_byte(client: TestClient, settings: Settings) -> None:
     body = fixture("evaluation-completed.json")
     post_callback(client, body, SECRET_B, headers={"runflow-request-id": "req-1"})
-    conn = sqlite3.connect(settings.database)
+    conn = connect(settings.database)
     stored, request_id, secret_index = conn.execute(
         "SELECT body, request_id, secret_index FROM deliveries"
     ).fetchone()
@@ -133,7 +134,7 @@ def test_signed_but_unusable_bodies_get_400_and_are_quarantined(
     assert response.status_code == 400
     assert reason in response.json()["error"]
     assert count(settings, "deliveries") == count(settings, "evaluations") == 0
-    conn = sqlite3.connect(settings.database)
+    conn = connect(settings.database)
     assert conn.execute("SELECT body FROM quarantine").fetchone()[0] == body
 
 
@@ -166,10 +167,11 @@ def test_the_same_body_twice_is_a_duplicate(client: TestClient, settings: Settin
     assert first["outcome"] == "stored"
     assert second == {**first, "outcome": "duplicate"}
     assert count(settings, "deliveries") == count(settings, "evaluations") == 1
-    conn = sqlite3.connect(settings.database)
+    conn = connect(settings.database)
     assert conn.execute("SELECT receipts FROM deliveries").fetchone()[0] == 2
 
 
+@sqlite_only
 def test_a_store_that_cannot_write_answers_503_never_200(tmp_path: Path) -> None:
     settings = make_settings(tmp_path)
     store = Store(settings.database, busy_timeout=0.05)
@@ -193,7 +195,7 @@ def test_unpaired_surrogates_are_stored_not_crashed_on(
 ) -> None:
     body = b'{"id": "e-1", "status_code": "completed", "client_ref": "bad\\ud800ref"}'
     assert post_callback(client, body).json()["outcome"] == "stored"
-    conn = sqlite3.connect(settings.database)
+    conn = connect(settings.database)
     assert conn.execute("SELECT client_ref FROM evaluations").fetchone()[0] == "bad\ufffdref"
 
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import sqlite3
 from collections.abc import AsyncIterator, Iterator, Sequence
 from dataclasses import replace
 from pathlib import Path
@@ -24,6 +23,7 @@ from receiver.sinkspec import SinkSpec
 from receiver.store import Delivery, Forwarding, Store
 from receiver.worker import Worker
 
+from .database import connect
 from .helpers import RecordingSink, fixture, make_settings
 
 pytestmark = pytest.mark.anyio
@@ -73,7 +73,7 @@ class Rig:
                 return
 
     def rows(self, sql: str, *params: object) -> list[tuple[Any, ...]]:
-        conn = sqlite3.connect(self.settings.database)
+        conn = connect(self.settings.database)
         try:
             return conn.execute(sql, params).fetchall()
         finally:

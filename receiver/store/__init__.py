@@ -1,14 +1,19 @@
 """The store: the only place SQL lives. Writes go through the group-commit Writer; reads use a
-read-only connection per thread (WAL lets them run beside the writer)."""
+read-only connection per thread (WAL lets them run beside the writer). With a PostgreSQL URL
+the same store functions run through pg_connection's adapter: writes on PgWriter, reads from a
+connection pool."""
 
 from __future__ import annotations
 
+import contextlib
 import sqlite3
 import threading
+from collections.abc import Iterator
 from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
+from ..database_url import is_postgres_url
 from ..errors import ConfigError
 from . import maintenance, outbox
 from .ingest import (
@@ -33,6 +38,10 @@ from .queries import (
 from .schema import migrate
 from .writer import Writer, connect
 
+if TYPE_CHECKING:
+    from .pg_backend import PgReaders
+    from .pg_writer import PgWriter
+
 __all__ = ["Claim", "Delivery", "EvaluationFilter", "Forwarding", "Outcome", "Receipt", "Store"]
 
 
@@ -43,17 +52,36 @@ def _rewrite_header(conn: sqlite3.Connection) -> None:
 
 class Store:
     def __init__(
-        self, path: str, *, busy_timeout: float = 10.0, forwarding: Forwarding = NO_FORWARDING
+        self,
+        path: str,
+        *,
+        busy_timeout: float = 10.0,
+        forwarding: Forwarding = NO_FORWARDING,
+        pool_size: int = 10,
     ) -> None:
         self.path = path
         self.forwarding = forwarding
-        self.writer = Writer(path, busy_timeout)
+        self.postgres = is_postgres_url(path)
+        self.writer: Writer | PgWriter
+        self._pool: PgReaders | None = None
+        if self.postgres:
+            from .pg_backend import PgReaders
+            from .pg_writer import PgWriter
+
+            self.writer = PgWriter(path)
+            self._pool = PgReaders(path, pool_size)
+        else:
+            self.writer = Writer(path, busy_timeout)
         self._local = threading.local()
         self._readers: list[sqlite3.Connection] = []
         self._lock = threading.Lock()
 
     def migrate(self) -> list[int]:
-        """Create the file if needed and apply pending migrations (idempotent)."""
+        """Create the file (or schema) if needed and apply pending migrations (idempotent)."""
+        if self.postgres:
+            from .pg_backend import migrate_url
+
+            return migrate_url(self.path)
         try:
             Path(self.path).parent.mkdir(parents=True, exist_ok=True)
             conn = connect(self.path)
@@ -72,6 +100,8 @@ class Store:
 
     def close(self) -> None:
         self.writer.close()
+        if self._pool is not None:
+            self._pool.close()
         with self._lock:
             for conn in self._readers:
                 conn.close()
@@ -207,9 +237,23 @@ class Store:
         header field `application_id` back unchanged, so the commit really appends a page to
         the WAL and fsyncs it: an empty transaction writes nothing, and passes on a full or
         read-only disk."""
+        if self.postgres:
+            from .pg_backend import probe
+
+            await self.writer.run(probe)
+            return
         await self.writer.run(_rewrite_header)
 
     # reads
+
+    @contextlib.contextmanager
+    def read(self) -> Iterator[sqlite3.Connection]:
+        """A connection to read with: this thread's SQLite reader, or one from the pool."""
+        if self._pool is None:
+            yield self.reader()
+            return
+        with self._pool.connection() as conn:
+            yield cast(sqlite3.Connection, conn)  # the adapter has sqlite3's surface
 
     def reader(self) -> sqlite3.Connection:
         conn: sqlite3.Connection | None = getattr(self._local, "conn", None)
@@ -228,34 +272,44 @@ class Store:
         cursor: str | None = None,
         newest_first: bool = True,
     ) -> tuple[list[dict[str, Any]], str | None]:
-        return list_evaluations(self.reader(), where, limit, cursor, newest_first)
+        with self.read() as conn:
+            return list_evaluations(conn, where, limit, cursor, newest_first)
 
     def has_evaluation(self, evaluation_id: str) -> bool:
-        return has_evaluation(self.reader(), evaluation_id)
+        with self.read() as conn:
+            return has_evaluation(conn, evaluation_id)
 
     def get_evaluation(self, evaluation_id: str) -> dict[str, Any] | None:
-        return get_evaluation(self.reader(), evaluation_id)
+        with self.read() as conn:
+            return get_evaluation(conn, evaluation_id)
 
     def get_client_ref(self, client_ref: str) -> dict[str, Any] | None:
-        return get_client_ref(self.reader(), client_ref)
+        with self.read() as conn:
+            return get_client_ref(conn, client_ref)
 
     def stats(self, where: EvaluationFilter) -> dict[str, Any]:
-        return stats(self.reader(), where)
+        with self.read() as conn:
+            return stats(conn, where)
 
     def lineage(self, evaluation_id: str) -> list[dict[str, Any]]:
-        return lineage(self.reader(), evaluation_id)
+        with self.read() as conn:
+            return lineage(conn, evaluation_id)
 
     def list_forwards(
         self, *, state: str | None, sink: str | None, limit: int, after: int | None = None
     ) -> list[dict[str, Any]]:
-        return outbox.list_forwards(self.reader(), state=state, sink=sink, limit=limit, after=after)
+        with self.read() as conn:
+            return outbox.list_forwards(conn, state=state, sink=sink, limit=limit, after=after)
 
     def outbox_depth(self) -> dict[str, dict[str, int]]:
-        return outbox.outbox_depth(self.reader())
+        with self.read() as conn:
+            return outbox.outbox_depth(conn)
 
     def polls_due(self, now: str) -> bool:
-        return outbox.polls_due(self.reader(), now)
+        with self.read() as conn:
+            return outbox.polls_due(conn, now)
 
     def has_due(self, sink: str, now: str) -> bool:
         """A cheap read-only look before taking the write lock to claim."""
-        return outbox.has_due(self.reader(), sink, now)
+        with self.read() as conn:
+            return outbox.has_due(conn, sink, now)

@@ -12,6 +12,7 @@ from ..events import event_id
 from ..normalize import TERMINAL, Callback, columns, judge_issues, merge
 from ..sinkspec import SinkSpec
 from ..times import now, shift
+from .dialect import serialize
 from .rollups import FACT_COLUMNS, Facts, track
 from .search import SEARCHED, reindex
 
@@ -59,6 +60,7 @@ def ingest(
     callback = delivery.callback
     digest = hashlib.sha256(delivery.body).hexdigest()
     stamp = now()
+    serialize(conn, f"delivery:{digest}")
     row = conn.execute(
         "SELECT id, evaluation_id FROM deliveries WHERE sha256 = ?", (digest,)
     ).fetchone()
@@ -69,10 +71,10 @@ def ingest(
         )
         return Receipt("duplicate", row[0], row[1])
     outcome = "ignored" if callback.kind == "run" else "stored"
-    cursor = conn.execute(
+    (delivery_id,) = conn.execute(
         "INSERT INTO deliveries (received_at, last_received_at, receipts, source, request_id,"
         " secret_index, sha256, kind, event, evaluation_id, outcome, headers, body)"
-        " VALUES (?, ?, 1, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        " VALUES (?, ?, 1, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) RETURNING id",
         (
             stamp,
             stamp,
@@ -87,8 +89,7 @@ def ingest(
             _dumps(delivery.headers),
             delivery.body,
         ),
-    )
-    delivery_id = int(cursor.lastrowid or 0)
+    ).fetchone()
     if callback.evaluation_id is not None:
         apply_evaluation(
             conn,
@@ -115,6 +116,7 @@ def apply_evaluation(
     """Merge `fields` into the stored evaluation under the state rules (design.md §8), and in
     the same transaction queue its refetch and one outbox row per matching sink."""
     evaluation_id = fields["id"]
+    serialize(conn, f"evaluation:{evaluation_id}")
     row = conn.execute(  # data, refetch_state, rowid, then the searched and rolled-up columns
         f"SELECT data, refetch_state, rowid, {', '.join(SEARCHED)}, {FACT_COLUMNS}"
         " FROM evaluations WHERE id = ?",
@@ -147,8 +149,9 @@ def apply_evaluation(
         values.update(received_at=stamp, source=source)
         names = ", ".join(values)
         marks = ", ".join(f":{name}" for name in values)
-        inserted = conn.execute(f"INSERT INTO evaluations ({names}) VALUES ({marks})", values)
-        rowid = int(inserted.lastrowid or 0)
+        (rowid,) = conn.execute(
+            f"INSERT INTO evaluations ({names}) VALUES ({marks}) RETURNING rowid", values
+        ).fetchone()
     else:
         rowid = row[2]
         assignments = ", ".join(f"{name} = :{name}" for name in values if name != "id")
@@ -226,6 +229,7 @@ def queue_forwards(
 def refresh_client_ref(conn: sqlite3.Connection, client_ref: str, stamp: str) -> None:
     """Recompute a client_ref's pointers: current = completed and not superseded (Runflow's own
     definition); latest = its most recent verdict."""
+    serialize(conn, f"client_ref:{client_ref}")
     current = conn.execute(
         "SELECT id FROM evaluations WHERE client_ref = ? AND status = 'completed'"
         " AND superseded = 0 ORDER BY completed_at DESC LIMIT 1",
@@ -270,9 +274,9 @@ def quarantine(
     request_id: str | None,
 ) -> int:
     """Keep a signed body we could not parse, for inspection; returns its quarantine id."""
-    cursor = conn.execute(
+    (quarantine_id,) = conn.execute(
         "INSERT INTO quarantine (received_at, request_id, reason, sha256, headers, body)"
-        " VALUES (?, ?, ?, ?, ?, ?)",
+        " VALUES (?, ?, ?, ?, ?, ?) RETURNING id",
         (now(), request_id, reason, hashlib.sha256(body).hexdigest(), _dumps(headers), body),
-    )
-    return int(cursor.lastrowid or 0)
+    ).fetchone()
+    return int(quarantine_id)

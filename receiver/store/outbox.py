@@ -13,7 +13,14 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..errors import BadRequest, NotFound
+from .dialect import is_postgres
 from .ingest import Forwarding, apply_evaluation, queue_forwards
+
+
+def _skip_locked(conn: sqlite3.Connection, table: str) -> str:
+    """On PostgreSQL rows another replica is claiming right now are passed over, not waited
+    for (SQLite has one writer at a time: nothing to skip)."""
+    return f" FOR UPDATE OF {table} SKIP LOCKED" if is_postgres(conn) else ""
 
 
 @dataclass(frozen=True)
@@ -55,7 +62,7 @@ def claim_forwards(
         " SELECT o.id FROM outbox o JOIN evaluations e ON e.id = o.evaluation_id"
         " WHERE o.sink = :sink AND o.state = 'pending' AND o.next_attempt_at <= :now"
         " AND (e.refetch_state IS NOT 'pending' OR o.created_at <= :cutoff)"
-        " ORDER BY o.next_attempt_at, o.id LIMIT :limit)"
+        f" ORDER BY o.next_attempt_at, o.id LIMIT :limit{_skip_locked(conn, 'o')})"
         " RETURNING id, event_type, attempts, evaluation_id",
         {"lease": lease_until, "sink": sink, "now": now, "cutoff": refetch_cutoff, "limit": limit},
     ).fetchall()
@@ -122,7 +129,8 @@ def claim_refetches(
         for row in conn.execute(
             "UPDATE evaluations SET refetch_next_at = :lease WHERE id IN ("
             " SELECT id FROM evaluations WHERE refetch_state = 'pending'"
-            " AND refetch_next_at <= :now ORDER BY refetch_next_at LIMIT :limit)"
+            " AND refetch_next_at <= :now ORDER BY refetch_next_at"
+            f" LIMIT :limit{_skip_locked(conn, 'evaluations')})"
             " RETURNING id, refetch_attempts",
             {"lease": lease_until, "now": now, "limit": limit},
         ).fetchall()
@@ -168,7 +176,7 @@ def claim_polls(
         for row in conn.execute(
             "UPDATE evaluations SET next_poll_at = :lease WHERE id IN ("
             " SELECT id FROM evaluations WHERE next_poll_at <= :now"
-            " ORDER BY next_poll_at LIMIT :limit)"
+            f" ORDER BY next_poll_at LIMIT :limit{_skip_locked(conn, 'evaluations')})"
             " RETURNING id, poll_attempts",
             {"lease": lease_until, "now": now, "limit": limit},
         ).fetchall()
@@ -247,8 +255,8 @@ def retry_forward(conn: sqlite3.Connection, outbox_id: int, stamp: str) -> dict[
 def retry_dead(conn: sqlite3.Connection, stamp: str, sink: str | None = None) -> int:
     cursor = conn.execute(
         "UPDATE outbox SET state = 'pending', attempts = 0, next_attempt_at = ?,"
-        " last_error = NULL, updated_at = ? WHERE state = 'dead' AND (? IS NULL OR sink = ?)",
-        (stamp, stamp, sink, sink),
+        " last_error = NULL, updated_at = ? WHERE state = 'dead' AND sink = coalesce(?, sink)",
+        (stamp, stamp, sink),
     )
     return cursor.rowcount
 

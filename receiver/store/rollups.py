@@ -165,7 +165,7 @@ class Facts(NamedTuple):
 def _upsert(table: str, returning: bool) -> str:
     keys, measures = _columns(table)
     names = (*keys, *measures)
-    sets = ", ".join(f"{m} = {m} + excluded.{m}" for m in measures)
+    sets = ", ".join(f"{m} = {table}.{m} + excluded.{m}" for m in measures)
     return (
         f"INSERT INTO {table} ({', '.join(names)}) VALUES ({', '.join('?' * len(names))})"
         f" ON CONFLICT ({_conflict_target(table)}) DO UPDATE SET {sets}"

@@ -14,6 +14,8 @@ from typing import Any
 
 from sqlite_utils import Database
 
+from .dialect import is_postgres
+
 SEARCHED = ("id", "client_ref", "task_type", "failure_code", "top_issues")
 TABLE = "evaluations_fts"
 # How a list page uses the candidates: up to FEW it fetches them and sorts; up to MANY it walks
@@ -46,7 +48,9 @@ def reindex(
     after: Sequence[Any] | None,
 ) -> None:
     """Replace the row's entry when a searched column changed (values in SEARCHED order;
-    None: no entry before, or none after)."""
+    None: no entry before, or none after). PostgreSQL's trigram indexes follow by themselves."""
+    if is_postgres(conn):
+        return
     if before is not None and after is not None and tuple(before) == tuple(after):
         return
     names = ", ".join(SEARCHED)
@@ -62,6 +66,8 @@ def reindex(
 
 def forget(conn: sqlite3.Connection, evaluation_ids: Sequence[str]) -> None:
     """Drop the entries of rows about to be deleted (with the values they were indexed by)."""
+    if is_postgres(conn):
+        return
     marks = ", ".join("?" * len(evaluation_ids))
     rows = conn.execute(
         f"SELECT rowid, {', '.join(SEARCHED)} FROM evaluations WHERE id IN ({marks})",
@@ -84,8 +90,9 @@ def candidates(
     conn: sqlite3.Connection, text: str | None, limit: int | None = None
 ) -> list[int] | None:
     """Rowids of the rows whose searched columns may contain `text` (a superset of LIKE's
-    matches), at most `limit` + 1 of them; None when the index cannot help."""
-    query = phrase(text)
+    matches), at most `limit` + 1 of them; None when the index cannot help, and always on
+    PostgreSQL, whose trigram indexes serve the ILIKE itself."""
+    query = None if is_postgres(conn) else phrase(text)
     if query is None:
         return None
     sql = f"SELECT rowid FROM {TABLE} WHERE {TABLE} MATCH ?"

@@ -1,0 +1,23 @@
+"""Which database a connection is, for the few places where the store's SQL differs.
+
+Nothing here imports psycopg: it is an optional dependency, needed only for PostgreSQL.
+"""
+
+from __future__ import annotations
+
+
+def is_postgres(conn: object) -> bool:
+    """True for the PostgreSQL adapter (pg_connection.PgConnection), False for sqlite3."""
+    return getattr(conn, "dialect", "sqlite") == "postgresql"
+
+
+def serialize(conn: object, *keys: str) -> None:
+    """Take the transaction's lock on each key before a read-merge-write of it, so two servers
+    writing the same evaluation, body or client_ref take turns. SQLite needs none: its one
+    write transaction at a time (BEGIN IMMEDIATE) already serializes every writer."""
+    if not is_postgres(conn):
+        return
+    for key in keys:
+        conn.execute(  # type: ignore[attr-defined]
+            "SELECT pg_advisory_xact_lock(hashtextextended(?, 0))", (key,)
+        )
