@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: run test test-postgres demo bench bench-queries bench-forwarding lint check clean
+.PHONY: run test test-postgres demo bench bench-queries bench-forwarding bench-postgres lint check clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -27,6 +27,10 @@ demo: $(STAMP)
 # Ingest throughput: bare app vs naive durable receiver vs receiver (needs wrk: apt-get install wrk).
 bench: $(STAMP)
 	$(BIN)/python bench/ingest.py
+
+# The same load against receiver on PostgreSQL with 1, 2 and 4 workers (needs postgresql).
+bench-postgres: $(STAMP)
+	$(BIN)/python bench/ingest.py --postgres
 
 # Outbox drain into Redis and callback → Redis latency (needs redis-server).
 bench-forwarding: $(STAMP)

@@ -3,6 +3,10 @@ receiver, (c) receiver with default settings, (d) receiver with --workers 2, one
 Prints requests/s, p50, p99, peak RSS and the ratios to (a) and (b); writes the same as JSON;
 checks after each receiver run that every 200 was stored.
 
+`--postgres` (`make bench-postgres`) runs (a), (b), (c) and then receiver on PostgreSQL with
+1, 2 and 4 workers: a durable server (fsync on) from the Debian package, started in a temp dir,
+a fresh database per run.
+
 Load: wrk (Debian package `wrk`) with 32 connections, pinned to its own core; each request is a
 unique ~2 KB callback signed with the secret below.
 """
@@ -20,8 +24,11 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager, nullcontext
+from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import httpx
 
@@ -118,7 +125,7 @@ def run_system(
     load_cpus: str,
     seconds: int,
     connections: int,
-    database: Path | None,
+    stored: Callable[[], int] | None,
 ) -> dict[str, Any]:
     server = subprocess.Popen(
         ["taskset", "-c", cpus, *command],
@@ -141,17 +148,66 @@ def run_system(
     finally:
         server.terminate()
         server.wait(30)
-    if database is not None:
-        conn = sqlite3.connect(database)
-        table = "deliveries"
-        stored = conn.execute(f"SELECT count(*) FROM {table}").fetchone()[0]
-        conn.close()
+    if stored is not None:
         oks = result["responses"] - result["non_2xx"]
-        result["stored"] = stored
+        result["stored"] = count = stored()
         # wrk drops requests still in flight when time is up; the server may still store those.
-        result["all_200s_stored"] = oks <= stored <= oks + connections
+        result["all_200s_stored"] = oks <= count <= oks + connections
     result["system"] = name
     return result
+
+
+def count_sqlite(database: Path) -> int:
+    conn = sqlite3.connect(database)
+    try:
+        return int(conn.execute("SELECT count(*) FROM deliveries").fetchone()[0])
+    finally:
+        conn.close()
+
+
+def count_postgres(url: str) -> int:
+    import psycopg
+
+    with psycopg.connect(url) as conn:
+        row = conn.execute("SELECT count(*) FROM deliveries").fetchone()
+        return int(row[0]) if row else 0
+
+
+@contextmanager
+def postgres(work: Path) -> Iterator[Callable[[str], str]]:
+    """A durable PostgreSQL server (tests/postgres.py's, with fsync on); yields a function that
+    creates a fresh database and returns its URL."""
+    from tests.postgres import PostgresService
+
+    class Durable(PostgresService):
+        tuning: ClassVar[tuple[str, ...]] = ()
+
+    binary = Durable.find()
+    if binary is None:
+        raise SystemExit("PostgreSQL is not installed: apt-get install -y postgresql")
+    server = Durable(binary, work)
+    server.start()
+
+    def create(name: str) -> str:
+        database = re.sub(r"\W+", "_", name)
+        server.admin(f"CREATE DATABASE {database}")
+        return server.url_for(database)
+
+    try:
+        yield create
+    finally:
+        server.close()
+
+
+SQLITE = ("bare", "naive", "receiver", "receiver --workers 2")
+POSTGRES = (
+    "bare",
+    "naive",
+    "receiver",
+    "postgresql",
+    "postgresql --workers 2",
+    "postgresql --workers 4",
+)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -160,8 +216,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--connections", type=int, default=32)
     parser.add_argument("--bodies", type=int, default=150_000)
     parser.add_argument("--only", help="comma-separated system names")
-    parser.add_argument("--json", type=Path, default=ROOT / "bench/results/ingest.json")
+    parser.add_argument("--postgres", action="store_true", help="receiver on PostgreSQL too")
+    parser.add_argument("--json", type=Path)
     options = parser.parse_args(argv)
+    name = "ingest-postgres" if options.postgres else "ingest"
+    output = options.json or ROOT / f"bench/results/{name}.json"
     if shutil.which("wrk") is None:
         raise SystemExit("wrk is not installed: apt-get install -y wrk (see docs/performance.md)")
     work = Path(tempfile.mkdtemp(prefix="receiver-bench-"))
@@ -176,46 +235,55 @@ def main(argv: list[str] | None = None) -> None:
     }
     python = sys.executable
     uvicorn = [python, "-m", "uvicorn", "--no-access-log", "--log-level", "warning"]
-    systems: list[tuple[str, list[str], str, str, bool]] = [
-        ("bare", [*uvicorn, "bench.apps.bare:app"], "0", "1", False),
-        ("naive", [*uvicorn, "bench.apps.naive:app"], "0", "1", True),
-        ("receiver", [python, "-m", "receiver", "serve"], "0", "1", True),
-        (
-            "receiver --workers 2",
-            [python, "-m", "receiver", "serve", "--workers", "2"],
-            "0,1",
-            "1",
-            True,
-        ),
-    ]
-    wanted = set(options.only.split(",")) if options.only else None
+    serve = [python, "-m", "receiver", "serve"]
+    # name: (command, server cores, store); the load generator always runs on core 1.
+    systems: dict[str, tuple[list[str], str, str | None]] = {
+        "bare": ([*uvicorn, "bench.apps.bare:app"], "0", None),
+        "naive": ([*uvicorn, "bench.apps.naive:app"], "0", "sqlite"),
+        "receiver": (serve, "0", "sqlite"),
+        "receiver --workers 2": ([*serve, "--workers", "2"], "0,1", "sqlite"),
+        "postgresql": (serve, "0", "postgresql"),
+        "postgresql --workers 2": ([*serve, "--workers", "2"], "0,1", "postgresql"),
+        "postgresql --workers 4": ([*serve, "--workers", "4"], "0,1", "postgresql"),
+    }
+    wanted = options.only.split(",") if options.only else POSTGRES if options.postgres else SQLITE
+    if unknown := set(wanted) - set(systems):
+        raise SystemExit(f"unknown systems {sorted(unknown)}; choose from {sorted(systems)}")
     results = []
-    for name, command, cpus, load_cpus, durable in systems:
-        if wanted and name not in wanted:
-            continue
-        port = free_port()
-        database = work / f"{name.replace(' ', '_')}.db" if durable else None
-        env = {
-            **base_env,
-            "NAIVE_DATABASE": str(database or ""),
-            "RECEIVER_DATABASE": str(database or ""),
-            "PORT": str(port),
-        }
-        command = [*command, "--port", str(port)]
-        print(f"running {name} …", file=sys.stderr)
-        results.append(
-            run_system(
-                name,
-                command,
-                env,
-                port,
-                cpus,
-                load_cpus,
-                options.seconds,
-                options.connections,
-                database,
+    with postgres(work) if options.postgres else nullcontext() as create:
+        for name in wanted:
+            command, cpus, store = systems[name]
+            database = ""
+            stored: Callable[[], int] | None = None
+            if store == "sqlite":
+                path = work / f"{name.replace(' ', '_')}.db"
+                database, stored = str(path), partial(count_sqlite, path)
+            elif store == "postgresql":
+                if create is None:
+                    raise SystemExit(f"{name!r} needs --postgres")
+                database = create(name)
+                stored = partial(count_postgres, database)
+            port = free_port()
+            env = {
+                **base_env,
+                "NAIVE_DATABASE": database,
+                "RECEIVER_DATABASE": database,
+                "PORT": str(port),
+            }
+            print(f"running {name} …", file=sys.stderr)
+            results.append(
+                run_system(
+                    name,
+                    [*command, "--port", str(port)],
+                    env,
+                    port,
+                    cpus,
+                    "1",
+                    options.seconds,
+                    options.connections,
+                    stored,
+                )
             )
-        )
     by_name = {r["system"]: r for r in results}
     for result in results:
         for base in ("bare", "naive"):
@@ -235,8 +303,8 @@ def main(argv: list[str] | None = None) -> None:
             f"{r['peak_rss_mb']:>9.1f}{r.get('x_bare', 0):>8.2f}{r.get('x_naive', 0):>9.2f}  "
             f"{r.get('all_200s_stored', '-')}"
         )
-    options.json.parent.mkdir(parents=True, exist_ok=True)
-    options.json.write_text(
+    output.parent.mkdir(parents=True, exist_ok=True)
+    output.write_text(
         json.dumps(
             {
                 "body_bytes": size,

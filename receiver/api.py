@@ -239,11 +239,6 @@ async def patch_feedback(request: Request) -> Response:
         raise BadRequest("is_positive must be true, false or null")
     if reason is not None and not isinstance(reason, str):
         raise BadRequest("reason must be a string")
-    if reason is not None and not reason.isascii():
-        try:
-            reason.encode()
-        except UnicodeEncodeError:  # "\ud800": valid JSON, but no text Runflow or SQLite takes
-            raise BadRequest("reason must be text: it holds a lone surrogate escape") from None
     await send_feedback(ctx.settings, ctx.store, ctx.http, evaluation_id, is_positive, reason)
     found = ctx.store.get_evaluation(evaluation_id)
     return JSONResponse({"ok": True, "evaluation": found["evaluation"] if found else None})

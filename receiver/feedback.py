@@ -8,12 +8,24 @@ from typing import Any
 import httpx
 
 from .config import Settings
-from .errors import NotFound
+from .errors import BadRequest, NotFound
 from .runflow import client_for
 from .store import Store
 from .times import now
 
 RATINGS: dict[str, bool | None] = {"up": True, "down": False, "clear": None}
+
+
+def _check_reason(reason: str) -> None:
+    """JSON can carry "\\ud800" and "\\u0000"; no text Runflow or SQLite takes the first, and
+    PostgreSQL's text cannot hold the second."""
+    if "\x00" in reason:
+        raise BadRequest("reason must not contain NUL characters")
+    if not reason.isascii():
+        try:
+            reason.encode()
+        except UnicodeEncodeError:
+            raise BadRequest("reason must be text: it holds a lone surrogate escape") from None
 
 
 async def send_feedback(
@@ -25,7 +37,9 @@ async def send_feedback(
     reason: str | None,
 ) -> dict[str, Any]:
     """Raises NotFound for an evaluation this receiver never saw, BadRequest for a reason
-    Runflow would refuse, RunflowError for Runflow's own refusals."""
+    Runflow would refuse or the store cannot hold, RunflowError for Runflow's own refusals."""
+    if reason is not None:
+        _check_reason(reason)
     if not store.has_evaluation(evaluation_id):
         raise NotFound(f"no evaluation {evaluation_id!r}")
     client = client_for(settings, http)

@@ -65,6 +65,8 @@ MISTAKES = {
     "unknown-field": ({"is_positive": True, "why": "x"}, 400, "unknown field 'why'"),
     "reason-too-long": ({"is_positive": False, "reason": "x" * 2001}, 400, "reason"),
     "empty-reason": ({"is_positive": False, "reason": ""}, 400, "reason"),
+    "nul-in-reason": ({"is_positive": False, "reason": "a\x00b"}, 400, "NUL characters"),
+    "lone-surrogate": ('{"is_positive": false, "reason": "\\ud800"}', 400, "lone surrogate"),
 }
 
 

@@ -184,6 +184,18 @@ async def test_a_delivery_is_kept_byte_for_byte(store: Store, path: str) -> None
 
 
 @pytest.mark.anyio
+async def test_nul_characters_in_fields_are_stored_not_refused(store: Store, path: str) -> None:
+    """JSON may carry "\\u0000"; PostgreSQL's text cannot hold it, so its columns get U+FFFD
+    while the delivery keeps the exact bytes. Refusing would be a 503 retried forever."""
+    body = json.dumps({**json.loads(fixture("evaluation-completed.json")), "client_ref": "a\x00b"})
+    [receipt] = await ingest_all(store, body.encode())
+    assert receipt.outcome == "stored"
+    [(client_ref,)] = query(path, "SELECT client_ref FROM evaluations")
+    assert client_ref in ("a\x00b", "a\ufffdb")
+    assert query(path, "SELECT body FROM deliveries") == [(body.encode(),)]
+
+
+@pytest.mark.anyio
 async def test_a_run_callback_is_stored_and_ignored(store: Store, path: str) -> None:
     [receipt] = await ingest_all(store, fixture("run-completed.json"))
     assert receipt == Receipt("ignored", 1, None)

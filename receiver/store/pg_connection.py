@@ -17,6 +17,7 @@ import psycopg
 from psycopg.abc import Buffer
 from psycopg.adapt import Loader
 from psycopg.pq import TransactionStatus
+from psycopg.types.string import StrDumperUnknown
 
 CONNECT_TIMEOUT = 10
 
@@ -99,6 +100,15 @@ class _Number(Loader):
         return int(text) if text.lstrip("-").isdigit() else float(text)
 
 
+class _Text(StrDumperUnknown):
+    """PostgreSQL's text cannot hold NUL, which JSON can carry ("\\u0000") in a signed
+    callback's fields: it is stored as U+FFFD (the delivery keeps the exact bytes), never
+    refused (a refusal would be a 503 that Runflow retries forever)."""
+
+    def dump(self, obj: str) -> Buffer | None:
+        return super().dump(obj.replace("\x00", "\ufffd") if "\x00" in obj else obj)
+
+
 Params = Sequence[Any] | Mapping[str, Any]
 
 
@@ -134,8 +144,9 @@ class PgConnection:
 
 
 def configure(raw: psycopg.Connection[Any]) -> None:
-    """Per connection: rows like sqlite3.Row, numbers like SQLite's."""
+    """Per connection: rows like sqlite3.Row, numbers like SQLite's, text without NUL."""
     raw.row_factory = _rows
+    raw.adapters.register_dumper(str, _Text)
     raw.adapters.register_loader("numeric", _Number)
 
 
