@@ -13,7 +13,6 @@ import json
 import logging
 from collections.abc import Awaitable, Callable, Sequence
 from datetime import UTC, datetime, timedelta
-from functools import partial
 
 import httpx
 
@@ -25,7 +24,7 @@ from .normalize import TERMINAL, normalize, parse_body
 from .retry import backoff
 from .runflow import RunflowClient, RunflowError, client_for
 from .sinks import Sink, SinkError, build_sink
-from .store import Claim, Delivery, Outcome, Store, outbox
+from .store import Claim, Delivery, Outcome, Store
 from .times import format_time
 
 log = logging.getLogger("receiver.worker")
@@ -65,9 +64,6 @@ class Worker:
             self.metrics.forward_results(sink.spec.name)
         self._wake = [asyncio.Event() for _ in range(len(self.sinks) + 1)]
         self._started: set[str] = set()
-        # Per sink: outcomes of the last batch, recorded in the transaction that claims the next
-        # (one fsync'd commit per round instead of two; see docs/performance.md, Forwarding).
-        self._finished: dict[str, list[Outcome]] = {}
         self._tasks: list[asyncio.Task[None]] = []
         self._stopping = False
         self._active = False
@@ -134,7 +130,6 @@ class Worker:
             await asyncio.gather(*pending, return_exceptions=True)
         self._tasks = []
         for sink in self.sinks:
-            await self._record(sink)
             if sink.spec.name in self._started:
                 await sink.close()
         self._started.clear()
@@ -144,7 +139,6 @@ class Worker:
         done = await self._refetch_round(None) if self.runflow is not None else 0
         for sink in self.sinks:
             done += await self._sink_round(sink)
-            await self._record(sink)
         return done
 
     async def _loop(
@@ -165,27 +159,18 @@ class Worker:
                 wake.clear()
 
     async def _sink_round(self, sink: Sink | None) -> int:
-        """Record the previous batch's outcomes and claim the next batch (one commit), then
-        deliver it; its outcomes wait for the next round (`_record` when there is none)."""
         assert sink is not None
         now = self.clock()
         name = sink.spec.name
-        finished = self._finished.get(name, [])
-        if not finished and not self.store.has_due(name, format_time(now)):
+        if not self.store.has_due(name, format_time(now)):
             return 0
-        claims = await self.store.writer.run(
-            partial(
-                outbox.finish_and_claim,
-                outcomes=finished,
-                stamp=format_time(now),
-                sink=name,
-                now=format_time(now),
-                lease_until=format_time(now + self.lease),
-                refetch_cutoff=format_time(now - timedelta(seconds=self.settings.refetch_budget)),
-                limit=self.batch_size,
-            )
+        claims = await self.store.claim_forwards(
+            name,
+            now=format_time(now),
+            lease_until=format_time(now + self.lease),
+            refetch_cutoff=format_time(now - timedelta(seconds=self.settings.refetch_budget)),
+            limit=self.batch_size,
         )
-        self._count(name, self._finished.pop(name, []))
         if not claims:
             return 0
         outcomes: list[Outcome] = []
@@ -211,23 +196,14 @@ class Worker:
                 outcomes.append(Outcome(claim.outbox_id, "skipped", format_time(now)))
         if sending:
             results = await self._deliver(sink, [event for _, event in sending])
-            delivered = self.clock()
+            finished = self.clock()
             for (claim, _), error in zip(sending, results, strict=True):
-                outcomes.append(self._outcome(sink, claim, error, delivered))
-        self._finished[name] = outcomes
-        return len(claims)
-
-    async def _record(self, sink: Sink) -> None:
-        """Record outcomes still waiting for a next round (a one-shot round, or stopping)."""
-        finished = self._finished.get(sink.spec.name)
-        if finished:
-            await self.store.finish_forwards(finished, format_time(self.clock()))
-            self._count(sink.spec.name, self._finished.pop(sink.spec.name))
-
-    def _count(self, name: str, outcomes: list[Outcome]) -> None:
+                outcomes.append(self._outcome(sink, claim, error, finished))
+        await self.store.finish_forwards(outcomes, format_time(self.clock()))
         counters = self.metrics.forward_results(name)
         for outcome in outcomes:
             counters[outcome.state].inc()
+        return len(claims)
 
     async def _deliver(self, sink: Sink, events: list[dict[str, object]]) -> list[SinkError | None]:
         if sink.spec.name not in self._started:

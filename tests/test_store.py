@@ -1,7 +1,9 @@
 from __future__ import annotations
 
 import asyncio
+import fcntl
 import json
+import os
 import sqlite3
 from collections.abc import Iterator
 from pathlib import Path
@@ -148,6 +150,25 @@ def test_the_file_is_wal_and_plain_tables(store: Store, path: str) -> None:
         assert query(path, f"SELECT count(*) FROM [{table}]") == [
             (len(VERSIONS) if table == "migrations" else 0,)
         ]
+
+
+@sqlite_only
+def test_writers_in_other_processes_take_turns_on_the_lock_file(path: str) -> None:
+    """Another process's writer holds its turn (an flock of the lock file): this one waits,
+    then writes as soon as the turn is free."""
+    store = Store(path)
+    store.open()
+    other = os.open(f"{path}-writer.lock", os.O_RDONLY)
+    try:
+        fcntl.flock(other, fcntl.LOCK_EX)
+        written = store.writer.submit(lambda conn: conn.execute("SELECT 1").fetchone()[0])
+        with pytest.raises(TimeoutError):
+            written.result(timeout=0.3)
+        fcntl.flock(other, fcntl.LOCK_UN)
+        assert written.result(timeout=10) == 1
+    finally:
+        os.close(other)
+        store.close()
 
 
 def test_writes_after_close_are_refused(path: str) -> None:

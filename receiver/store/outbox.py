@@ -102,24 +102,6 @@ def finish_forwards(conn: sqlite3.Connection, outcomes: list[Outcome], stamp: st
     )
 
 
-def finish_and_claim(
-    conn: sqlite3.Connection,
-    outcomes: list[Outcome],
-    stamp: str,
-    sink: str,
-    *,
-    now: str,
-    lease_until: str,
-    refetch_cutoff: str,
-    limit: int,
-) -> list[Claim]:
-    """A worker round's one write: record the last batch's outcomes, claim the next batch."""
-    finish_forwards(conn, outcomes, stamp)
-    return claim_forwards(
-        conn, sink, now=now, lease_until=lease_until, refetch_cutoff=refetch_cutoff, limit=limit
-    )
-
-
 def claim_refetches(
     conn: sqlite3.Connection, *, now: str, lease_until: str, limit: int
 ) -> list[tuple[str, int]]:
