@@ -3,12 +3,9 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import os
 import signal
 import sys
-import tempfile
-from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -19,6 +16,7 @@ from . import cli_read, cli_runflow, logs
 from .cliutil import load_settings, reading_store
 from .errors import ReceiverError
 from .store import Store
+from .supervisor import given_metrics_dir, supervise
 
 
 class Group(click.Group):
@@ -83,41 +81,7 @@ def serve(host: str, port: int | None, workers: int) -> None:
         uvicorn.run(app, host=host, port=port, log_config=log_config, access_log=False)
         return
     os.environ["RECEIVER_DASHBOARD_TOKEN"] = settings.dashboard_token
-    with shared_metrics_dir():
-        uvicorn.run(
-            "receiver.app:from_env",
-            factory=True,
-            host=host,
-            port=port,
-            workers=workers,
-            log_config=log_config,
-            access_log=False,
-        )
-
-
-def given_metrics_dir() -> str | None:
-    """PROMETHEUS_MULTIPROC_DIR, when set: every process writing there (`serve --workers N`,
-    and a `receiver worker` on the same machine given the same one) adds to /metrics."""
-    given = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
-    if given and not os.path.isdir(given):
-        raise click.ClickException(f"PROMETHEUS_MULTIPROC_DIR: no such directory {given!r}")
-    return given or None
-
-
-@contextlib.contextmanager
-def shared_metrics_dir() -> Iterator[str]:
-    """The PROMETHEUS_MULTIPROC_DIR the server processes share so that /metrics sums them: the
-    one set in the environment (kept as it is), else a fresh temporary one (removed after)."""
-    given = given_metrics_dir()
-    if given:
-        yield given
-        return
-    with tempfile.TemporaryDirectory(prefix="receiver-metrics-") as directory:
-        os.environ["PROMETHEUS_MULTIPROC_DIR"] = directory
-        try:
-            yield directory
-        finally:
-            del os.environ["PROMETHEUS_MULTIPROC_DIR"]
+    supervise(host, port, workers, settings.log_format, settings.log_level)
 
 
 @cli.command()

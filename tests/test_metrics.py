@@ -17,7 +17,7 @@ from prometheus_client import REGISTRY
 from prometheus_client.parser import text_string_to_metric_families
 from starlette.testclient import TestClient
 
-from receiver import cli as receiver_cli
+from receiver import supervisor
 from receiver.app import create_app
 from receiver.fakes.runflow import FakeRunflow
 from receiver.fakes.server import serve_in_thread
@@ -395,7 +395,7 @@ def test_serve_with_workers_makes_and_removes_a_shared_directory(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     monkeypatch.delenv("PROMETHEUS_MULTIPROC_DIR", raising=False)
-    with receiver_cli.shared_metrics_dir() as directory:
+    with supervisor.shared_metrics_dir() as directory:
         assert os.environ["PROMETHEUS_MULTIPROC_DIR"] == directory
         assert Path(directory).is_dir()
     assert "PROMETHEUS_MULTIPROC_DIR" not in os.environ
@@ -406,9 +406,9 @@ def test_a_given_shared_directory_is_used_and_kept(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setenv("PROMETHEUS_MULTIPROC_DIR", str(tmp_path))
-    with receiver_cli.shared_metrics_dir() as directory:
+    with supervisor.shared_metrics_dir() as directory:
         assert directory == str(tmp_path)
     assert tmp_path.is_dir()
     monkeypatch.setenv("PROMETHEUS_MULTIPROC_DIR", str(tmp_path / "missing"))
     with pytest.raises(Exception, match="PROMETHEUS_MULTIPROC_DIR: no such directory"):
-        receiver_cli.given_metrics_dir()
+        supervisor.given_metrics_dir()
