@@ -12,7 +12,6 @@ from starlette.routing import Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from .auth import CSRF_HEADER, bearer_ok, identify
-from .body import read_body
 from .context import context
 from .errors import BadRequest, Forbidden, NotFound, Unauthorized
 from .feedback import send_feedback
@@ -20,6 +19,7 @@ from .normalize import STATUSES
 from .store import EvaluationFilter
 from .store.outbox import STATES
 from .times import now, parse_moment
+from .web import read_body
 
 FILTERS = ("client_ref", "status", "passed", "task_type", "failure_code", "since", "until", "q")
 MAX_LIMIT = 500

@@ -121,10 +121,9 @@ def create_app(
             await http.aclose()
             store.close()
 
-    webhook = web.Webhook()
     app = Starlette(
         routes=[
-            Route(web.PATH, webhook, methods=["POST"]),
+            Route("/webhooks/runflow", web.webhook, methods=["POST"]),
             Route("/healthz", api.healthz, methods=["GET"]),
             Route("/readyz", api.readyz, methods=["GET"]),
             Route("/metrics", api.metrics, methods=["GET"]),
@@ -141,11 +140,7 @@ def create_app(
             HTTPException: http_error,
             Exception: server_error,
         },
-        middleware=[
-            Middleware(web.Shortcut, endpoint=webhook),
-            Middleware(AccessLog),
-            Middleware(SecurityHeaders),
-        ],
+        middleware=[Middleware(AccessLog), Middleware(SecurityHeaders)],
         lifespan=lifespan,
     )
     app.state.receiver = ctx

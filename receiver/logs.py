@@ -29,6 +29,7 @@ _STANDARD = frozenset(vars(logging.makeLogRecord({}))) | {
 }
 # Loggers that would print URLs with credentials or tokens at INFO/DEBUG.
 QUIET_LIBRARIES = ("httpx", "httpx2", "httpcore", "aio_pika", "aiormq", "nats", "redis", "hpack")
+WEBHOOK_PATH = "/webhooks/runflow"
 # Requests logged at DEBUG unless they fail: probes, scrapes, assets and live-row polling.
 ROUTINE_PREFIXES = ("/healthz", "/readyz", "/metrics", "/static/", "/partials/")
 
@@ -139,15 +140,15 @@ access_log = logging.getLogger("receiver.access")
 
 class AccessLog:
     """One line per HTTP request (method, path, status, duration) in place of uvicorn's access
-    log (the webhook, served by `web.Shortcut` before this runs, logs its own richer line);
-    routine requests (probes, scrapes, static files) are logged at DEBUG unless they fail.
-    The query string is never logged."""
+    log. The webhook logs its own, richer line, so it is left out here; routine requests
+    (probes, scrapes, static files) are logged at DEBUG unless they fail. The query string is
+    never logged."""
 
     def __init__(self, app: ASGIApp) -> None:
         self.app = app
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
+        if scope["type"] != "http" or (scope["path"] == WEBHOOK_PATH and scope["method"] == "POST"):
             await self.app(scope, receive, send)
             return
         started = time.perf_counter()

@@ -1,28 +1,22 @@
-"""POST /webhooks/runflow: bounded read → verify raw bytes → parse → durable store → ack.
-
-The hot path is a bare ASGI app that `Shortcut` calls directly: the router, the request
-object and the middleware meant for pages cost more than verifying and storing a callback.
-It answers with the same JSON shapes and security headers as the rest of the app.
-"""
+"""POST /webhooks/runflow: bounded read → verify raw bytes → parse → durable store → ack."""
 
 from __future__ import annotations
 
-import json
 import logging
 import time
+from contextlib import aclosing
 
-from starlette.types import ASGIApp, Receive, Scope, Send
+import anyio
+from starlette.requests import ClientDisconnect, Request
+from starlette.responses import JSONResponse
 
-from .body import receive_body
-from .context import Context
-from .errors import BadRequest, ReceiverError, Unauthorized
-from .headers import HEADERS
+from .context import Context, context
+from .errors import BadRequest, PayloadTooLarge, ReceiverError, RequestTimeout, Unauthorized
 from .normalize import normalize, parse_body
 from .signing import SIGNATURE_HEADER, verify
 from .store import Delivery, Receipt
 
 log = logging.getLogger("receiver.web")
-PATH = "/webhooks/runflow"
 MAX_REQUEST_ID = 200  # Runflow-Request-Id as logged; the header is the sender's to choose
 
 # Kept with each delivery so it can be re-verified and traced; never credentials.
@@ -33,102 +27,93 @@ KEPT_HEADERS = (
     SIGNATURE_HEADER,
     "x-forwarded-for",
 )
-_WANTED = frozenset(name.encode() for name in (*KEPT_HEADERS, "content-length"))
-_JSON = (b"content-type", b"application/json")
 
 
-class Webhook:
+async def read_body(request: Request, limit: int, setting: str | None = None) -> bytes:
+    """The body, refusing anything over `limit` bytes before reading it (or as soon as it
+    grows past it, when no Content-Length was sent), and anything that takes longer than
+    RECEIVER_BODY_TIMEOUT seconds to arrive in full (a slow client holds no slot for long).
+    `setting` names the variable that sets `limit`, if one does, in the 413's reason."""
+    declared = request.headers.get("content-length")
+    if declared is not None:
+        if not (declared.isascii() and declared.isdigit()):
+            raise BadRequest("Content-Length is not a number")
+        if int(declared) > limit:
+            raise PayloadTooLarge(
+                f"body is {declared} bytes; the limit is {limit}"
+                + (f" ({setting})" if setting else "")
+            )
+    timeout = context(request).settings.body_timeout
+    chunks = []
+    size = 0
+    try:
+        with anyio.fail_after(timeout):
+            async with aclosing(request.stream()) as stream:
+                async for chunk in stream:
+                    size += len(chunk)
+                    if size > limit:
+                        raise PayloadTooLarge(
+                            f"body is over the limit of {limit} bytes"
+                            + (f" ({setting})" if setting else "")
+                        )
+                    chunks.append(chunk)
+    except TimeoutError:
+        raise RequestTimeout(
+            f"the body did not arrive within {timeout:g} seconds (RECEIVER_BODY_TIMEOUT)"
+        ) from None
+    except ClientDisconnect:
+        raise BadRequest("the client disconnected before sending the whole body") from None
+    return b"".join(chunks)
+
+
+async def webhook(request: Request) -> JSONResponse:
     """Accept one callback: a counter, a histogram observation and one log line each
     (refusals at WARNING with the reason; never the body, the signature or a secret)."""
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        started = time.perf_counter()
-        ctx: Context = scope["app"].state.receiver
-        headers = _headers(scope)
-        request_id = headers.get("runflow-request-id")
-        logged_id = request_id[:MAX_REQUEST_ID] if request_id is not None else None
-        try:
-            receipt, secret_index, verifying = await _accept(ctx, headers, receive)
-        except ReceiverError as exc:
-            _refused(ctx, exc.status, str(exc), logged_id, started)
-            closing = ((b"connection", b"close"),) if exc.status in (408, 413) else ()
-            await _respond(send, exc.status, {"ok": False, "error": str(exc)}, closing)
-            return
-        except Exception as exc:  # the app's error handler answers 500 and logs the trace
-            _refused(ctx, 500, type(exc).__name__, logged_id, started)
-            raise
-        committed = time.perf_counter()
-        ctx.metrics.accepted(receipt.outcome, committed - verifying)
-        if receipt.outcome == "stored":
-            ctx.notify()
-        log.info(
-            "callback %s",
-            receipt.outcome,
-            extra={
-                "request_id": logged_id,
-                "outcome": receipt.outcome,
-                "delivery_id": receipt.delivery_id,
-                "evaluation_id": receipt.evaluation_id,
-                "secret_index": secret_index,
-                "status": 200,
-                "method": "POST",
-                "path": PATH,
-                "duration_ms": round((committed - started) * 1000, 3),
-            },
-        )
-        await _respond(
-            send,
-            200,
-            {
-                "ok": True,
-                "outcome": receipt.outcome,
-                "delivery_id": receipt.delivery_id,
-                "evaluation_id": receipt.evaluation_id,
-            },
-        )
-
-
-class Shortcut:
-    """Middleware that hands POST /webhooks/runflow to `endpoint` before anything else runs."""
-
-    def __init__(self, app: ASGIApp, endpoint: ASGIApp) -> None:
-        self.app = app
-        self.endpoint = endpoint
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "http" and scope["path"] == PATH and scope["method"] == "POST":
-            await self.endpoint(scope, receive, send)
-        else:
-            await self.app(scope, receive, send)
-
-
-def _headers(scope: Scope) -> dict[str, str]:
-    """The few request headers the webhook reads (the first of each, as Starlette does)."""
-    found: dict[str, str] = {}
-    for name, value in scope["headers"]:
-        if name in _WANTED:
-            found.setdefault(name.decode("latin-1"), value.decode("latin-1"))
-    return found
-
-
-async def _respond(
-    send: Send, status: int, payload: dict[str, object], extra: tuple[tuple[bytes, bytes], ...] = ()
-) -> None:
-    body = json.dumps(payload, separators=(",", ":"), ensure_ascii=False).encode()
-    await send(
+    started = time.perf_counter()
+    ctx = context(request)
+    request_id = request.headers.get("runflow-request-id")
+    if request_id is not None:
+        request_id = request_id[:MAX_REQUEST_ID]  # as logged; stored whole
+    try:
+        receipt, secret_index, verifying = await _accept(request, ctx)
+    except Exception as exc:
+        _refused(ctx, request, exc, request_id, started)
+        raise
+    committed = time.perf_counter()
+    ctx.metrics.accepted(receipt.outcome, committed - verifying)
+    if receipt.outcome == "stored":
+        ctx.notify()
+    log.info(
+        "callback %s",
+        receipt.outcome,
+        extra={
+            "request_id": request_id,
+            "outcome": receipt.outcome,
+            "delivery_id": receipt.delivery_id,
+            "evaluation_id": receipt.evaluation_id,
+            "secret_index": secret_index,
+            "status": 200,
+            "method": "POST",
+            "path": request.scope["path"],
+            "duration_ms": round((committed - started) * 1000, 3),
+        },
+    )
+    return JSONResponse(
         {
-            "type": "http.response.start",
-            "status": status,
-            "headers": [_JSON, (b"content-length", b"%d" % len(body)), *extra, *HEADERS],
+            "ok": True,
+            "outcome": receipt.outcome,
+            "delivery_id": receipt.delivery_id,
+            "evaluation_id": receipt.evaluation_id,
         }
     )
-    await send({"type": "http.response.body", "body": body})
 
 
 def _refused(
-    ctx: Context, status: int, reason: str, request_id: str | None, started: float
+    ctx: Context, request: Request, exc: Exception, request_id: str | None, started: float
 ) -> None:
+    status = exc.status if isinstance(exc, ReceiverError) else 500
     outcome = ctx.metrics.refused(status)
+    reason = str(exc) if isinstance(exc, ReceiverError) else type(exc).__name__
     log.warning(
         "callback refused: %s",
         reason,
@@ -138,27 +123,20 @@ def _refused(
             "reason": reason,
             "status": status,
             "method": "POST",
-            "path": PATH,
+            "path": request.scope["path"],
             "duration_ms": round((time.perf_counter() - started) * 1000, 3),
         },
     )
 
 
-async def _accept(
-    ctx: Context, headers: dict[str, str], receive: Receive
-) -> tuple[Receipt, int | None, float]:
+async def _accept(request: Request, ctx: Context) -> tuple[Receipt, int | None, float]:
     """Read, verify, parse and store: the receipt, the index of the secret that signed it and
     when verification started (the ingest histogram runs from there to the commit)."""
     settings = ctx.settings
-    body = await receive_body(
-        receive,
-        headers.get("content-length"),
-        settings.max_body_bytes,
-        settings.body_timeout,
-        "RECEIVER_MAX_BODY_BYTES",
-    )
+    body = await read_body(request, settings.max_body_bytes, "RECEIVER_MAX_BODY_BYTES")
     verifying = time.perf_counter()
-    signature = headers.get(SIGNATURE_HEADER)
+    signature = request.headers.get(SIGNATURE_HEADER)
+    request_id = request.headers.get("runflow-request-id")
     secret_index = verify(body, signature, settings.webhook_secrets)
     if secret_index is None:
         if signature is None and settings.allow_unsigned:
@@ -167,18 +145,17 @@ async def _accept(
             raise Unauthorized("missing Runflow-Signature header")
         else:
             raise Unauthorized("Runflow-Signature does not match the body")
-    kept = {name: headers[name] for name in KEPT_HEADERS if name in headers}
-    request_id = headers.get("runflow-request-id")
+    headers = {name: request.headers[name] for name in KEPT_HEADERS if name in request.headers}
     try:
         callback = normalize(parse_body(body))
     except BadRequest as exc:
-        await ctx.store.quarantine(body, str(exc), kept, request_id)
+        await ctx.store.quarantine(body, str(exc), headers, request_id)
         raise
     receipt = await ctx.store.ingest(
         Delivery(
             body=body,
             callback=callback,
-            headers=kept,
+            headers=headers,
             request_id=request_id,
             secret_index=secret_index,
         )

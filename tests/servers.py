@@ -9,6 +9,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Self
 
 import httpx
 
@@ -22,28 +23,28 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-class ReceiverProcess:
-    """`receiver serve` in a subprocess with its own database under `workdir`."""
+class _Process:
+    """A `receiver` command in a subprocess under `workdir`, logging to `log`; `start` returns
+    once `ready()` says so."""
 
-    def __init__(self, workdir: Path, *args: str, **env: str) -> None:
+    name = "receiver"
+
+    def __init__(self, workdir: Path, env: dict[str, str], log: str) -> None:
         self.workdir = workdir
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.args = args
-        self.env = {
-            **os.environ,
-            "RUNFLOW_WEBHOOK_SECRET": f"{SECRET_A},{SECRET_B}",
-            "RECEIVER_DATABASE": database_for(workdir / "receiver.db"),
-            "RECEIVER_DASHBOARD_TOKEN": TOKEN,
-            **env,
-        }
-        self.log = workdir / "server.log"
+        self.env = env
+        self.log = workdir / log
         self.process: subprocess.Popen[bytes] | None = None
 
-    def start(self) -> ReceiverProcess:
+    def command(self) -> list[str]:
+        raise NotImplementedError
+
+    def ready(self) -> bool:
+        raise NotImplementedError
+
+    def start(self) -> Self:
         with self.log.open("ab") as log:
             self.process = subprocess.Popen(
-                [sys.executable, "-m", "receiver", "serve", "--port", str(self.port), *self.args],
+                [sys.executable, "-m", "receiver", *self.command()],
                 cwd=self.workdir,
                 env=self.env,
                 stdout=log,
@@ -52,13 +53,11 @@ class ReceiverProcess:
         deadline = time.monotonic() + 20
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
-                raise RuntimeError(f"receiver exited early:\n{self.log.read_text()}")
-            try:
-                if httpx.get(f"{self.url}/healthz", timeout=1).status_code == 200:
-                    return self
-            except httpx.HTTPError:
-                time.sleep(0.05)
-        raise RuntimeError(f"receiver did not start:\n{self.log.read_text()}")
+                raise RuntimeError(f"{self.name} exited early:\n{self.log.read_text()}")
+            if self.ready():
+                return self
+            time.sleep(0.05)
+        raise RuntimeError(f"{self.name} did not start:\n{self.log.read_text()}")
 
     def stop(self, sig: int = signal.SIGTERM) -> int:
         assert self.process is not None
@@ -69,12 +68,38 @@ class ReceiverProcess:
             self.process.kill()
             return self.process.wait()
 
-    def __enter__(self) -> ReceiverProcess:
+    def __enter__(self) -> Self:
         return self.start()
 
     def __exit__(self, *exc: object) -> None:
         if self.process is not None and self.process.poll() is None:
             self.stop()
+
+
+class ReceiverProcess(_Process):
+    """`receiver serve` in a subprocess with its own database under `workdir`."""
+
+    def __init__(self, workdir: Path, *args: str, **env: str) -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.args = args
+        environment = {
+            **os.environ,
+            "RUNFLOW_WEBHOOK_SECRET": f"{SECRET_A},{SECRET_B}",
+            "RECEIVER_DATABASE": database_for(workdir / "receiver.db"),
+            "RECEIVER_DASHBOARD_TOKEN": TOKEN,
+            **env,
+        }
+        super().__init__(workdir, environment, "server.log")
+
+    def command(self) -> list[str]:
+        return ["serve", "--port", str(self.port), *self.args]
+
+    def ready(self) -> bool:
+        try:
+            return httpx.get(f"{self.url}/healthz", timeout=1).status_code == 200
+        except httpx.HTTPError:
+            return False
 
 
 def run_cli(
@@ -92,45 +117,16 @@ def run_cli(
     )
 
 
-class WorkerProcess:
+class WorkerProcess(_Process):
     """`receiver worker` in a subprocess: the outbox worker apart from the servers."""
 
+    name = "worker"
+
     def __init__(self, workdir: Path, env: dict[str, str]) -> None:
-        self.workdir = workdir
-        self.env = env
-        self.log = workdir / "worker.log"
-        self.process: subprocess.Popen[bytes] | None = None
+        super().__init__(workdir, env, "worker.log")
 
-    def start(self) -> WorkerProcess:
-        with self.log.open("ab") as log:
-            self.process = subprocess.Popen(
-                [sys.executable, "-m", "receiver", "worker"],
-                cwd=self.workdir,
-                env=self.env,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-            )
-        deadline = time.monotonic() + 20
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise RuntimeError(f"worker exited early:\n{self.log.read_text()}")
-            if b"worker running" in self.log.read_bytes():
-                return self
-            time.sleep(0.05)
-        raise RuntimeError(f"worker did not start:\n{self.log.read_text()}")
+    def command(self) -> list[str]:
+        return ["worker"]
 
-    def stop(self, sig: int = signal.SIGTERM) -> int:
-        assert self.process is not None
-        self.process.send_signal(sig)
-        try:
-            return self.process.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            return self.process.wait()
-
-    def __enter__(self) -> WorkerProcess:
-        return self.start()
-
-    def __exit__(self, *exc: object) -> None:
-        if self.process is not None and self.process.poll() is None:
-            self.stop()
+    def ready(self) -> bool:
+        return b"worker running" in self.log.read_bytes()

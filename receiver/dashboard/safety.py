@@ -6,8 +6,8 @@ from urllib.parse import parse_qsl
 
 from starlette.requests import Request
 
-from ..body import read_body
 from ..errors import BadRequest, PayloadTooLarge
+from ..web import read_body
 
 MAX_FORM_BYTES = 16 * 1024
 

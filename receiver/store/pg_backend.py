@@ -16,14 +16,10 @@ from psycopg_pool import ConnectionPool, PoolTimeout
 
 from ..database_url import redact
 from ..errors import ConfigError, StoreUnavailable
-from .pg_connection import CONNECT_TIMEOUT, PgConnection, configure, connect
+from .pg_connection import CONNECT_TIMEOUT, PgConnection, configure, connect, describe
 from .pg_schema import migrate
 
 POOL_TIMEOUT = 10.0  # seconds a read waits for a free connection before it is a 503
-
-
-def _reason(exc: BaseException) -> str:
-    return redact(str(exc).strip()) or type(exc).__name__
 
 
 def migrate_url(url: str) -> list[int]:
@@ -31,12 +27,13 @@ def migrate_url(url: str) -> list[int]:
     try:
         conn = connect(url)
     except psycopg.Error as exc:
-        raise ConfigError(f"RECEIVER_DATABASE: cannot open {redact(url)}: {_reason(exc)}") from None
+        reason = f"cannot open {redact(url)}: {describe(exc)}"
+        raise ConfigError(f"RECEIVER_DATABASE: {reason}") from None
     try:
         return migrate(conn)
     except psycopg.Error as exc:
         raise ConfigError(
-            f"RECEIVER_DATABASE: cannot migrate {redact(url)}: {_reason(exc)}"
+            f"RECEIVER_DATABASE: cannot migrate {redact(url)}: {describe(exc)}"
         ) from None
     finally:
         conn.close()
@@ -77,7 +74,7 @@ class PgReaders:
             with self._pool.connection() as raw:
                 yield PgConnection(raw)
         except (PoolTimeout, psycopg.OperationalError) as exc:
-            raise StoreUnavailable(f"the store cannot be read: {_reason(exc)}") from None
+            raise StoreUnavailable(f"the store cannot be read: {describe(exc)}") from None
 
     def close(self) -> None:
         with self._lock:

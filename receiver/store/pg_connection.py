@@ -19,7 +19,15 @@ from psycopg.adapt import Loader
 from psycopg.pq import TransactionStatus
 from psycopg.types.string import StrDumperUnknown
 
+from ..database_url import redact
+
 CONNECT_TIMEOUT = 10
+
+
+def describe(exc: BaseException) -> str:
+    """A psycopg error as one line for a reason or a log: a URL's password never shown."""
+    return redact(str(exc).strip()) or type(exc).__name__
+
 
 # (pattern, replacement) in order; each turns an SQLite idiom of the store's SQL into its
 # PostgreSQL equivalent. Only statement text goes through them: values are parameters.

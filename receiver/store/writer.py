@@ -31,6 +31,7 @@ T = TypeVar("T")
 Operation = Callable[[sqlite3.Connection], Any]
 # Who waits for an operation: a thread (`submit`) or a coroutine (`run`).
 Waiter = Future[Any] | asyncio.Future[Any]
+Item = tuple[Operation, Waiter]
 Result = tuple[Waiter, bool, Any]  # waiter, succeeded, value or exception
 
 log = logging.getLogger("receiver.store")
@@ -54,19 +55,17 @@ def connect(path: str, *, readonly: bool = False, busy_timeout: float = 10.0) ->
     return conn
 
 
-class Writer:
-    """Owns the only write connection, on a thread of its own."""
+class Batches:
+    """What both writers share: callers queue operations, one thread takes them in batches
+    (all that are waiting, up to MAX_BATCH) and settles each caller after its commit."""
 
-    def __init__(self, path: str, busy_timeout: float = 10.0) -> None:
-        self._path = path
-        self._busy_timeout = busy_timeout
-        self._queue: queue.SimpleQueue[tuple[Operation, Waiter] | None] = queue.SimpleQueue()
+    def __init__(self) -> None:
+        self._queue: queue.SimpleQueue[Item | None] = queue.SimpleQueue()
         self._thread: threading.Thread | None = None
 
-    def start(self) -> None:
-        conn = connect(self._path, busy_timeout=self._busy_timeout)
+    def _start(self, target: Callable[..., None], *args: Any) -> None:
         self._thread = threading.Thread(
-            target=self._run, args=(conn, _turns(self._path)), name="receiver-writer", daemon=True
+            target=target, args=args, name="receiver-writer", daemon=True
         )
         self._thread.start()
 
@@ -86,7 +85,7 @@ class Writer:
         return future
 
     async def run(self, operation: Callable[[sqlite3.Connection], T]) -> T:
-        """Run `operation` in the next batch; returns once it is committed and on disk. The
+        """Run `operation` in the next batch; returns once it is committed and durable. The
         batch wakes its event loop once for all its coroutines, not once each."""
         if self._thread is None:
             raise StoreUnavailable("the store is closed")
@@ -94,39 +93,56 @@ class Writer:
         self._queue.put((operation, future))
         return await future
 
+    def _batches(self) -> Iterator[list[Item]]:
+        """Each batch of callers still waiting (one that went away before its batch began is
+        skipped: it was never acknowledged), until close()."""
+        while (item := self._queue.get()) is not None:
+            batch = [item]
+            stopping = False
+            while len(batch) < MAX_BATCH:
+                try:
+                    item = self._queue.get_nowait()
+                except queue.Empty:
+                    break
+                if item is None:
+                    stopping = True
+                    break
+                batch.append(item)
+            waiting = [(op, waiter) for op, waiter in batch if _begin(waiter)]
+            if waiting:
+                yield waiting
+            if stopping:
+                return
+
+
+class Writer(Batches):
+    """Owns the only write connection, on a thread of its own."""
+
+    def __init__(self, path: str, busy_timeout: float = 10.0) -> None:
+        super().__init__()
+        self._path = path
+        self._busy_timeout = busy_timeout
+
+    def start(self) -> None:
+        conn = connect(self._path, busy_timeout=self._busy_timeout)
+        self._start(self._run, conn, _turns(self._path))
+
     def _run(self, conn: sqlite3.Connection, turns: int | None) -> None:
         try:
-            while (item := self._queue.get()) is not None:
-                batch = [item]
-                stopping = False
-                while len(batch) < MAX_BATCH:
-                    try:
-                        item = self._queue.get_nowait()
-                    except queue.Empty:
-                        break
-                    if item is None:
-                        stopping = True
-                        break
-                    batch.append(item)
+            for batch in self._batches():
                 try:
                     with _turn(turns):
                         self._commit(conn, batch)
                 except Exception as exc:  # never let the one writer die: fail the batch
                     log.exception("store write failed, nothing acknowledged")
                     failure = StoreUnavailable(f"the store failed: {exc}")
-                    _settle([(waiter, False, failure) for _, waiter in batch])
-                if stopping:
-                    break
+                    settle([(waiter, False, failure) for _, waiter in batch])
         finally:
             conn.close()
             if turns is not None:
                 os.close(turns)
 
-    def _commit(self, conn: sqlite3.Connection, batch: list[tuple[Operation, Waiter]]) -> None:
-        # A caller that went away before its batch began is skipped: it was never acknowledged.
-        batch = [(op, waiter) for op, waiter in batch if _begin(waiter)]
-        if not batch:
-            return
+    def _commit(self, conn: sqlite3.Connection, batch: list[Item]) -> None:
         results: list[Result] = []
         try:
             conn.execute("BEGIN IMMEDIATE")
@@ -149,9 +165,9 @@ class Writer:
                 with contextlib.suppress(sqlite3.Error):  # a failing ROLLBACK must not kill us
                     conn.execute("ROLLBACK")
             failure = StoreUnavailable(f"the store cannot write: {exc}")
-            _settle([(waiter, False, failure) for _, waiter in batch])
+            settle([(waiter, False, failure) for _, waiter in batch])
             return
-        _settle(results)
+        settle(results)
 
 
 def _turns(path: str) -> int | None:
@@ -182,7 +198,7 @@ def _begin(waiter: Waiter) -> bool:
     return not waiter.cancelled()
 
 
-def _settle(results: list[Result]) -> None:
+def settle(results: list[Result]) -> None:
     """Hand each caller its outcome: threads directly, coroutines by one call per loop."""
     by_loop: dict[asyncio.AbstractEventLoop, list[Result]] = defaultdict(list)
     for result in results:
