@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import os
 from collections.abc import AsyncIterator
+from functools import partial
 
 import httpx
 from starlette.applications import Starlette
@@ -99,6 +101,7 @@ def create_app(
         settings.database,
         forwarding=forwarding(settings),
         pool_size=settings.database_pool_size,
+        max_backlog=settings.max_backlog,
     )
     http = http or http_client()
     metrics = Metrics()
@@ -110,6 +113,8 @@ def create_app(
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        loop = asyncio.get_running_loop()
+        store.on_applied(partial(loop.call_soon_threadsafe, ctx.notify))
         store.open()
         try:
             if worker is not None:

@@ -7,6 +7,7 @@ import os
 import signal
 import sys
 from datetime import UTC, datetime
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -111,6 +112,7 @@ def worker() -> None:
             settings.database,
             forwarding=forwarding(settings),
             pool_size=settings.database_pool_size,
+            max_backlog=settings.max_backlog,
         )
         http = http_client()
         runner = Worker.from_settings(settings, store, http)
@@ -118,6 +120,7 @@ def worker() -> None:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
+        store.on_applied(partial(loop.call_soon_threadsafe, runner.notify))
         store.open()
         try:
             await runner.start()

@@ -190,6 +190,7 @@ class Settings:
     webhook_secrets: tuple[str, ...] = ()
     database: str = "receiver.db"
     database_pool_size: int = 10
+    max_backlog: int = 100_000
     dashboard_token: str = ""
     dashboard_token_generated: bool = False
     public_url: str | None = None
@@ -249,6 +250,12 @@ class Settings:
                 "RECEIVER_DATABASE_POOL_SIZE",
                 _integer("RECEIVER_DATABASE_POOL_SIZE", 1, 1000),
                 10,
+            ),
+            max_backlog=_parsed(
+                env,
+                "RECEIVER_MAX_BACKLOG",
+                _integer("RECEIVER_MAX_BACKLOG", 1, 10_000_000),
+                100_000,
             ),
             dashboard_token=token or secrets.token_urlsafe(24),
             dashboard_token_generated=token is None,

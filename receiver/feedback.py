@@ -40,6 +40,7 @@ async def send_feedback(
     Runflow would refuse or the store cannot hold, RunflowError for Runflow's own refusals."""
     if reason is not None:
         _check_reason(reason)
+    await store.acatch_up()
     if not store.has_evaluation(evaluation_id):
         raise NotFound(f"no evaluation {evaluation_id!r}")
     client = client_for(settings, http)

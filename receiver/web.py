@@ -1,4 +1,5 @@
-"""POST /webhooks/runflow: bounded read → verify raw bytes → parse → durable store → ack."""
+"""POST /webhooks/runflow: bounded read → verify raw bytes → parse → durable store → ack
+(applied to its evaluation right after, store/backlog.py)."""
 
 from __future__ import annotations
 
@@ -81,8 +82,6 @@ async def webhook(request: Request) -> JSONResponse:
         raise
     committed = time.perf_counter()
     ctx.metrics.accepted(receipt.outcome, committed - verifying)
-    if receipt.outcome == "stored":
-        ctx.notify()
     log.info(
         "callback %s",
         receipt.outcome,
@@ -151,7 +150,7 @@ async def _accept(request: Request, ctx: Context) -> tuple[Receipt, int | None, 
     except BadRequest as exc:
         await ctx.store.quarantine(body, str(exc), headers, request_id)
         raise
-    receipt = await ctx.store.ingest(
+    receipt = await ctx.store.accept(
         Delivery(
             body=body,
             callback=callback,

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import sqlite3
+import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, cast
 
@@ -58,7 +59,27 @@ def drop_all() -> None:
 
 def connect(database: Path | str) -> sqlite3.Connection:
     """A connection for a test's own set-up and checks: sqlite3 on a file, or on PostgreSQL the
-    store's adapter (autocommit; `?` placeholders and rows as sqlite3.Row work the same)."""
+    store's adapter (autocommit; `?` placeholders and rows as sqlite3.Row work the same).
+    It first waits (a few seconds at most) until a running server has applied every accepted
+    callback, as the store's own reads do (Store.catch_up)."""
+    conn = _connect(database)
+    applied(conn)
+    return conn
+
+
+def applied(conn: sqlite3.Connection, timeout: float = 5.0) -> None:
+    """Wait until nothing is left in the apply queue (if the database has one)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            if conn.execute("SELECT 1 FROM apply_queue LIMIT 1").fetchone() is None:
+                return
+        except Exception:  # not migrated yet, or an older schema: nothing to wait for
+            return
+        time.sleep(0.002)
+
+
+def _connect(database: Path | str) -> sqlite3.Connection:
     if not POSTGRES and not is_postgres_url(str(database)):
         return sqlite3.connect(database)
     import psycopg

@@ -451,12 +451,12 @@ def test_the_writer_survives_a_failure_of_its_own_and_fails_only_that_batch(
     commit = Writer._commit
     calls = 0
 
-    def broken_once(self: Writer, conn: sqlite3.Connection, batch: Any) -> None:
+    def broken_once(self: Writer, conn: sqlite3.Connection, batch: Any, durable: bool) -> None:
         nonlocal calls
         calls += 1
         if calls == 1:
             raise RuntimeError("something unforeseen")
-        commit(self, conn, batch)
+        commit(self, conn, batch, durable)
 
     monkeypatch.setattr(Writer, "_commit", broken_once)
     writer.start()

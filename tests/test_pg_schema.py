@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import sqlite3
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -148,6 +149,9 @@ def test_a_lost_connection_answers_503_then_the_next_write_reconnects(
         settings = make_settings(tmp_path, database=url, worker=False)
         with TestClient(create_app(settings)) as client:
             assert post_callback(client, fixture("evaluation-failed.json")).status_code == 200
+            backlog = client.app.state.receiver.store.backlog  # type: ignore[attr-defined]
+            while backlog.pending:  # applied, so the next write is the callback below
+                time.sleep(0.002)
             postgres_server.admin(
                 "SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
                 f" WHERE datname = '{url.rsplit('/', 1)[1]}'"

@@ -5,23 +5,29 @@ connection pool."""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import sqlite3
 import threading
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, cast
 
 from ..database_url import is_postgres_url
-from ..errors import ConfigError
+from ..errors import ConfigError, StoreUnavailable
 from . import maintenance, outbox
+from .backlog import Backlog
 from .ingest import (
     NO_FORWARDING,
+    Applied,
     Delivery,
     Forwarding,
     Receipt,
+    accept,
     apply_evaluation,
+    apply_queued,
     ingest,
     quarantine,
 )
@@ -44,6 +50,9 @@ if TYPE_CHECKING:
 
 __all__ = ["Claim", "Delivery", "EvaluationFilter", "Forwarding", "Outcome", "Receipt", "Store"]
 
+MAX_BACKLOG = 100_000
+CATCH_UP_TIMEOUT = 5.0  # seconds a read waits for callbacks accepted before it
+
 
 def _rewrite_header(conn: sqlite3.Connection) -> None:
     (value,) = conn.execute("PRAGMA application_id").fetchone()
@@ -58,6 +67,7 @@ class Store:
         busy_timeout: float = 10.0,
         forwarding: Forwarding = NO_FORWARDING,
         pool_size: int = 10,
+        max_backlog: int = MAX_BACKLOG,
     ) -> None:
         self.path = path
         self.forwarding = forwarding
@@ -72,6 +82,7 @@ class Store:
             self._pool = PgReaders(path, pool_size)
         else:
             self.writer = Writer(path, busy_timeout)
+        self.backlog = self.writer.backlog = Backlog(self._apply, max_backlog)
         self._local = threading.local()
         self._readers: list[sqlite3.Connection] = []
         self._lock = threading.Lock()
@@ -108,10 +119,57 @@ class Store:
             self._readers.clear()
         self._local = threading.local()
 
+    def on_applied(self, callback: Callable[[], object] | None) -> None:
+        """Call `callback` (from the writer thread) whenever accepted callbacks were applied:
+        new outbox rows may be due."""
+        self.backlog.on_applied = callback
+
     # writes
 
     async def ingest(self, delivery: Delivery) -> Receipt:
+        """Store a delivery and apply it in one transaction."""
         return await self.writer.run(partial(ingest, delivery=delivery, forwarding=self.forwarding))
+
+    async def accept(self, delivery: Delivery) -> Receipt:
+        """Store a delivery durably and queue it to be applied (store/backlog.py): the ack
+        path. Reads through this store first apply what was accepted before them."""
+
+        def accepted(conn: sqlite3.Connection) -> Receipt:
+            receipt = accept(conn, delivery)
+            if receipt.applies:
+                self.backlog.added()
+            return receipt
+
+        return await self.writer.run(accepted)
+
+    def _apply(
+        self, conn: sqlite3.Connection, most: int, through: int | None, skip: frozenset[int]
+    ) -> Applied:
+        return apply_queued(conn, most, through, skip, self.forwarding)
+
+    def catch_up(self, timeout: float = CATCH_UP_TIMEOUT) -> None:
+        """Apply every callback accepted before this call, so that the read after it sees all
+        that was acknowledged. Bounded: after `timeout` seconds (a huge backlog) the read goes
+        ahead with what is applied. Without a running writer (a read-only CLI) there is
+        nothing to do: the server applies its own backlog within milliseconds."""
+        if not self.writer.running:
+            return
+        with self.read() as conn:
+            (head,) = conn.execute("SELECT max(delivery_id) FROM apply_queue").fetchone()
+        deadline = time.monotonic() + timeout
+        while head is not None and (left := deadline - time.monotonic()) > 0:
+            try:
+                applied = self.writer.submit(partial(self.backlog.apply, through=head)).result(left)
+            except (TimeoutError, StoreUnavailable):
+                return  # read what is there; the writer's own error is logged
+            if applied.count:
+                self.backlog.notify()
+            if not applied.more:
+                return
+
+    async def acatch_up(self, timeout: float = CATCH_UP_TIMEOUT) -> None:
+        """catch_up for a coroutine, without blocking its event loop."""
+        await asyncio.to_thread(self.catch_up, timeout)
 
     async def quarantine(
         self, body: bytes, reason: str, headers: dict[str, str], request_id: str | None
@@ -272,6 +330,7 @@ class Store:
         cursor: str | None = None,
         newest_first: bool = True,
     ) -> tuple[list[dict[str, Any]], str | None]:
+        self.catch_up()
         with self.read() as conn:
             return list_evaluations(conn, where, limit, cursor, newest_first)
 
@@ -280,24 +339,29 @@ class Store:
             return has_evaluation(conn, evaluation_id)
 
     def get_evaluation(self, evaluation_id: str) -> dict[str, Any] | None:
+        self.catch_up()
         with self.read() as conn:
             return get_evaluation(conn, evaluation_id)
 
     def get_client_ref(self, client_ref: str) -> dict[str, Any] | None:
+        self.catch_up()
         with self.read() as conn:
             return get_client_ref(conn, client_ref)
 
     def stats(self, where: EvaluationFilter) -> dict[str, Any]:
+        self.catch_up()
         with self.read() as conn:
             return stats(conn, where)
 
     def lineage(self, evaluation_id: str) -> list[dict[str, Any]]:
+        self.catch_up()
         with self.read() as conn:
             return lineage(conn, evaluation_id)
 
     def list_forwards(
         self, *, state: str | None, sink: str | None, limit: int, after: int | None = None
     ) -> list[dict[str, Any]]:
+        self.catch_up()
         with self.read() as conn:
             return outbox.list_forwards(conn, state=state, sink=sink, limit=limit, after=after)
 

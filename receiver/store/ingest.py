@@ -4,17 +4,21 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import sqlite3
 from dataclasses import dataclass, field
 from typing import Any
 
 from ..events import event_id
-from ..normalize import TERMINAL, Callback, columns, judge_issues, merge
+from ..normalize import TERMINAL, Callback, columns, judge_issues, merge, normalize, parse_body
 from ..sinkspec import SinkSpec
 from ..times import now, shift
 from .dialect import serialize
 from .rollups import FACT_COLUMNS, Facts, track
 from .search import SEARCHED, reindex
+
+log = logging.getLogger("receiver.store")
+MAX_ID = 2**63 - 1
 
 
 @dataclass(frozen=True)
@@ -48,6 +52,11 @@ class Receipt:
     delivery_id: int
     evaluation_id: str | None
 
+    @property
+    def applies(self) -> bool:
+        """Whether this delivery is new and changes an evaluation."""
+        return self.outcome == "stored" and self.evaluation_id is not None
+
 
 def _dumps(value: Any) -> str:
     return json.dumps(value, separators=(",", ":"), ensure_ascii=False)
@@ -56,7 +65,35 @@ def _dumps(value: Any) -> str:
 def ingest(
     conn: sqlite3.Connection, delivery: Delivery, forwarding: Forwarding = NO_FORWARDING
 ) -> Receipt:
-    """Store one delivery. The same bytes again only count a receipt (replays are harmless)."""
+    """Store one delivery and apply it to its evaluation in the same transaction (polls, and
+    any caller that must read the result at once)."""
+    receipt, stamp = record(conn, delivery)
+    if receipt.applies:
+        apply_evaluation(
+            conn,
+            delivery.callback.fields,
+            source=delivery.source,
+            stamp=stamp,
+            forwarding=forwarding,
+            delivery_id=receipt.delivery_id,
+            refetched=delivery.refetched,
+        )
+    return receipt
+
+
+def accept(conn: sqlite3.Connection, delivery: Delivery) -> Receipt:
+    """Store one delivery and queue it to be applied (apply_queued) after the ack: the
+    delivery row and its queue row commit together, so an acknowledged callback is always
+    either applied or still queued, never lost."""
+    receipt, _ = record(conn, delivery)
+    if receipt.applies:
+        conn.execute("INSERT INTO apply_queue (delivery_id) VALUES (?)", (receipt.delivery_id,))
+    return receipt
+
+
+def record(conn: sqlite3.Connection, delivery: Delivery) -> tuple[Receipt, str]:
+    """The delivery row, and when it arrived. The same bytes again only count a receipt
+    (replays are harmless)."""
     callback = delivery.callback
     digest = hashlib.sha256(delivery.body).hexdigest()
     stamp = now()
@@ -69,7 +106,7 @@ def ingest(
             "UPDATE deliveries SET receipts = receipts + 1, last_received_at = ? WHERE id = ?",
             (stamp, row[0]),
         )
-        return Receipt("duplicate", row[0], row[1])
+        return Receipt("duplicate", row[0], row[1]), stamp
     outcome = "ignored" if callback.kind == "run" else "stored"
     (delivery_id,) = conn.execute(
         "INSERT INTO deliveries (received_at, last_received_at, receipts, source, request_id,"
@@ -90,17 +127,60 @@ def ingest(
             delivery.body,
         ),
     ).fetchone()
-    if callback.evaluation_id is not None:
-        apply_evaluation(
-            conn,
-            callback.fields,
-            source=delivery.source,
-            stamp=stamp,
-            forwarding=forwarding,
-            delivery_id=delivery_id,
-            refetched=delivery.refetched,
-        )
-    return Receipt(outcome, delivery_id, callback.evaluation_id)
+    return Receipt(outcome, delivery_id, callback.evaluation_id), stamp
+
+
+def apply_queued(
+    conn: sqlite3.Connection,
+    most: int,
+    through: int | None = None,
+    skip: frozenset[int] = frozenset(),
+    forwarding: Forwarding = NO_FORWARDING,
+) -> Applied:
+    """Apply up to `most` queued deliveries (those up to `through`, if given), oldest first,
+    each as it would have been applied at its arrival. A delivery whose apply raises is left
+    queued and reported in `failed`, so the caller can skip it instead of retrying forever."""
+    skipped = f" AND q.delivery_id NOT IN ({', '.join('?' * len(skip))})" if skip else ""
+    rows = conn.execute(
+        "SELECT q.delivery_id, d.body, d.source, d.received_at"
+        " FROM apply_queue q LEFT JOIN deliveries d ON d.id = q.delivery_id"
+        f" WHERE q.delivery_id <= ?{skipped} ORDER BY q.delivery_id LIMIT ?",
+        (MAX_ID if through is None else through, *sorted(skip), most),
+    ).fetchall()
+    applied = 0
+    failed = []
+    for delivery_id, body, source, received_at in rows:
+        if body is None:  # pruned while queued: nothing left to apply
+            conn.execute("DELETE FROM apply_queue WHERE delivery_id = ?", (delivery_id,))
+            continue
+        conn.execute("SAVEPOINT apply")
+        try:
+            apply_evaluation(
+                conn,
+                normalize(parse_body(bytes(body))).fields,
+                source=source,
+                stamp=received_at,
+                forwarding=forwarding,
+                delivery_id=delivery_id,
+            )
+            conn.execute("DELETE FROM apply_queue WHERE delivery_id = ?", (delivery_id,))
+        except Exception:
+            if not conn.in_transaction:
+                raise  # SQLite rolled the whole transaction back: the batch fails
+            conn.execute("ROLLBACK TO apply")
+            log.exception("delivery %d could not be applied; it stays queued", delivery_id)
+            failed.append(delivery_id)
+        else:
+            applied += 1
+        conn.execute("RELEASE apply")
+    return Applied(applied, len(rows) == most, tuple(failed))
+
+
+@dataclass(frozen=True)
+class Applied:
+    count: int
+    more: bool  # whether more may be queued (the call took all it was allowed to)
+    failed: tuple[int, ...] = ()
 
 
 def apply_evaluation(

@@ -137,6 +137,9 @@ V7_SEARCH = (
     ),
 )
 
+# Accepted deliveries not yet applied to their evaluations (store/ingest.py accept).
+V8_APPLY_QUEUE = ("CREATE TABLE apply_queue (delivery_id bigint PRIMARY KEY)",)
+
 MIGRATIONS: list[tuple[int, str, tuple[str, ...]]] = [
     (1, "core tables", V1_CORE),
     (2, "refetch state and outbox claiming", V2_FORWARDING),
@@ -145,6 +148,7 @@ MIGRATIONS: list[tuple[int, str, tuple[str, ...]]] = [
     (5, "overview rollups", V5_ROLLUPS),
     (6, "list indexes", V6_LIST_INDEXES),
     (7, "text search", V7_SEARCH),
+    (8, "apply queue", V8_APPLY_QUEUE),
 ]
 
 

@@ -42,8 +42,8 @@ class PgWriter(Batches):
 
     def _run(self) -> None:
         try:
-            for batch in self._batches():
-                self._commit(batch)
+            for batch, durable in self._batches():
+                self._commit(batch, durable)
         finally:
             self._disconnect()
 
@@ -60,10 +60,10 @@ class PgWriter(Batches):
                 self._conn.close()
             self._conn = None
 
-    def _commit(self, batch: list[Item]) -> None:
+    def _commit(self, batch: list[Item], durable: bool) -> None:
         for attempt in range(RETRIES):
             try:
-                results = self._attempt(self._connection(), batch)
+                results = self._attempt(self._connection(), batch, durable)
             except RETRYABLE as exc:
                 self._rollback()
                 log.info("store write retried (%s), attempt %d", type(exc).__name__, attempt + 1)
@@ -81,9 +81,11 @@ class PgWriter(Batches):
         busy = StoreUnavailable("the store is too busy: retry")
         settle([(waiter, False, busy) for _, waiter in batch])
 
-    def _attempt(self, conn: PgConnection, batch: list[Item]) -> list[Result]:
+    def _attempt(self, conn: PgConnection, batch: list[Item], durable: bool) -> list[Result]:
         results: list[Result] = []
         conn.execute("BEGIN")
+        if not durable:
+            conn.execute("SET LOCAL synchronous_commit = off")
         for operation, waiter in batch:
             conn.execute("SAVEPOINT op")
             try:

@@ -194,6 +194,11 @@ def _v7_search(db: Database) -> None:
     search.rebuild(db.conn)
 
 
+def _v8_apply_queue(db: Database) -> None:
+    """Accepted deliveries not yet applied to their evaluations (store/ingest.py accept)."""
+    db.execute("CREATE TABLE apply_queue (delivery_id INTEGER PRIMARY KEY)")
+
+
 MIGRATIONS: list[tuple[int, str, Callable[[Database], None]]] = [
     (1, "core tables", _v1_core),
     (2, "refetch state and outbox claiming", _v2_forwarding),
@@ -202,6 +207,7 @@ MIGRATIONS: list[tuple[int, str, Callable[[Database], None]]] = [
     (5, "overview rollups", _v5_rollups),
     (6, "list indexes", _v6_list_indexes),
     (7, "text search", _v7_search),
+    (8, "apply queue", _v8_apply_queue),
 ]
 
 

@@ -26,6 +26,7 @@ from concurrent.futures import Future
 from typing import Any, TypeVar
 
 from ..errors import ReceiverError, StoreUnavailable
+from .backlog import Backlog
 
 T = TypeVar("T")
 Operation = Callable[[sqlite3.Connection], Any]
@@ -57,11 +58,19 @@ def connect(path: str, *, readonly: bool = False, busy_timeout: float = 10.0) ->
 
 class Batches:
     """What both writers share: callers queue operations, one thread takes them in batches
-    (all that are waiting, up to MAX_BATCH) and settles each caller after its commit."""
+    (all that are waiting, up to MAX_BATCH) and settles each caller after its commit. Between
+    batches it applies accepted callbacks when `backlog` says so (store/backlog.py), in
+    transactions that need no fsync: what they write is derived from deliveries already
+    durable, and is applied again after a crash that lost it."""
 
     def __init__(self) -> None:
         self._queue: queue.SimpleQueue[Item | None] = queue.SimpleQueue()
         self._thread: threading.Thread | None = None
+        self.backlog: Backlog | None = None
+
+    @property
+    def running(self) -> bool:
+        return self._thread is not None
 
     def _start(self, target: Callable[..., None], *args: Any) -> None:
         self._thread = threading.Thread(
@@ -93,10 +102,18 @@ class Batches:
         self._queue.put((operation, future))
         return await future
 
-    def _batches(self) -> Iterator[list[Item]]:
+    def _batches(self) -> Iterator[tuple[list[Item], bool]]:
         """Each batch of callers still waiting (one that went away before its batch began is
-        skipped: it was never acknowledged), until close()."""
-        while (item := self._queue.get()) is not None:
+        skipped: it was never acknowledged) and whether its commit must be durable, until
+        close()."""
+        while (item := self._take()) is not None:
+            if item is APPLY:
+                assert self.backlog is not None
+                future: Future[Any] = Future()
+                future.set_running_or_notify_cancel()
+                yield [(self.backlog.operation, future)], False
+                self.backlog.settled(future)
+                continue
             batch = [item]
             stopping = False
             while len(batch) < MAX_BATCH:
@@ -110,9 +127,31 @@ class Batches:
                 batch.append(item)
             waiting = [(op, waiter) for op, waiter in batch if _begin(waiter)]
             if waiting:
-                yield waiting
+                yield waiting, True
             if stopping:
                 return
+
+    def _take(self) -> Item | None:
+        """The next operation, or APPLY when the backlog should be applied first."""
+        backlog = self.backlog
+        while True:
+            wait = None if backlog is None else backlog.due()
+            if wait == 0 and backlog is not None and backlog.forced():
+                return APPLY
+            try:
+                if wait is None:
+                    return self._queue.get()
+                return self._queue.get(timeout=wait) if wait > 0 else self._queue.get_nowait()
+            except queue.Empty:
+                if backlog is not None and backlog.ready():
+                    return APPLY
+
+
+def _apply_marker(conn: sqlite3.Connection) -> None:
+    raise AssertionError("never run: marks a turn to apply the backlog")
+
+
+APPLY: Item = (_apply_marker, Future())
 
 
 class Writer(Batches):
@@ -129,10 +168,10 @@ class Writer(Batches):
 
     def _run(self, conn: sqlite3.Connection, turns: int | None) -> None:
         try:
-            for batch in self._batches():
+            for batch, durable in self._batches():
                 try:
                     with _turn(turns):
-                        self._commit(conn, batch)
+                        self._commit(conn, batch, durable)
                 except Exception as exc:  # never let the one writer die: fail the batch
                     log.exception("store write failed, nothing acknowledged")
                     failure = StoreUnavailable(f"the store failed: {exc}")
@@ -142,7 +181,16 @@ class Writer(Batches):
             if turns is not None:
                 os.close(turns)
 
-    def _commit(self, conn: sqlite3.Connection, batch: list[Item]) -> None:
+    def _commit(self, conn: sqlite3.Connection, batch: list[Item], durable: bool) -> None:
+        if not durable:
+            conn.execute("PRAGMA synchronous = NORMAL")  # WAL: no fsync at this commit
+        try:
+            self._transaction(conn, batch)
+        finally:
+            if not durable:
+                conn.execute("PRAGMA synchronous = FULL")
+
+    def _transaction(self, conn: sqlite3.Connection, batch: list[Item]) -> None:
         results: list[Result] = []
         try:
             conn.execute("BEGIN IMMEDIATE")

@@ -1,0 +1,121 @@
+"""When the writer applies accepted callbacks: the ack path only stores the delivery and queues
+it (ingest.accept); the writer applies the queue to evaluations, rollups, search and the outbox
+in the time acks leave it.
+
+- Acks come first: a chunk is applied only when no operation is waiting.
+- With CPU to spare (this process used under BUSY of a core over the last WINDOW), a chunk is
+  applied as soon as the queue of operations is empty, so reads lag by milliseconds.
+- Under load the process is CPU-bound and applying would only slow the acks: the backlog then
+  waits for a pause in the operations (IDLE), so a burst is acknowledged at the speed of the
+  ack path and applied after it.
+- Backpressure: past `limit` queued deliveries a chunk is applied before every batch of
+  operations, so acks slow to the speed of applying and the lag stays bounded.
+"""
+
+from __future__ import annotations
+
+import logging
+import sqlite3
+import time
+from collections.abc import Callable
+from concurrent.futures import Future
+
+from .ingest import Applied
+
+log = logging.getLogger("receiver.store")
+
+CHUNK = 8  # deliveries per apply transaction when not forced (~2 ms: an ack waits no longer)
+MAX_CHUNK = 1024
+BUSY = 0.8  # share of a core above which this process counts as busy
+WINDOW = 0.05  # seconds of CPU accounting behind each decision
+IDLE = 0.01  # seconds without an operation that count as a pause, when busy
+PAUSE = 1.0  # seconds to wait after a failed apply transaction before trying again
+
+CATCH_UP_CHUNK = 256  # deliveries per transaction when a reader waits for them
+# apply(conn, most, through, skip): ingest.apply_queued with the store's forwarding
+Apply = Callable[[sqlite3.Connection, int, int | None, frozenset[int]], Applied]
+
+
+class Backlog:
+    def __init__(
+        self,
+        apply: Apply,
+        limit: int,
+        on_applied: Callable[[], object] | None = None,
+        clock: Callable[[], float] = time.monotonic,
+        cpu: Callable[[], float] = time.process_time,
+    ) -> None:
+        self.limit = limit
+        self.pending = 1  # unknown at start: look once (callbacks queued before a restart)
+        self.on_applied = on_applied
+        self._apply = apply
+        self._skip: frozenset[int] = frozenset()
+        self._clock = clock
+        self._cpu = cpu
+        self._since = clock()
+        self._cpu_since = cpu()
+        self._busy = 0.0
+        self._resume_at = 0.0
+
+    def added(self) -> None:
+        """One more delivery queued (called in the writer thread, inside its transaction)."""
+        self.pending += 1
+
+    def forced(self) -> bool:
+        return self.pending >= self.limit and self._clock() >= self._resume_at
+
+    def due(self) -> float | None:
+        """How long to wait for an operation before applying a chunk: 0 to apply now unless
+        one is waiting, None when there is nothing to apply."""
+        now = self._clock()
+        if self.pending <= 0:
+            return None
+        if now < self._resume_at:
+            return self._resume_at - now
+        if self.pending >= self.limit:
+            return 0.0
+        if now - self._since >= WINDOW:
+            cpu = self._cpu()
+            self._busy = (cpu - self._cpu_since) / (now - self._since)
+            self._since, self._cpu_since = now, cpu
+        return 0.0 if self._busy < BUSY else IDLE
+
+    def ready(self) -> bool:
+        """Whether a chunk may run now (not while pausing after a failure)."""
+        return self.pending > 0 and self._clock() >= self._resume_at
+
+    def operation(self, conn: sqlite3.Connection) -> Applied:
+        """One chunk (in the writer thread): CHUNK deliveries, or when forced as many as it
+        takes to get back under the limit."""
+        over = self.pending - self.limit + 1
+        return self.apply(conn, min(MAX_CHUNK, max(CHUNK, over)))
+
+    def apply(
+        self, conn: sqlite3.Connection, most: int = CATCH_UP_CHUNK, through: int | None = None
+    ) -> Applied:
+        """Apply up to `most` queued deliveries (up to `through`) and count them off, in the
+        writer thread. A delivery that fails to apply is skipped until restart (it is logged
+        and stays queued)."""
+        applied = self._apply(conn, most, through, self._skip)
+        self._skip |= frozenset(applied.failed)
+        if applied.more or through is not None:
+            self.pending = max(self.pending - applied.count, 1)  # more, or newer ones: look
+        else:
+            self.pending = 0
+        return applied
+
+    def settled(self, future: Future[Applied]) -> None:
+        """After a chunk's transaction: tell whoever waits for applied work, or pause after a
+        failure (the transaction rolled back, so look again then)."""
+        error = future.exception()
+        if error is not None:
+            log.error("applying accepted callbacks failed, retrying in %gs: %s", PAUSE, error)
+            self._resume_at = self._clock() + PAUSE
+            self.pending = max(self.pending, 1)
+            return
+        if future.result().count:
+            self.notify()
+
+    def notify(self) -> None:
+        if self.on_applied is not None:
+            self.on_applied()

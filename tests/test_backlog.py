@@ -1,0 +1,283 @@
+"""Accepted callbacks are applied after the ack: when (the policy, with a fake clock and CPU
+meter) and what the store guarantees meanwhile (reads catch up, restarts carry on, backpressure,
+a delivery that cannot be applied stays queued)."""
+
+from __future__ import annotations
+
+import logging
+import sqlite3
+import threading
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future
+from importlib import import_module
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from receiver.errors import StoreUnavailable
+from receiver.store import Store
+from receiver.store.backlog import BUSY, CHUNK, IDLE, MAX_CHUNK, PAUSE, WINDOW, Backlog
+from receiver.store.ingest import Applied
+
+from .database import connect, database_for
+from .test_store import delivery
+
+pytestmark = pytest.mark.anyio
+
+
+@pytest.fixture
+def anyio_backend() -> str:
+    return "asyncio"
+
+
+class Meter:
+    """A clock and a CPU meter the test moves by hand."""
+
+    def __init__(self) -> None:
+        self.now = 100.0
+        self.cpu = 0.0
+
+    def spend(self, seconds: float, busy: float) -> None:
+        self.now += seconds
+        self.cpu += seconds * busy
+
+
+def policy(meter: Meter, limit: int = 100, pending: int = 0) -> Backlog:
+    backlog = Backlog(
+        lambda conn, most, through, skip: Applied(0, False),
+        limit,
+        clock=lambda: meter.now,
+        cpu=lambda: meter.cpu,
+    )
+    backlog.pending = pending
+    return backlog
+
+
+@pytest.mark.parametrize(
+    ("pending", "busy", "expected"),
+    [
+        (0, 0.0, None),  # nothing queued: block until an operation arrives
+        (0, 1.0, None),
+        (5, 0.1, 0.0),  # CPU to spare: apply as soon as no operation waits
+        (5, BUSY - 0.05, 0.0),
+        (5, BUSY + 0.05, IDLE),  # busy: only in a pause between operations
+        (5, 1.0, IDLE),
+        (100, 1.0, 0.0),  # at the limit: apply now, even while busy
+    ],
+)
+def test_when_to_apply(pending: int, busy: float, expected: float | None) -> None:
+    meter = Meter()
+    backlog = policy(meter, limit=100, pending=pending)
+    meter.spend(2 * WINDOW, busy)
+    assert backlog.due() == expected
+    assert backlog.forced() == (pending >= 100)
+
+
+@pytest.mark.parametrize(
+    ("pending", "limit", "chunk"),
+    [
+        (1, 100, CHUNK),
+        (99, 100, CHUNK),
+        (150, 100, 51),  # forced: enough to get back under the limit
+        (100_000, 10, MAX_CHUNK),
+    ],
+)
+def test_chunk_sizes(pending: int, limit: int, chunk: int) -> None:
+    asked: list[int] = []
+
+    def apply(conn: Any, most: int, through: Any, skip: Any) -> Applied:
+        asked.append(most)
+        return Applied(most, True)
+
+    backlog = Backlog(apply, limit)
+    backlog.pending = pending
+    backlog.operation(sqlite3.connect(":memory:"))
+    assert asked == [chunk]
+    assert backlog.pending == max(pending - chunk, 1)
+
+
+def test_a_failed_chunk_pauses_then_looks_again() -> None:
+    meter = Meter()
+    backlog = policy(meter, pending=3)
+    failed: Future[Applied] = Future()
+    failed.set_exception(StoreUnavailable("disk full"))
+    backlog.settled(failed)
+    assert not backlog.ready()
+    assert backlog.due() == pytest.approx(PAUSE)
+    meter.spend(PAUSE, 0.0)
+    assert backlog.ready()
+
+
+def test_counting_off_and_skipping_what_failed() -> None:
+    answers = [Applied(2, False, failed=(7,)), Applied(0, False)]
+    skips: list[frozenset[int]] = []
+
+    def apply(conn: Any, most: int, through: Any, skip: frozenset[int]) -> Applied:
+        skips.append(skip)
+        return answers.pop(0)
+
+    backlog = Backlog(apply, 100)
+    backlog.pending = 3
+    backlog.operation(sqlite3.connect(":memory:"))
+    assert backlog.pending == 0  # the queue said nothing more
+    backlog.added()
+    backlog.apply(sqlite3.connect(":memory:"), through=9)
+    assert backlog.pending == 1  # a catch-up up to an id: newer ones may wait, look again
+    assert skips == [frozenset(), frozenset({7})]
+
+
+# -- the store -----------------------------------------------------------------------------
+
+
+@pytest.fixture
+def path(tmp_path: Path) -> str:
+    return database_for(tmp_path / "receiver.db")
+
+
+def opened(path: str, hold: bool = False, **options: Any) -> Store:
+    """A store; with `hold`, its writer never applies in the background (only reads do)."""
+    store = Store(path, **options)
+    if hold:
+        store.backlog.due = lambda: None  # type: ignore[method-assign]
+    store.open()
+    return store
+
+
+@pytest.fixture
+def held(path: str) -> Iterator[Store]:
+    store = opened(path, hold=True)
+    try:
+        yield store
+    finally:
+        store.close()
+
+
+def raw(path: str, sql: str) -> Any:
+    """Straight from the database, without waiting for the queue (tests/database.connect
+    would)."""
+    if path.startswith("postgresql"):
+        import psycopg
+
+        with psycopg.connect(path) as conn:
+            row = conn.execute(sql).fetchone()
+            return row[0] if row else None
+    conn = sqlite3.connect(path)
+    try:
+        return conn.execute(sql).fetchone()[0]
+    finally:
+        conn.close()
+
+
+def body(number: int) -> dict[str, Any]:
+    return {
+        "id": f"0193a7c2-0000-7000-8000-{number:012d}",
+        "status": "completed",
+        "client_ref": f"ref-{number % 3}",
+        "passed": number % 2 == 0,
+        "task_type": "headshot",
+    }
+
+
+async def test_accept_stores_and_queues_then_a_read_applies(held: Store, path: str) -> None:
+    receipt = await held.accept(delivery(body(1)))
+    assert (receipt.outcome, receipt.evaluation_id) == ("stored", body(1)["id"])
+    assert raw(path, "SELECT count(*) FROM deliveries") == 1
+    assert raw(path, "SELECT count(*) FROM apply_queue") == 1
+    assert raw(path, "SELECT count(*) FROM evaluations") == 0
+    found = held.get_evaluation(body(1)["id"])  # reads catch up first
+    assert found is not None
+    assert found["evaluation"]["status"] == "completed"
+    assert raw(path, "SELECT count(*) FROM apply_queue") == 0
+    assert raw(path, "SELECT received_at FROM evaluations") == raw(
+        path, "SELECT received_at FROM deliveries"
+    )
+
+
+async def test_duplicates_and_run_callbacks_are_never_queued(held: Store, path: str) -> None:
+    await held.accept(delivery(body(1)))
+    again = await held.accept(delivery(body(1)))
+    run = await held.accept(delivery({"event": "run.completed", "id": "run_1"}))
+    assert (again.outcome, run.outcome) == ("duplicate", "ignored")
+    assert raw(path, "SELECT count(*) FROM apply_queue") == 1
+
+
+async def test_the_writer_applies_on_its_own_and_says_so(path: str) -> None:
+    applied = threading.Event()
+    store = opened(path)
+    store.on_applied(applied.set)
+    try:
+        await store.accept(delivery(body(1)))
+        assert applied.wait(5)
+        assert raw(path, "SELECT count(*) FROM evaluations") == 1
+        assert raw(path, "SELECT count(*) FROM apply_queue") == 0
+        assert store.backlog.pending == 0
+    finally:
+        store.close()
+
+
+async def test_a_restart_applies_what_was_left_queued(path: str) -> None:
+    store = opened(path, hold=True)
+    for number in range(5):
+        await store.accept(delivery(body(number)))
+    store.close()
+    assert raw(path, "SELECT count(*) FROM apply_queue") == 5
+    again = opened(path)
+    try:
+        connect(path).close()  # waits for the queue to empty
+        assert raw(path, "SELECT count(*) FROM evaluations") == 5
+        assert raw(path, "SELECT count(*) FROM client_refs") == 3
+    finally:
+        again.close()
+
+
+async def test_past_the_limit_acks_wait_for_applying(path: str) -> None:
+    store = opened(path, max_backlog=3)
+    store.backlog.due = lambda: 0.0 if store.backlog.forced() else None  # type: ignore[method-assign]
+    try:
+        for number in range(12):
+            await store.accept(delivery(body(number)))
+            assert raw(path, "SELECT count(*) FROM apply_queue") <= 3
+        assert raw(path, "SELECT count(*) FROM evaluations") >= 9
+    finally:
+        store.close()
+
+
+async def test_a_delivery_that_cannot_be_applied_stays_queued_and_is_skipped(
+    held: Store, path: str, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    real: Callable[..., None] = import_module("receiver.store.ingest").apply_evaluation
+
+    def broken(conn: Any, fields: dict[str, Any], **options: Any) -> None:
+        if fields["id"] == body(2)["id"]:
+            raise RuntimeError("a bug")
+        real(conn, fields, **options)
+
+    ingest_module = import_module("receiver.store.ingest")  # the package exports ingest()
+    monkeypatch.setattr(ingest_module, "apply_evaluation", broken)
+    for number in range(4):
+        await held.accept(delivery(body(number)))
+    with caplog.at_level(logging.ERROR, "receiver.store"):
+        assert [item["id"] for item in held.list_evaluations(where_all())[0]] == sorted(
+            (body(n)["id"] for n in (0, 1, 3)), reverse=True
+        )
+    assert caplog.text.count("could not be applied; it stays queued") == 1
+    assert raw(path, "SELECT count(*) FROM apply_queue") == 1
+    held.list_evaluations(where_all())
+    assert caplog.text.count("could not be applied") == 1  # skipped now, not retried
+
+
+def where_all() -> Any:
+    from receiver.store import EvaluationFilter
+
+    return EvaluationFilter()
+
+
+async def test_a_read_waits_at_most_its_timeout(held: Store, path: str) -> None:
+    await held.accept(delivery(body(1)))
+    slow = threading.Event()
+    held.writer.submit(lambda conn: slow.wait(10))
+    held.catch_up(timeout=0.2)
+    assert not slow.is_set()  # it returned while the writer was still held up
+    slow.set()
+    assert raw(path, "SELECT count(*) FROM apply_queue") == 1  # so it read what was there
