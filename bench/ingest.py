@@ -1,7 +1,10 @@
 """`make bench`: the same signed load against (a) a bare Starlette app, (b) a naive durable
 receiver, (c) receiver with default settings, (d) receiver with --workers 2, one after another.
 Prints requests/s, p50, p99, peak RSS and the ratios to (a) and (b); writes the same as JSON;
-checks after each receiver run that every 200 was stored.
+checks after each receiver run that every 200 was stored. receiver applies callbacks after
+acknowledging them (store/backlog.py): for it the table also shows how many were still queued
+when the load stopped, how long applying them took with the server left running, the
+sustained rate (200s over load time plus that) and whether every one was applied.
 
 `--postgres` (`make bench-postgres`) runs (a), (b), (c) and then receiver on PostgreSQL with
 1, 2 and 4 workers: a durable server (fsync on) from the Debian package, started in a temp dir,
@@ -116,6 +119,9 @@ def wrk(url: str, seconds: int, connections: int, cpus: str, env: dict[str, str]
     }
 
 
+Count = Callable[[str], int]  # the answer of a count(*) query on the system's database
+
+
 def run_system(
     name: str,
     command: list[str],
@@ -125,8 +131,12 @@ def run_system(
     load_cpus: str,
     seconds: int,
     connections: int,
-    stored: Callable[[], int] | None,
+    count: Count | None,
+    applies: bool,
 ) -> dict[str, Any]:
+    """One system under load. For receiver (`applies`), also how many callbacks were still
+    queued to be applied when the load stopped, how long applying them took, and the
+    sustained rate: 200s over the load time plus that."""
     server = subprocess.Popen(
         ["taskset", "-c", cpus, *command],
         env=env,
@@ -143,33 +153,42 @@ def run_system(
             except httpx.HTTPError:
                 time.sleep(0.05)
         result = wrk(url, seconds, connections, load_cpus, env)
+        oks = result["responses"] - result["non_2xx"]
+        if count is not None and applies:
+            stopped = time.monotonic()
+            result["queued_at_end"] = count("SELECT count(*) FROM apply_queue")
+            while count("SELECT count(*) FROM apply_queue") and time.monotonic() < stopped + 900:
+                time.sleep(0.05)
+            result["apply_after_s"] = round(time.monotonic() - stopped, 2)
+            result["sustained_per_s"] = round(oks / (seconds + result["apply_after_s"]))
         time.sleep(0.5)  # let in-flight requests finish
         result["peak_rss_mb"] = round(peak_rss_mb(server.pid), 1)
     finally:
         server.terminate()
         server.wait(30)
-    if stored is not None:
-        oks = result["responses"] - result["non_2xx"]
-        result["stored"] = count = stored()
+    if count is not None:
+        result["stored"] = stored = count("SELECT count(*) FROM deliveries")
         # wrk drops requests still in flight when time is up; the server may still store those.
-        result["all_200s_stored"] = oks <= count <= oks + connections
+        result["all_200s_stored"] = oks <= stored <= oks + connections
+        if applies:  # every body is a distinct evaluation
+            result["all_applied"] = count("SELECT count(*) FROM evaluations") == stored
     result["system"] = name
     return result
 
 
-def count_sqlite(database: Path) -> int:
+def count_sqlite(database: Path, sql: str) -> int:
     conn = sqlite3.connect(database)
     try:
-        return int(conn.execute("SELECT count(*) FROM deliveries").fetchone()[0])
+        return int(conn.execute(sql).fetchone()[0])
     finally:
         conn.close()
 
 
-def count_postgres(url: str) -> int:
+def count_postgres(url: str, sql: str) -> int:
     import psycopg
 
     with psycopg.connect(url) as conn:
-        row = conn.execute("SELECT count(*) FROM deliveries").fetchone()
+        row = conn.execute(sql).fetchone()
         return int(row[0]) if row else 0
 
 
@@ -254,15 +273,15 @@ def main(argv: list[str] | None = None) -> None:
         for name in wanted:
             command, cpus, store = systems[name]
             database = ""
-            stored: Callable[[], int] | None = None
+            count: Count | None = None
             if store == "sqlite":
                 path = work / f"{name.replace(' ', '_')}.db"
-                database, stored = str(path), partial(count_sqlite, path)
+                database, count = str(path), partial(count_sqlite, path)
             elif store == "postgresql":
                 if create is None:
                     raise SystemExit(f"{name!r} needs --postgres")
                 database = create(name)
-                stored = partial(count_postgres, database)
+                count = partial(count_postgres, database)
             port = free_port()
             env = {
                 **base_env,
@@ -281,7 +300,8 @@ def main(argv: list[str] | None = None) -> None:
                     "1",
                     options.seconds,
                     options.connections,
-                    stored,
+                    count,
+                    name not in ("bare", "naive"),
                 )
             )
     by_name = {r["system"]: r for r in results}
@@ -293,15 +313,18 @@ def main(argv: list[str] | None = None) -> None:
                 )
     header = (
         f"{'system':<22}{'req/s':>9}{'p50 ms':>9}{'p99 ms':>9}{'RSS MB':>9}"
-        f"{'x bare':>8}{'x naive':>9}  stored=200s"
+        f"{'x bare':>8}{'x naive':>9}{'queued':>8}{'apply s':>9}{'sustained':>10}"
+        "  stored=200s applied"
     )
     print(f"\n{options.connections} connections, {options.seconds}s each, {size} B signed bodies")
     print(header)
     for r in results:
         print(
             f"{r['system']:<22}{r['requests_per_s']:>9.0f}{r['p50_ms']:>9.2f}{r['p99_ms']:>9.2f}"
-            f"{r['peak_rss_mb']:>9.1f}{r.get('x_bare', 0):>8.2f}{r.get('x_naive', 0):>9.2f}  "
-            f"{r.get('all_200s_stored', '-')}"
+            f"{r['peak_rss_mb']:>9.1f}{r.get('x_bare', 0):>8.2f}{r.get('x_naive', 0):>9.2f}"
+            f"{r.get('queued_at_end', '-'):>8}{r.get('apply_after_s', '-'):>9}"
+            f"{r.get('sustained_per_s', '-'):>10}"
+            f"  {r.get('all_200s_stored', '-')!s:<11} {r.get('all_applied', '-')}"
         )
     output.parent.mkdir(parents=True, exist_ok=True)
     output.write_text(

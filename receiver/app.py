@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import logging
 import os
 from collections.abc import AsyncIterator
@@ -155,6 +156,8 @@ def create_app(
 def from_env() -> Starlette:
     """App factory for `uvicorn --factory` (used by `receiver serve --workers N`, which shares
     a PROMETHEUS_MULTIPROC_DIR between the processes so /metrics sums them)."""
-    return create_app(
+    app = create_app(
         Settings.from_env(), metrics_dir=os.environ.get("PROMETHEUS_MULTIPROC_DIR") or None
     )
+    gc.freeze()  # the start-up heap is permanent: full collections stop walking it
+    return app

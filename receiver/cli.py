@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import os
 import signal
 import sys
@@ -79,6 +80,7 @@ def serve(host: str, port: int | None, workers: int) -> None:
     if workers == 1:
         app = create_app(settings, metrics_dir=given_metrics_dir())
         exit_zero_after_graceful_stop()
+        gc.freeze()  # the start-up heap is permanent: full collections stop walking it
         uvicorn.run(app, host=host, port=port, log_config=log_config, access_log=False)
         return
     os.environ["RECEIVER_DASHBOARD_TOKEN"] = settings.dashboard_token

@@ -3,11 +3,11 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from contextlib import aclosing
 
-import anyio
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse
 
@@ -48,16 +48,15 @@ async def read_body(request: Request, limit: int, setting: str | None = None) ->
     chunks = []
     size = 0
     try:
-        with anyio.fail_after(timeout):
-            async with aclosing(request.stream()) as stream:
-                async for chunk in stream:
-                    size += len(chunk)
-                    if size > limit:
-                        raise PayloadTooLarge(
-                            f"body is over the limit of {limit} bytes"
-                            + (f" ({setting})" if setting else "")
-                        )
-                    chunks.append(chunk)
+        async with asyncio.timeout(timeout), aclosing(request.stream()) as stream:
+            async for chunk in stream:
+                size += len(chunk)
+                if size > limit:
+                    raise PayloadTooLarge(
+                        f"body is over the limit of {limit} bytes"
+                        + (f" ({setting})" if setting else "")
+                    )
+                chunks.append(chunk)
     except TimeoutError:
         raise RequestTimeout(
             f"the body did not arrive within {timeout:g} seconds (RECEIVER_BODY_TIMEOUT)"

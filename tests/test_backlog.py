@@ -17,7 +17,17 @@ import pytest
 
 from receiver.errors import StoreUnavailable
 from receiver.store import Store
-from receiver.store.backlog import BUSY, CHUNK, IDLE, MAX_CHUNK, PAUSE, WINDOW, Backlog
+from receiver.store.backlog import (
+    BUSY,
+    CHUNK,
+    IDLE,
+    MAX_CHUNK,
+    PAUSE,
+    PRESSURE,
+    QUIET_CHUNK,
+    WINDOW,
+    Backlog,
+)
 from receiver.store.ingest import Applied
 
 from .database import connect, database_for
@@ -54,44 +64,65 @@ def policy(meter: Meter, limit: int = 100, pending: int = 0) -> Backlog:
     return backlog
 
 
+def primed(meter: Meter, backlog: Backlog, busy: float, batch: int, since: float) -> None:
+    """A WINDOW of `busy` CPU with batches of `batch` operations, the last `since` ago."""
+    meter.spend(2 * WINDOW - since, busy)
+    for _ in range(50):
+        backlog.took(batch)
+    meter.spend(since, busy)
+    backlog.due()
+
+
 @pytest.mark.parametrize(
-    ("pending", "busy", "expected"),
+    ("pending", "busy", "batch", "since_operation", "expected"),
     [
-        (0, 0.0, None),  # nothing queued: block until an operation arrives
-        (0, 1.0, None),
-        (5, 0.1, 0.0),  # CPU to spare: apply as soon as no operation waits
-        (5, BUSY - 0.05, 0.0),
-        (5, BUSY + 0.05, IDLE),  # busy: only in a pause between operations
-        (5, 1.0, IDLE),
-        (100, 1.0, 0.0),  # at the limit: apply now, even while busy
+        (0, 0.0, 1, 0.0, None),  # nothing queued: block until an operation arrives
+        (0, 1.0, 30, 1.0, None),
+        (5, 0.1, 30, 0.0, 0.0),  # CPU to spare: apply as soon as no operation waits
+        (5, 1.0, 2, 0.0, 0.0),  # busy, but nobody queues up for the writer: the same
+        (5, 1.0, PRESSURE - 1, 0.0, 0.0),
+        (5, BUSY + 0.05, PRESSURE + 1, 0.0, IDLE),  # a burst: only in a pause between them
+        (5, 1.0, 30, IDLE / 2, IDLE / 2),
+        (5, 1.0, 30, IDLE, 0.0),
+        (100, 1.0, 30, 0.0, 0.0),  # at the limit: apply now, even in a burst
     ],
 )
-def test_when_to_apply(pending: int, busy: float, expected: float | None) -> None:
+def test_when_to_apply(
+    pending: int, busy: float, batch: int, since_operation: float, expected: float | None
+) -> None:
     meter = Meter()
     backlog = policy(meter, limit=100, pending=pending)
-    meter.spend(2 * WINDOW, busy)
-    assert backlog.due() == expected
+    primed(meter, backlog, busy, batch, since_operation)
+    assert backlog.due() == pytest.approx(expected)
     assert backlog.forced() == (pending >= 100)
 
 
 @pytest.mark.parametrize(
-    ("pending", "limit", "chunk"),
+    ("pending", "limit", "batch", "since_operation", "chunk"),
     [
-        (1, 100, CHUNK),
-        (99, 100, CHUNK),
-        (150, 100, 51),  # forced: enough to get back under the limit
-        (100_000, 10, MAX_CHUNK),
+        (1, 100, 30, 0.0, CHUNK),  # a burst: small chunks between the acks' batches
+        (99, 100, 30, 0.0, CHUNK),
+        (50, 100, 30, IDLE, 50),  # a pause in the burst: all that is queued …
+        (3, 100, 2, 0.0, CHUNK),  # no burst: all that is queued …
+        (50, 100, 2, 0.0, 50),
+        (500, 1000, 2, 0.0, QUIET_CHUNK),  # … up to QUIET_CHUNK
+        (150, 100, 30, 0.0, 51),  # forced: enough to get back under the limit
+        (100_000, 10, 30, 0.0, MAX_CHUNK),
     ],
 )
-def test_chunk_sizes(pending: int, limit: int, chunk: int) -> None:
+def test_chunk_sizes(
+    pending: int, limit: int, batch: int, since_operation: float, chunk: int
+) -> None:
     asked: list[int] = []
 
     def apply(conn: Any, most: int, through: Any, skip: Any) -> Applied:
         asked.append(most)
         return Applied(most, True)
 
-    backlog = Backlog(apply, limit)
+    meter = Meter()
+    backlog = Backlog(apply, limit, clock=lambda: meter.now, cpu=lambda: meter.cpu)
     backlog.pending = pending
+    primed(meter, backlog, 1.0, batch, since_operation)
     backlog.operation(sqlite3.connect(":memory:"))
     assert asked == [chunk]
     assert backlog.pending == max(pending - chunk, 1)

@@ -2,12 +2,13 @@
 it (ingest.accept); the writer applies the queue to evaluations, rollups, search and the outbox
 in the time acks leave it.
 
-- Acks come first: a chunk is applied only when no operation is waiting.
-- With CPU to spare (this process used under BUSY of a core over the last WINDOW), a chunk is
-  applied as soon as the queue of operations is empty, so reads lag by milliseconds.
-- Under load the process is CPU-bound and applying would only slow the acks: the backlog then
-  waits for a pause in the operations (IDLE), so a burst is acknowledged at the speed of the
-  ack path and applied after it.
+- Acks come first: a chunk is applied only when no operation is waiting, and then all that is
+  queued (up to QUIET_CHUNK), so applying keeps up and reads lag by milliseconds.
+- Except in a burst: callers queue up for the writer (batches of PRESSURE operations or more,
+  on average) while the process is CPU-bound (over BUSY of a core in the last WINDOW). Applying
+  would only slow the acks then, so it waits for a pause in the operations (IDLE) and takes
+  small chunks (CHUNK): a burst is acknowledged at the speed of the ack path and applied
+  right after it.
 - Backpressure: past `limit` queued deliveries a chunk is applied before every batch of
   operations, so acks slow to the speed of applying and the lag stays bounded.
 """
@@ -24,7 +25,9 @@ from .ingest import Applied
 
 log = logging.getLogger("receiver.store")
 
-CHUNK = 8  # deliveries per apply transaction when not forced (~2 ms: an ack waits no longer)
+CHUNK = 8  # deliveries per apply transaction in a burst (~2 ms: an ack waits no longer)
+QUIET_CHUNK = 128  # … at most, otherwise
+PRESSURE = 6  # operations per batch, on average, that say callers are queueing up
 MAX_CHUNK = 1024
 BUSY = 0.8  # share of a core above which this process counts as busy
 WINDOW = 0.05  # seconds of CPU accounting behind each decision
@@ -56,6 +59,16 @@ class Backlog:
         self._cpu_since = cpu()
         self._busy = 0.0
         self._resume_at = 0.0
+        self._last_operation = -IDLE
+        self._batch = 0.0  # operations per batch, moving average
+
+    def took(self, batch: int) -> None:
+        """The writer took a batch of operations (acks, a read's catch-up, a worker's claim…)."""
+        self._last_operation = self._clock()
+        self._batch += (batch - self._batch) * 0.2
+
+    def burst(self) -> bool:
+        return self._busy >= BUSY and self._batch >= PRESSURE
 
     def added(self) -> None:
         """One more delivery queued (called in the writer thread, inside its transaction)."""
@@ -78,17 +91,24 @@ class Backlog:
             cpu = self._cpu()
             self._busy = (cpu - self._cpu_since) / (now - self._since)
             self._since, self._cpu_since = now, cpu
-        return 0.0 if self._busy < BUSY else IDLE
+        if not self.burst():
+            return 0.0
+        return max(0.0, self._last_operation + IDLE - now)
 
     def ready(self) -> bool:
         """Whether a chunk may run now (not while pausing after a failure)."""
         return self.pending > 0 and self._clock() >= self._resume_at
 
     def operation(self, conn: sqlite3.Connection) -> Applied:
-        """One chunk (in the writer thread): CHUNK deliveries, or when forced as many as it
-        takes to get back under the limit."""
-        over = self.pending - self.limit + 1
-        return self.apply(conn, min(MAX_CHUNK, max(CHUNK, over)))
+        """One chunk (in the writer thread): when forced, as many as it takes to get back
+        under the limit; in a burst, CHUNK; otherwise all that is queued, up to QUIET_CHUNK."""
+        if self.pending >= self.limit:
+            most = min(MAX_CHUNK, max(CHUNK, self.pending - self.limit + 1))
+        elif self.burst() and self._clock() - self._last_operation < IDLE:
+            most = CHUNK
+        else:
+            most = min(QUIET_CHUNK, max(CHUNK, self.pending))
+        return self.apply(conn, most)
 
     def apply(
         self, conn: sqlite3.Connection, most: int = CATCH_UP_CHUNK, through: int | None = None

@@ -126,6 +126,8 @@ class Batches:
                     break
                 batch.append(item)
             waiting = [(op, waiter) for op, waiter in batch if _begin(waiter)]
+            if self.backlog is not None:
+                self.backlog.took(len(batch))
             if waiting:
                 yield waiting, True
             if stopping:
@@ -140,11 +142,14 @@ class Batches:
                 return APPLY
             try:
                 if wait is None:
-                    return self._queue.get()
-                return self._queue.get(timeout=wait) if wait > 0 else self._queue.get_nowait()
+                    item = self._queue.get()
+                else:
+                    item = self._queue.get(timeout=wait) if wait > 0 else self._queue.get_nowait()
             except queue.Empty:
                 if backlog is not None and backlog.ready():
                     return APPLY
+                continue
+            return item
 
 
 def _apply_marker(conn: sqlite3.Connection) -> None:
