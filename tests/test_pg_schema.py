@@ -150,8 +150,9 @@ def test_a_lost_connection_answers_503_then_the_next_write_reconnects(
         with TestClient(create_app(settings)) as client:
             assert post_callback(client, fixture("evaluation-failed.json")).status_code == 200
             backlog = client.app.state.receiver.store.backlog  # type: ignore[attr-defined]
-            while backlog.pending:  # applied, so the next write is the callback below
-                time.sleep(0.002)
+            deadline = time.monotonic() + 10
+            while backlog.pending and time.monotonic() < deadline:  # applied: the next write
+                time.sleep(0.002)  # is the callback below
             postgres_server.admin(
                 "SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
                 f" WHERE datname = '{url.rsplit('/', 1)[1]}'"

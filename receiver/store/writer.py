@@ -23,7 +23,7 @@ import threading
 from collections import defaultdict
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 from ..errors import ReceiverError, StoreUnavailable
 from .backlog import Backlog
@@ -106,15 +106,15 @@ class Batches:
         """Each batch of callers still waiting (one that went away before its batch began is
         skipped: it was never acknowledged) and whether its commit must be durable, until
         close()."""
-        while (item := self._take()) is not None:
-            if item is APPLY:
+        while (taken := self._take()) is not None:
+            if taken is APPLY:
                 assert self.backlog is not None
                 future: Future[Any] = Future()
                 future.set_running_or_notify_cancel()
                 yield [(self.backlog.operation, future)], False
                 self.backlog.settled(future)
                 continue
-            batch = [item]
+            batch = [cast(Item, taken)]
             stopping = False
             while len(batch) < MAX_BATCH:
                 try:
@@ -133,7 +133,7 @@ class Batches:
             if stopping:
                 return
 
-    def _take(self) -> Item | None:
+    def _take(self) -> Item | object | None:
         """The next operation, or APPLY when the backlog should be applied first."""
         backlog = self.backlog
         while True:
@@ -152,11 +152,7 @@ class Batches:
             return item
 
 
-def _apply_marker(conn: sqlite3.Connection) -> None:
-    raise AssertionError("never run: marks a turn to apply the backlog")
-
-
-APPLY: Item = (_apply_marker, Future())
+APPLY = object()  # what _take answers when the backlog is to be applied first
 
 
 class Writer(Batches):
