@@ -23,7 +23,7 @@ from .config import Settings
 from .context import Context
 from .errors import ReceiverError
 from .headers import SecurityHeaders
-from .logs import AccessLog
+from .logs import AccessLog, lean_records
 from .metrics import Metrics
 from .store import Forwarding, Store
 from .worker import Worker
@@ -159,5 +159,6 @@ def from_env() -> Starlette:
     app = create_app(
         Settings.from_env(), metrics_dir=os.environ.get("PROMETHEUS_MULTIPROC_DIR") or None
     )
+    lean_records()  # each worker process configures its own logging
     gc.freeze()  # the start-up heap is permanent: full collections stop walking it
     return app

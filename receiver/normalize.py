@@ -43,6 +43,10 @@ def _no_constant(name: str) -> Any:
     raise ValueError(f"{name} is not valid JSON")
 
 
+# One strict decoder for every body (json.loads with options builds a new one per call).
+_decode = json.JSONDecoder(parse_float=_finite, parse_constant=_no_constant).decode
+
+
 def _too_deep(value: Any, limit: int) -> bool:
     """Whether objects and arrays nest more than `limit` levels (iteratively: no recursion)."""
     stack: list[tuple[Any, int]] = [(value, 1)]
@@ -73,7 +77,7 @@ def parse_body(body: bytes) -> dict[str, Any]:
     except UnicodeDecodeError as exc:
         raise BadRequest(f"body is not valid UTF-8 (byte {exc.start})") from None
     try:
-        payload = json.loads(text, parse_float=_finite, parse_constant=_no_constant)
+        payload = _decode(text)
     except RecursionError:
         raise BadRequest("body is not valid JSON: nested too deeply") from None
     except ValueError as exc:

@@ -28,6 +28,17 @@ KEPT_HEADERS = (
     SIGNATURE_HEADER,
     "x-forwarded-for",
 )
+_KEPT = frozenset(name.encode() for name in KEPT_HEADERS)
+
+
+def kept_headers(request: Request) -> dict[str, str]:
+    """The kept headers in one pass over the raw list (the first of a repeated one, as
+    `request.headers[name]` would give)."""
+    kept: dict[str, str] = {}
+    for name, value in request.scope["headers"]:
+        if name in _KEPT and (key := name.decode("latin-1")) not in kept:
+            kept[key] = value.decode("latin-1")
+    return kept
 
 
 async def read_body(request: Request, limit: int, setting: str | None = None) -> bytes:
@@ -143,7 +154,7 @@ async def _accept(request: Request, ctx: Context) -> tuple[Receipt, int | None, 
             raise Unauthorized("missing Runflow-Signature header")
         else:
             raise Unauthorized("Runflow-Signature does not match the body")
-    headers = {name: request.headers[name] for name in KEPT_HEADERS if name in request.headers}
+    headers = kept_headers(request)
     try:
         callback = normalize(parse_body(body))
     except BadRequest as exc:

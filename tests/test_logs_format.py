@@ -63,6 +63,21 @@ def test_json_lines_carry_time_level_logger_message_and_extra_fields() -> None:
     assert "levelno" not in entry
 
 
+@pytest.mark.parametrize(
+    ("created", "expected"),
+    [
+        (0.0, "1970-01-01T00:00:00.000Z"),
+        (1795000000.25, "2026-11-18T11:06:40.250Z"),
+        (1795000059.999, "2026-11-18T11:07:39.999Z"),
+        (1795000060.0, "2026-11-18T11:07:40.000Z"),
+    ],
+)
+def test_the_time_is_utc_to_the_millisecond(created: float, expected: str) -> None:
+    made = logging.makeLogRecord({"msg": "hello", "created": created})
+    made.msecs = int((created - int(created)) * 1000)  # as LogRecord sets it
+    assert as_json(logs.JsonFormatter().format(made))["time"] == expected
+
+
 def test_a_json_line_stays_one_line_with_newlines_tracebacks_and_odd_values() -> None:
     try:
         raise ValueError("boom\nsecond line")

@@ -98,20 +98,12 @@ def record(conn: sqlite3.Connection, delivery: Delivery) -> tuple[Receipt, str]:
     digest = hashlib.sha256(delivery.body).hexdigest()
     stamp = now()
     serialize(conn, f"delivery:{digest}")
-    row = conn.execute(
-        "SELECT id, evaluation_id FROM deliveries WHERE sha256 = ?", (digest,)
-    ).fetchone()
-    if row is not None:
-        conn.execute(
-            "UPDATE deliveries SET receipts = receipts + 1, last_received_at = ? WHERE id = ?",
-            (stamp, row[0]),
-        )
-        return Receipt("duplicate", row[0], row[1]), stamp
     outcome = "ignored" if callback.kind == "run" else "stored"
-    (delivery_id,) = conn.execute(
+    inserted = conn.execute(  # one statement for a new body, the common case
         "INSERT INTO deliveries (received_at, last_received_at, receipts, source, request_id,"
         " secret_index, sha256, kind, event, evaluation_id, outcome, headers, body)"
-        " VALUES (?, ?, 1, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) RETURNING id",
+        " VALUES (?, ?, 1, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+        " ON CONFLICT (sha256) DO NOTHING RETURNING id",
         (
             stamp,
             stamp,
@@ -127,7 +119,14 @@ def record(conn: sqlite3.Connection, delivery: Delivery) -> tuple[Receipt, str]:
             delivery.body,
         ),
     ).fetchone()
-    return Receipt(outcome, delivery_id, callback.evaluation_id), stamp
+    if inserted is not None:
+        return Receipt(outcome, inserted[0], callback.evaluation_id), stamp
+    delivery_id, evaluation_id = conn.execute(
+        "UPDATE deliveries SET receipts = receipts + 1, last_received_at = ? WHERE sha256 = ?"
+        " RETURNING id, evaluation_id",
+        (stamp, digest),
+    ).fetchone()
+    return Receipt("duplicate", delivery_id, evaluation_id), stamp
 
 
 def apply_queued(
