@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import random
 import sqlite3
 from collections.abc import Iterator
@@ -10,8 +11,9 @@ from typing import Any
 
 import pytest
 
-from receiver.store import EvaluationFilter
-from receiver.store.ingest import apply_evaluation
+from receiver.normalize import normalize, parse_body
+from receiver.store import Delivery, EvaluationFilter
+from receiver.store.ingest import accept, apply_evaluation, apply_queued
 from receiver.store.rollups import TABLES, forget, rebuild, score_bucket
 from receiver.store.schema import migrate
 from receiver.store.stats import plan, stats
@@ -77,14 +79,22 @@ def judges(rng: random.Random) -> list[dict[str, Any]]:
     ]
 
 
-def populate(conn: sqlite3.Connection, seed: int, count: int = 150) -> None:
+def populate(conn: sqlite3.Connection, seed: int, count: int = 150, queued: bool = False) -> None:
     """Random histories: running → completed, refetches adding (or replacing) issues, failed
-    evaluations, regrades, replays of older states, feedback, and superseding attempts."""
+    evaluations, regrades, replays of older states, feedback, and superseding attempts.
+    `queued`: as callbacks acknowledged first and applied later in chunks of random size
+    (whose rollup changes are written once per chunk)."""
     rng = random.Random(seed)
     known: list[tuple[str, str | None, str | None]] = []  # (id, client_ref, task_type)
 
     def apply(fields: dict[str, Any], source: str = "webhook", **extra: Any) -> None:
-        apply_evaluation(conn, fields, source=source, stamp=moment(rng), **extra)
+        if not queued:
+            apply_evaluation(conn, fields, source=source, stamp=moment(rng), **extra)
+            return
+        body = json.dumps(fields).encode()
+        accept(conn, Delivery(body=body, callback=normalize(parse_body(body))))
+        if rng.random() < 0.3:
+            apply_queued(conn, rng.randrange(1, 20))
 
     conn.execute("BEGIN")
     for n in range(count):
@@ -115,6 +125,8 @@ def populate(conn: sqlite3.Connection, seed: int, count: int = 150) -> None:
                 regrade = verdict(rng, evaluation_id, task_type)
                 apply({**regrade, "updated_at": "2027-01-01T00:00:00+00:00"})
         known.append((evaluation_id, client_ref, task_type))
+    while apply_queued(conn, 50).more:
+        pass
     conn.execute("COMMIT")
 
 
@@ -171,6 +183,16 @@ def test_incremental_rollups_equal_a_rebuild(conn: sqlite3.Connection) -> None:
     assert all(incremental.values())
     rebuild(conn)
     assert tables(conn) == incremental
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_rollups_applied_in_chunks_equal_a_rebuild(conn: sqlite3.Connection, seed: int) -> None:
+    populate(conn, seed, count=200, queued=True)
+    assert conn.execute("SELECT count(*) FROM apply_queue").fetchone() == (0,)
+    chunked = tables(conn)
+    assert all(chunked.values())
+    rebuild(conn)
+    assert tables(conn) == chunked
 
 
 def test_the_migration_backfills_an_existing_database(conn: sqlite3.Connection) -> None:

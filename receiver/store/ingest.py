@@ -14,7 +14,7 @@ from ..normalize import TERMINAL, Callback, columns, judge_issues, merge, normal
 from ..sinkspec import SinkSpec
 from ..times import now, shift
 from .dialect import serialize
-from .rollups import FACT_COLUMNS, Facts, track
+from .rollups import FACT_COLUMNS, Changes, Facts, add, track, write
 from .search import SEARCHED, reindex
 
 log = logging.getLogger("receiver.store")
@@ -148,11 +148,13 @@ def apply_queued(
     ).fetchall()
     applied = 0
     failed = []
+    rolled_up: Changes = {}  # the chunk's rollup changes, written once at its end
     for delivery_id, body, source, received_at in rows:
         if body is None:  # pruned while queued: nothing left to apply
             conn.execute("DELETE FROM apply_queue WHERE delivery_id = ?", (delivery_id,))
             continue
         conn.execute("SAVEPOINT apply")
+        changes: Changes = {}
         try:
             apply_evaluation(
                 conn,
@@ -161,6 +163,7 @@ def apply_queued(
                 stamp=received_at,
                 forwarding=forwarding,
                 delivery_id=delivery_id,
+                rollup_changes=changes,
             )
             conn.execute("DELETE FROM apply_queue WHERE delivery_id = ?", (delivery_id,))
         except Exception:
@@ -171,7 +174,9 @@ def apply_queued(
             failed.append(delivery_id)
         else:
             applied += 1
+            add(rolled_up, changes)
         conn.execute("RELEASE apply")
+    write(conn, rolled_up)
     return Applied(applied, len(rows) == most, tuple(failed))
 
 
@@ -191,9 +196,11 @@ def apply_evaluation(
     forwarding: Forwarding = NO_FORWARDING,
     delivery_id: int | None = None,
     refetched: bool = False,
+    rollup_changes: Changes | None = None,
 ) -> None:
     """Merge `fields` into the stored evaluation under the state rules (design.md §8), and in
-    the same transaction queue its refetch and one outbox row per matching sink."""
+    the same transaction queue its refetch and one outbox row per matching sink. Given
+    `rollup_changes`, its rollup changes are added there for the caller to write."""
     evaluation_id = fields["id"]
     serialize(conn, f"evaluation:{evaluation_id}")
     row = conn.execute(  # data, refetch_state, rowid, then the searched and rolled-up columns
@@ -249,7 +256,8 @@ def apply_evaluation(
         )
         issues = (replaced, [(category, sub) for _, category, sub, _ in found])
     before = Facts.from_row(row[8:]) if row else None
-    track(conn, evaluation_id, before, Facts.from_columns(row[8] if row else stamp, values), issues)
+    after = Facts.from_columns(row[8] if row else stamp, values)
+    track(conn, evaluation_id, before, after, issues, rollup_changes)
     searched = (evaluation_id, *(values[name] for name in SEARCHED[1:]))
     reindex(conn, rowid, row[3:8] if row else None, searched)
     refs = {cols["client_ref"], row[4] if row else None}

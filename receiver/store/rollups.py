@@ -183,7 +183,15 @@ def _count(changes: Changes, sign: int, facts: Facts, issues: list[Issue], only:
         change[1] += sign * score
 
 
-def _write(conn: sqlite3.Connection, changes: Changes) -> None:
+def add(into: Changes, changes: Changes) -> None:
+    """Fold `changes` into `into` (the net changes of several evaluations)."""
+    for key, (count, score_sum) in changes.items():
+        change = into.setdefault(key, [0, 0.0])
+        change[0] += count
+        change[1] += score_sum
+
+
+def write(conn: sqlite3.Connection, changes: Changes) -> None:
     """Add the net changes; a row whose count drops to zero is deleted."""
     for (table, key), (count, score_sum) in changes.items():
         if not count and not score_sum:
@@ -203,12 +211,14 @@ def track(
     before: Facts | None,
     after: Facts,
     issues: tuple[list[Issue], list[Issue]] | None = None,
+    changes: Changes | None = None,
 ) -> None:
     """Move one evaluation's contribution from `before` (None: a new row) to `after`.
 
     `issues` is (old, new) when its issue rows were just replaced; otherwise they are read
     only if the dimensions they are counted under changed. Only rows whose count or score
-    sum changes are written.
+    sum changes are written. Given `changes`, the moves are added there instead, for the
+    caller to `write` once for many evaluations (most of a chunk shares its rollup rows).
     """
     if before == after and issues is None:
         return
@@ -221,11 +231,12 @@ def track(
             ).fetchall()
         issues = (kept, kept)
     only_issues = before == after  # then only the issue rows were replaced
-    changes: Changes = {}
+    mine: Changes = {} if changes is None else changes
     if before is not None:
-        _count(changes, -1, before, issues[0], only_issues)
-    _count(changes, 1, after, issues[1], only_issues)
-    _write(conn, changes)
+        _count(mine, -1, before, issues[0], only_issues)
+    _count(mine, 1, after, issues[1], only_issues)
+    if changes is None:
+        write(conn, mine)
 
 
 def forget(conn: sqlite3.Connection, evaluation_ids: Sequence[str]) -> None:
@@ -243,5 +254,5 @@ def forget(conn: sqlite3.Connection, evaluation_ids: Sequence[str]) -> None:
         f"SELECT id, {FACT_COLUMNS} FROM evaluations WHERE id IN ({marks})", evaluation_ids
     ):
         _count(changes, -1, Facts.from_row(columns), issues.get(evaluation_id, []), False)
-    _write(conn, changes)
+    write(conn, changes)
     search.forget(conn, evaluation_ids)
