@@ -106,7 +106,12 @@ def create_app(
     )
     http = http or http_client()
     metrics = Metrics()
-    metrics.expose(store.outbox_depth, [spec.name for spec in settings.sinks], metrics_dir)
+    metrics.expose(
+        store.outbox_depth,
+        [spec.name for spec in settings.sinks],
+        metrics_dir,
+        apply_backlog=store.apply_backlog,
+    )
     worker = (
         Worker.from_settings(settings, store, http, metrics=metrics) if settings.worker else None
     )

@@ -1,6 +1,6 @@
 """Prometheus metrics: one `Metrics` per app (its own registry, made in create_app, never at
 import), counters bound to their labels up front so the webhook pays a dict lookup and an
-increment, and outbox gauges read from the store only when /metrics is scraped.
+increment, and the store's gauges (outbox, apply backlog) read only when /metrics is scraped.
 
 With `receiver serve --workers N` the processes share a PROMETHEUS_MULTIPROC_DIR (prometheus
 client's multiprocess mode): every worker process writes its counters there and whichever one
@@ -142,10 +142,11 @@ class Metrics:
         outbox_depth: Callable[[], Mapping[str, Mapping[str, int]]],
         sinks: Sequence[str],
         multiprocess_dir: str | None = None,
+        apply_backlog: Callable[[], int] | None = None,
     ) -> None:
-        """Make /metrics render these metrics, the outbox gauges and the process collectors;
+        """Make /metrics render these metrics, the store's gauges and the process collectors;
         with `multiprocess_dir`, the sum over every process writing there instead."""
-        outbox = OutboxCollector(outbox_depth, sinks)
+        outbox = StoreCollector(outbox_depth, sinks, apply_backlog)
         if multiprocess_dir:
             self.exposed = CollectorRegistry()
             MultiProcessCollector(self.exposed, path=multiprocess_dir)  # type: ignore[no-untyped-call]
@@ -163,16 +164,21 @@ class Metrics:
         return encoder(self.exposed), content_type
 
 
-class OutboxCollector(Collector):
-    """`receiver_outbox{sink,state}` and `receiver_dead_letters{sink}`, one grouped count
-    query per scrape. Configured sinks always appear (zeros included), so alerts on them work
-    from the first scrape; a failing read drops these gauges from that scrape, not the rest."""
+class StoreCollector(Collector):
+    """`receiver_outbox{sink,state}` and `receiver_dead_letters{sink}` (one grouped count query
+    per scrape), and `receiver_apply_backlog` when the store has one. Configured sinks always
+    appear (zeros included), so alerts on them work from the first scrape; a failing read
+    drops these gauges from that scrape, not the rest."""
 
     def __init__(
-        self, depth: Callable[[], Mapping[str, Mapping[str, int]]], sinks: Sequence[str]
+        self,
+        depth: Callable[[], Mapping[str, Mapping[str, int]]],
+        sinks: Sequence[str],
+        backlog: Callable[[], int] | None = None,
     ) -> None:
         self.depth = depth
         self.sinks = tuple(sinks)
+        self.backlog = backlog
 
     def describe(self) -> Iterable[Metric]:
         return self._families()  # registering must not touch the store (it is not open yet)
@@ -180,20 +186,22 @@ class OutboxCollector(Collector):
     def collect(self) -> Iterable[Metric]:
         try:
             depth = self.depth()
+            backlog = None if self.backlog is None else self.backlog()
         except Exception:
             log.exception("cannot read the outbox depth for /metrics")
             return []
-        outbox, dead = self._families()
+        outbox, dead, *applying = self._families()
         for sink in sorted({*self.sinks, *depth}):
             states = depth.get(sink, {})
             for state in sorted({*OUTBOX_STATES, *states}):
                 outbox.add_metric([sink, state], states.get(state, 0))
             dead.add_metric([sink], states.get("dead", 0))
-        return [outbox, dead]
+        for family in applying:
+            family.add_metric([], backlog or 0)
+        return [outbox, dead, *applying]
 
-    @staticmethod
-    def _families() -> tuple[GaugeMetricFamily, GaugeMetricFamily]:
-        return (
+    def _families(self) -> list[GaugeMetricFamily]:
+        families = [
             GaugeMetricFamily(
                 "receiver_outbox",
                 "Forwards in the outbox, by sink and state",
@@ -204,4 +212,12 @@ class OutboxCollector(Collector):
                 "Dead forwards (attempts used up or refused for good), by sink",
                 labels=["sink"],
             ),
-        )
+        ]
+        if self.backlog is not None:
+            families.append(
+                GaugeMetricFamily(
+                    "receiver_apply_backlog",
+                    "Callbacks acknowledged and stored but not yet applied to their evaluation",
+                )
+            )
+        return families

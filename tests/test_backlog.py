@@ -216,10 +216,12 @@ async def test_accept_stores_and_queues_then_a_read_applies(held: Store, path: s
     assert raw(path, "SELECT count(*) FROM deliveries") == 1
     assert raw(path, "SELECT count(*) FROM apply_queue") == 1
     assert raw(path, "SELECT count(*) FROM evaluations") == 0
+    assert held.apply_backlog() == 1  # the /metrics gauge: counting does not apply
     found = held.get_evaluation(body(1)["id"])  # reads catch up first
     assert found is not None
     assert found["evaluation"]["status"] == "completed"
     assert raw(path, "SELECT count(*) FROM apply_queue") == 0
+    assert held.apply_backlog() == 0
     assert raw(path, "SELECT received_at FROM evaluations") == raw(
         path, "SELECT received_at FROM deliveries"
     )

@@ -21,7 +21,7 @@ from receiver import supervisor
 from receiver.app import create_app
 from receiver.fakes.runflow import FakeRunflow
 from receiver.fakes.server import serve_in_thread
-from receiver.metrics import Metrics, OutboxCollector
+from receiver.metrics import Metrics, StoreCollector
 from receiver.normalize import normalize, parse_body
 from receiver.runflow import RunflowClient
 from receiver.signing import sign
@@ -143,6 +143,7 @@ def test_outbox_depth_and_dead_letters_per_sink(tmp_path: Path) -> None:
     assert value(found, "receiver_outbox", sink="hook", state="dead") == 1
     assert value(found, "receiver_outbox", sink="hook", state="done") == 0
     assert value(found, "receiver_dead_letters", sink="hook") == 1
+    assert value(found, "receiver_apply_backlog") == 0  # every callback applied
     # a configured sink with nothing for it yet still has its series, at zero
     assert value(found, "receiver_outbox", sink="quiet", state="pending") == 0
     assert value(found, "receiver_dead_letters", sink="quiet") == 0
@@ -171,12 +172,20 @@ def test_registering_the_outbox_collector_does_not_read_the_store() -> None:
         calls.append(1)
         return {}
 
-    Metrics().expose(depth, ["hook"])
+    Metrics().expose(depth, ["hook"], apply_backlog=lambda: calls.append(1) or 0)
     assert calls == []
-    assert [family.name for family in OutboxCollector(depth, []).describe()] == [
+    assert [family.name for family in StoreCollector(depth, []).describe()] == [
         "receiver_outbox",
         "receiver_dead_letters",
     ]
+
+
+@pytest.mark.parametrize("queued", [0, 7])
+def test_the_apply_backlog_is_a_gauge(queued: int) -> None:
+    metrics = Metrics()
+    metrics.expose(dict, ["hook"], apply_backlog=lambda: queued)
+    body, _ = metrics.render(None)
+    assert value(samples(body.decode()), "receiver_apply_backlog") == queued
 
 
 # access

@@ -369,6 +369,12 @@ class Store:
         with self.read() as conn:
             return outbox.outbox_depth(conn)
 
+    def apply_backlog(self) -> int:
+        """How many acknowledged callbacks wait to be applied (without applying them)."""
+        with self.read() as conn:
+            (count,) = conn.execute("SELECT count(*) FROM apply_queue").fetchone()
+        return int(count)
+
     def polls_due(self, now: str) -> bool:
         with self.read() as conn:
             return outbox.polls_due(conn, now)
