@@ -560,6 +560,9 @@ async def test_a_restart_keeps_everything(path: str) -> None:
         [again] = await ingest_all(second, fixture("get-evaluation-embedded.json"))
         assert again == Receipt("duplicate", 1, COMPLETED_ID)
         [new] = await ingest_all(second, evaluation("e-3"))
-        assert (new.outcome, new.delivery_id) == ("stored", 3)
+        # after the two before it (PostgreSQL's sequence also spends a number on the
+        # duplicate's INSERT ... ON CONFLICT DO NOTHING: ids are unique, not gapless)
+        assert new.outcome == "stored"
+        assert new.delivery_id >= 3
     finally:
         second.close()
