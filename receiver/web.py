@@ -144,8 +144,9 @@ async def _accept(request: Request, ctx: Context) -> tuple[Receipt, int | None, 
     settings = ctx.settings
     body = await read_body(request, settings.max_body_bytes, "RECEIVER_MAX_BODY_BYTES")
     verifying = time.perf_counter()
-    signature = request.headers.get(SIGNATURE_HEADER)
-    request_id = request.headers.get("runflow-request-id")
+    headers = kept_headers(request)  # the signature and request id are among them
+    signature = headers.get(SIGNATURE_HEADER)
+    request_id = headers.get("runflow-request-id")
     secret_index = verify(body, signature, settings.webhook_secrets)
     if secret_index is None:
         if signature is None and settings.allow_unsigned:
@@ -154,7 +155,6 @@ async def _accept(request: Request, ctx: Context) -> tuple[Receipt, int | None, 
             raise Unauthorized("missing Runflow-Signature header")
         else:
             raise Unauthorized("Runflow-Signature does not match the body")
-    headers = kept_headers(request)
     try:
         callback = normalize(parse_body(body))
     except BadRequest as exc:
