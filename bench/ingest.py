@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import random
 import re
 import shutil
 import socket
@@ -29,6 +30,7 @@ import tempfile
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, nullcontext
+from datetime import UTC, datetime, timedelta
 from functools import partial
 from pathlib import Path
 from typing import Any, ClassVar
@@ -37,19 +39,28 @@ import httpx
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+from bench.generate import uuid7  # noqa: E402
 from receiver.signing import sign  # noqa: E402
 
 SECRET = "whsec_bench_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLa"
 TEMPLATE = json.loads((ROOT / "tests/fixtures/runflow/evaluation-completed.json").read_text())
 
 
-def bodies(path: Path, count: int, size: int = 2048) -> int:
-    """`count` unique signed callbacks of about `size` bytes; returns the body size."""
+def bodies(path: Path, count: int, disorder: int, size: int = 2048) -> int:
+    """`count` unique signed callbacks of about `size` bytes; returns the body size.
+
+    Ids are UUIDv7 like Runflow's, minted in submission order, 5 per millisecond; evaluations
+    finish out of order, so each callback arrives up to `disorder` places after its id's.
+    """
+    rng = random.Random(6)
+    start = datetime(2026, 11, 23, tzinfo=UTC)
+    minted = [uuid7(rng, start + timedelta(milliseconds=n / 5)) for n in range(count)]
+    arrival = sorted(range(count), key=lambda n: n + rng.random() * disorder)
     with path.open("w") as out:
-        for number in range(count):
+        for number, minted_at in enumerate(arrival):
             body = {
                 **TEMPLATE,
-                "id": f"0193a7c2-0000-7000-8000-{number:012d}",
+                "id": minted[minted_at],
                 "client_ref": f"bench-{number % 5000}",
             }
             text = json.dumps(body, separators=(",", ":"))
@@ -234,6 +245,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seconds", type=int, default=10)
     parser.add_argument("--connections", type=int, default=32)
     parser.add_argument("--bodies", type=int, default=150_000)
+    parser.add_argument(
+        "--disorder", type=int, default=2_000, help="how far out of id order callbacks arrive"
+    )
     parser.add_argument("--only", help="comma-separated system names")
     parser.add_argument("--postgres", action="store_true", help="receiver on PostgreSQL too")
     parser.add_argument("--json", type=Path)
@@ -244,7 +258,7 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit("wrk is not installed: apt-get install -y wrk (see docs/performance.md)")
     work = Path(tempfile.mkdtemp(prefix="receiver-bench-"))
     body_file = work / "bodies.txt"
-    size = bodies(body_file, options.bodies)
+    size = bodies(body_file, options.bodies, options.disorder)
     base_env = {
         **os.environ,
         "BENCH_BODIES": str(body_file),

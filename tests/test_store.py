@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import asyncio
 import fcntl
+import hashlib
 import json
 import os
 import sqlite3
@@ -227,13 +228,70 @@ async def test_a_run_callback_is_stored_and_ignored(store: Store, path: str) -> 
 
 
 @pytest.mark.anyio
-async def test_the_same_bytes_again_are_a_duplicate(store: Store, path: str) -> None:
-    body = fixture("evaluation-completed.json")
+@pytest.mark.parametrize(
+    ("name", "first", "evaluations"),
+    [("evaluation-completed.json", "stored", 1), ("run-completed.json", "ignored", 0)],
+)
+async def test_the_same_bytes_again_are_a_duplicate(
+    store: Store, path: str, name: str, first: str, evaluations: int
+) -> None:
+    body = fixture(name)
     receipts = await ingest_all(store, body, body, body)
-    assert [r.outcome for r in receipts] == ["stored", "duplicate", "duplicate"]
+    assert [r.outcome for r in receipts] == [first, "duplicate", "duplicate"]
     assert {r.delivery_id for r in receipts} == {1}
     assert query(path, "SELECT receipts FROM deliveries") == [(3,)]
-    assert query(path, "SELECT count(*) FROM evaluations") == [(1,)]
+    assert query(path, "SELECT count(*) FROM evaluations") == [(evaluations,)]
+
+
+@pytest.mark.anyio
+async def test_other_bytes_for_the_same_evaluation_are_a_new_delivery(store: Store) -> None:
+    """The key is (evaluation_id, sha256): an envelope and a full body of one evaluation are
+    two deliveries, as are two run callbacks that differ."""
+    run = json.loads(fixture("run-completed.json"))
+    receipts = await ingest_all(
+        store,
+        fixture("evaluation-completed-envelope.json"),
+        fixture("evaluation-completed.json"),
+        fixture("run-completed.json"),
+        {**run, "extra": 1},
+    )
+    assert [r.outcome for r in receipts] == ["stored", "stored", "ignored", "ignored"]
+    assert [r.delivery_id for r in receipts] == [1, 2, 3, 4]
+
+
+@sqlite_only
+@pytest.mark.anyio
+async def test_a_body_stored_before_migration_9_is_still_a_duplicate(path: str) -> None:
+    """Upgrading from the sha256 key to (evaluation_id, sha256) keeps every stored delivery's
+    dedupe."""
+    body = fixture("evaluation-completed.json")
+    conn = sqlite3.connect(path)
+    db = Database(conn)
+    for version, name, step in MIGRATIONS[:8]:
+        step(db)
+        db["migrations"].insert({"version": version, "name": name, "applied_at": "2026-01-01"})
+    conn.execute(
+        "INSERT INTO deliveries (received_at, receipts, source, sha256, kind, event,"
+        " evaluation_id, outcome, body) VALUES ('2026-01-01T00:00:00Z', 1, 'webhook', ?,"
+        " 'evaluation', 'evaluation.completed', ?, 'stored', ?)",
+        (hashlib.sha256(body).hexdigest(), COMPLETED_ID, body),
+    )
+    conn.commit()
+    conn.close()
+    store = Store(path)
+    assert store.migrate() == [9]
+    store.open()
+    try:
+        assert await ingest_all(store, body) == [Receipt("duplicate", 1, COMPLETED_ID)]
+    finally:
+        store.close()
+    indexes = {name for (name,) in query(path, "SELECT name FROM pragma_index_list('deliveries')")}
+    assert indexes >= {"idx_deliveries_evaluation_id_sha256", "idx_deliveries_run_sha256"}
+    assert not indexes & {"idx_deliveries_sha256", "idx_deliveries_evaluation_id"}
+    [plan] = query(
+        path, "EXPLAIN QUERY PLAN SELECT id FROM deliveries WHERE evaluation_id = ?", COMPLETED_ID
+    )
+    assert "idx_deliveries_evaluation_id_sha256" in plan[-1]
 
 
 @pytest.mark.anyio

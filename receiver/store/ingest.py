@@ -91,6 +91,14 @@ def accept(conn: sqlite3.Connection, delivery: Delivery) -> Receipt:
     return receipt
 
 
+# schema.DELIVERY_KEY's two unique keys, by whether the callback has an evaluation id: the
+# conflict target of the insert and the duplicate's row.
+_KEYS = {
+    True: ("(evaluation_id, sha256)", "evaluation_id = ? AND sha256 = ?"),
+    False: ("(sha256) WHERE evaluation_id IS NULL", "evaluation_id IS NULL AND sha256 = ?"),
+}
+
+
 def record(conn: sqlite3.Connection, delivery: Delivery) -> tuple[Receipt, str]:
     """The delivery row, and when it arrived. The same bytes again only count a receipt
     (replays are harmless)."""
@@ -99,11 +107,13 @@ def record(conn: sqlite3.Connection, delivery: Delivery) -> tuple[Receipt, str]:
     stamp = now()
     serialize(conn, f"delivery:{digest}")
     outcome = "ignored" if callback.kind == "run" else "stored"
+    evaluation_id = callback.evaluation_id
+    target, row = _KEYS[evaluation_id is not None]
     inserted = conn.execute(  # one statement for a new body, the common case
         "INSERT INTO deliveries (received_at, last_received_at, receipts, source, request_id,"
         " secret_index, sha256, kind, event, evaluation_id, outcome, headers, body)"
         " VALUES (?, ?, 1, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
-        " ON CONFLICT (sha256) DO NOTHING RETURNING id",
+        f" ON CONFLICT {target} DO NOTHING RETURNING id",
         (
             stamp,
             stamp,
@@ -113,18 +123,18 @@ def record(conn: sqlite3.Connection, delivery: Delivery) -> tuple[Receipt, str]:
             digest,
             callback.kind,
             callback.event,
-            callback.evaluation_id,
+            evaluation_id,
             outcome,
             _dumps(delivery.headers),
             delivery.body,
         ),
     ).fetchone()
     if inserted is not None:
-        return Receipt(outcome, inserted[0], callback.evaluation_id), stamp
-    delivery_id, evaluation_id = conn.execute(
-        "UPDATE deliveries SET receipts = receipts + 1, last_received_at = ? WHERE sha256 = ?"
-        " RETURNING id, evaluation_id",
-        (stamp, digest),
+        return Receipt(outcome, inserted[0], evaluation_id), stamp
+    (delivery_id,) = conn.execute(
+        f"UPDATE deliveries SET receipts = receipts + 1, last_received_at = ? WHERE {row}"
+        " RETURNING id",
+        (stamp, digest) if evaluation_id is None else (stamp, evaluation_id, digest),
     ).fetchone()
     return Receipt("duplicate", delivery_id, evaluation_id), stamp
 

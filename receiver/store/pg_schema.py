@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from ..times import now
 from .pg_connection import PgConnection
+from .schema import DELIVERY_KEY
 
 LOCK = 0x72656376  # "recv": the advisory lock key of migrations
 T = 'text COLLATE "C"'
@@ -149,6 +150,7 @@ MIGRATIONS: list[tuple[int, str, tuple[str, ...]]] = [
     (6, "list indexes", V6_LIST_INDEXES),
     (7, "text search", V7_SEARCH),
     (8, "apply queue", V8_APPLY_QUEUE),
+    (9, "delivery key in arrival order", DELIVERY_KEY),
 ]
 
 

@@ -10,6 +10,19 @@ from sqlite_utils import Database
 from ..times import now
 from . import rollups, search
 
+# One unique key in arrival order: Runflow's ids are UUIDv7 (time-ordered), so a new delivery's
+# entry lands beside the last ones instead of on a random leaf of a sha256 index, and each ack
+# writes a page or two of index instead of one per callback. Same bytes, same id: the key still
+# refuses exactly the bodies sha256 alone did. Run callbacks carry no evaluation id and keep
+# a sha256 key of their own. The key also serves the lookups by evaluation id.
+DELIVERY_KEY = (
+    "CREATE UNIQUE INDEX idx_deliveries_evaluation_id_sha256 ON deliveries (evaluation_id, sha256)",
+    "CREATE UNIQUE INDEX idx_deliveries_run_sha256 ON deliveries (sha256)"
+    " WHERE evaluation_id IS NULL",
+    "DROP INDEX idx_deliveries_sha256",
+    "DROP INDEX idx_deliveries_evaluation_id",
+)
+
 
 def _v1_core(db: Database) -> None:
     db.table("deliveries").create(
@@ -199,6 +212,12 @@ def _v8_apply_queue(db: Database) -> None:
     db.execute("CREATE TABLE apply_queue (delivery_id INTEGER PRIMARY KEY)")
 
 
+def _v9_delivery_key(db: Database) -> None:
+    """Deduplicate on (evaluation_id, sha256) instead of sha256 alone (DELIVERY_KEY)."""
+    for statement in DELIVERY_KEY:
+        db.execute(statement)
+
+
 MIGRATIONS: list[tuple[int, str, Callable[[Database], None]]] = [
     (1, "core tables", _v1_core),
     (2, "refetch state and outbox claiming", _v2_forwarding),
@@ -208,6 +227,7 @@ MIGRATIONS: list[tuple[int, str, Callable[[Database], None]]] = [
     (6, "list indexes", _v6_list_indexes),
     (7, "text search", _v7_search),
     (8, "apply queue", _v8_apply_queue),
+    (9, "delivery key in arrival order", _v9_delivery_key),
 ]
 
 
