@@ -570,6 +570,21 @@ async def test_one_bad_operation_fails_alone(store: Store, path: str) -> None:
     assert [version for (version,) in query(path, "SELECT version FROM migrations")] == VERSIONS
 
 
+@pytest.mark.anyio
+async def test_a_bad_operation_alone_changes_nothing(store: Store, path: str) -> None:
+    """A batch of one runs without a savepoint: its failure rolls the transaction back and
+    the writer goes on."""
+
+    def boom(conn: sqlite3.Connection) -> None:
+        conn.execute("INSERT INTO migrations (version, name, applied_at) VALUES (99, 'x', 'y')")
+        raise ValueError("boom")
+
+    with pytest.raises(ValueError, match="boom"):
+        await store.writer.run(boom)
+    assert [r.outcome for r in await ingest_all(store, evaluation("e-1"))] == ["stored"]
+    assert [version for (version,) in query(path, "SELECT version FROM migrations")] == VERSIONS
+
+
 # reads
 
 

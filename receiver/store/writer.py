@@ -1,8 +1,9 @@
 """The one writer: batches concurrent writes into one transaction and one fsync (group commit).
 
 While a commit is on disk, new requests queue up; the next batch takes all of them. Each
-operation runs in its own savepoint, so one failing operation fails alone, and every caller's
-future resolves only after its batch is committed (WAL + synchronous=FULL: fsync on commit).
+operation of a batch runs in its own savepoint, so one failing operation fails alone, and every
+caller's future resolves only after its batch is committed (WAL + synchronous=FULL: fsync on
+commit).
 
 Writers in several processes (`serve --workers N`, a separate `receiver worker`) take turns on
 an flock of `<database>-writer.lock` before BEGIN: the kernel wakes the next one as soon as the
@@ -193,21 +194,27 @@ class Writer(Batches):
 
     def _transaction(self, conn: sqlite3.Connection, batch: list[Item]) -> None:
         results: list[Result] = []
+        # A lone operation (applying the backlog is one) needs no savepoint to fail alone, and
+        # a savepoint first copies every page it changes: 12% of applying a chunk.
+        isolate = len(batch) > 1
         try:
             conn.execute("BEGIN IMMEDIATE")
             for operation, waiter in batch:
-                conn.execute("SAVEPOINT op")
+                if isolate:
+                    conn.execute("SAVEPOINT op")
                 try:
                     outcome = operation(conn)
                 except Exception as exc:
                     if isinstance(exc, sqlite3.Error) and not conn.in_transaction:
                         raise  # SQLite rolled it all back (disk full, I/O error): fail the batch
-                    conn.execute("ROLLBACK TO op")
+                    conn.execute("ROLLBACK TO op" if isolate else "ROLLBACK")
                     results.append((waiter, False, _translate(exc)))
                 else:
                     results.append((waiter, True, outcome))
-                conn.execute("RELEASE op")
-            conn.execute("COMMIT")
+                if isolate:
+                    conn.execute("RELEASE op")
+            if conn.in_transaction:
+                conn.execute("COMMIT")
         except sqlite3.Error as exc:
             log.error("store write failed, nothing acknowledged: %s", exc)
             if conn.in_transaction:
