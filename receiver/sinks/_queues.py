@@ -36,6 +36,9 @@ def reason(exc: BaseException, url: str) -> str:
     return text
 
 
+_encode = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False).encode
+
+
 def body(event: dict[str, Any]) -> bytes:
     """The CloudEvent as compact UTF-8 JSON, the same bytes for every queue."""
-    return json.dumps(event, separators=(",", ":"), ensure_ascii=False).encode()
+    return _encode(event).encode()

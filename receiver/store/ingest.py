@@ -58,8 +58,8 @@ class Receipt:
         return self.outcome == "stored" and self.evaluation_id is not None
 
 
-def _dumps(value: Any) -> str:
-    return json.dumps(value, separators=(",", ":"), ensure_ascii=False)
+# Compact JSON, one encoder for every call (json.dumps with options builds one per call).
+_dumps = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False).encode
 
 
 def ingest(
