@@ -1,7 +1,9 @@
 """`make bench`: the same signed load against (a) a bare Starlette app, (b) a naive durable
 receiver, (c) receiver with default settings, (d) receiver with --workers 2, one after another.
-Prints requests/s, p50, p99, peak RSS and the ratios to (a) and (b); writes the same as JSON;
-checks after each receiver run that every 200 was stored. receiver applies callbacks after
+Each system runs --rounds times (3), in turn; the table shows each one's median run by
+requests/s (p50, p99, peak RSS, the ratios to (a) and (b)) and the range of p99 over all its
+runs, and the JSON holds every run. After each receiver run it checks that every 200 was
+stored. receiver applies callbacks after
 acknowledging them (store/backlog.py): for it the table also shows how many were still queued
 when the load stopped, how long applying them took with the server left running, the
 sustained rate (200s over load time plus that) and whether every one was applied.
@@ -187,6 +189,18 @@ def run_system(
     return result
 
 
+def summary(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """A system's median run by requests/s, with the range of p99 over every run, the highest
+    peak RSS of any, and the verdicts of all of them (one lost callback in any run shows)."""
+    median = dict(sorted(runs, key=lambda r: r["requests_per_s"])[len(runs) // 2])
+    median["p99_range_ms"] = (min(r["p99_ms"] for r in runs), max(r["p99_ms"] for r in runs))
+    median["peak_rss_mb"] = max(r["peak_rss_mb"] for r in runs)
+    for verdict in ("all_200s_stored", "all_applied"):
+        if verdict in median:
+            median[verdict] = all(r[verdict] for r in runs)
+    return median
+
+
 def count_sqlite(database: Path, sql: str) -> int:
     conn = sqlite3.connect(database)
     try:
@@ -243,6 +257,12 @@ POSTGRES = (
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seconds", type=int, default=10)
+    parser.add_argument(
+        "--rounds",
+        type=int,
+        default=3,
+        help="runs of every system, in turn; the table shows each one's median run",
+    )
     parser.add_argument("--connections", type=int, default=32)
     parser.add_argument("--bodies", type=int, default=150_000)
     parser.add_argument(
@@ -282,42 +302,45 @@ def main(argv: list[str] | None = None) -> None:
     wanted = options.only.split(",") if options.only else POSTGRES if options.postgres else SQLITE
     if unknown := set(wanted) - set(systems):
         raise SystemExit(f"unknown systems {sorted(unknown)}; choose from {sorted(systems)}")
-    results = []
+    runs: dict[str, list[dict[str, Any]]] = {name: [] for name in wanted}
     with postgres(work) if options.postgres else nullcontext() as create:
-        for name in wanted:
-            command, cpus, store = systems[name]
-            database = ""
-            count: Count | None = None
-            if store == "sqlite":
-                path = work / f"{name.replace(' ', '_')}.db"
-                database, count = str(path), partial(count_sqlite, path)
-            elif store == "postgresql":
-                if create is None:
-                    raise SystemExit(f"{name!r} needs --postgres")
-                database = create(name)
-                count = partial(count_postgres, database)
-            port = free_port()
-            env = {
-                **base_env,
-                "NAIVE_DATABASE": database,
-                "RECEIVER_DATABASE": database,
-                "PORT": str(port),
-            }
-            print(f"running {name} …", file=sys.stderr)
-            results.append(
-                run_system(
-                    name,
-                    [*command, "--port", str(port)],
-                    env,
-                    port,
-                    cpus,
-                    "1",
-                    options.seconds,
-                    options.connections,
-                    count,
-                    name not in ("bare", "naive"),
+        for turn in range(1, options.rounds + 1):
+            for name in wanted:
+                command, cpus, store = systems[name]
+                run = f"{name} {turn}"
+                database = ""
+                count: Count | None = None
+                if store == "sqlite":
+                    path = work / f"{run.replace(' ', '_')}.db"
+                    database, count = str(path), partial(count_sqlite, path)
+                elif store == "postgresql":
+                    if create is None:
+                        raise SystemExit(f"{name!r} needs --postgres")
+                    database = create(run)
+                    count = partial(count_postgres, database)
+                port = free_port()
+                env = {
+                    **base_env,
+                    "NAIVE_DATABASE": database,
+                    "RECEIVER_DATABASE": database,
+                    "PORT": str(port),
+                }
+                print(f"running {name} (round {turn} of {options.rounds}) …", file=sys.stderr)
+                runs[name].append(
+                    run_system(
+                        name,
+                        [*command, "--port", str(port)],
+                        env,
+                        port,
+                        cpus,
+                        "1",
+                        options.seconds,
+                        options.connections,
+                        count,
+                        name not in ("bare", "naive"),
+                    )
                 )
-            )
+    results = [summary(runs[name]) for name in wanted]
     by_name = {r["system"]: r for r in results}
     for result in results:
         for base in ("bare", "naive"):
@@ -326,16 +349,20 @@ def main(argv: list[str] | None = None) -> None:
                     result["requests_per_s"] / by_name[base]["requests_per_s"], 2
                 )
     header = (
-        f"{'system':<22}{'req/s':>9}{'p50 ms':>9}{'p99 ms':>9}{'RSS MB':>9}"
+        f"{'system':<22}{'req/s':>9}{'p50 ms':>9}{'p99 ms':>9}{'p99 range':>14}{'RSS MB':>9}"
         f"{'x bare':>8}{'x naive':>9}{'queued':>8}{'apply s':>9}{'sustained':>10}"
         "  stored=200s applied"
     )
-    print(f"\n{options.connections} connections, {options.seconds}s each, {size} B signed bodies")
+    print(
+        f"\n{options.connections} connections, {options.seconds}s each, {size} B signed bodies;"
+        f" median of {options.rounds} rounds (by req/s), p99 range over all of them"
+    )
     print(header)
     for r in results:
         print(
             f"{r['system']:<22}{r['requests_per_s']:>9.0f}{r['p50_ms']:>9.2f}{r['p99_ms']:>9.2f}"
-            f"{r['peak_rss_mb']:>9.1f}{r.get('x_bare', 0):>8.2f}{r.get('x_naive', 0):>9.2f}"
+            f"{'{:.1f}-{:.1f}'.format(*r['p99_range_ms']):>14}{r['peak_rss_mb']:>9.1f}"
+            f"{r.get('x_bare', 0):>8.2f}{r.get('x_naive', 0):>9.2f}"
             f"{r.get('queued_at_end', '-'):>8}{r.get('apply_after_s', '-'):>9}"
             f"{r.get('sustained_per_s', '-'):>10}"
             f"  {r.get('all_200s_stored', '-')!s:<11} {r.get('all_applied', '-')}"
@@ -347,7 +374,9 @@ def main(argv: list[str] | None = None) -> None:
                 "body_bytes": size,
                 "connections": options.connections,
                 "seconds": options.seconds,
+                "rounds": options.rounds,
                 "results": results,
+                "runs": runs,
             },
             indent=2,
         )
