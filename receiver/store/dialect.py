@@ -13,8 +13,9 @@ def is_postgres(conn: object) -> bool:
 
 def serialize(conn: object, *keys: str) -> None:
     """Take the transaction's lock on each key before a read-merge-write of it, so two servers
-    writing the same evaluation, body or client_ref take turns. SQLite needs none: its one
-    write transaction at a time (BEGIN IMMEDIATE) already serializes every writer."""
+    writing the same evaluation or client_ref take turns (a body needs none: its INSERT … ON
+    CONFLICT waits for the other's). SQLite needs none: its one write transaction at a time
+    (BEGIN IMMEDIATE) already serializes every writer."""
     if not is_postgres(conn):
         return
     for key in keys:

@@ -105,7 +105,6 @@ def record(conn: sqlite3.Connection, delivery: Delivery) -> tuple[Receipt, str]:
     callback = delivery.callback
     digest = hashlib.sha256(delivery.body).hexdigest()
     stamp = now()
-    serialize(conn, f"delivery:{digest}")
     outcome = "ignored" if callback.kind == "run" else "stored"
     evaluation_id = callback.evaluation_id
     target, row = _KEYS[evaluation_id is not None]
