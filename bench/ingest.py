@@ -69,6 +69,8 @@ def bodies(path: Path, count: int, disorder: int, size: int = 2048) -> int:
             body["evaluation_instructions"] = "x" * max(0, size - len(text) - 30)
             raw = json.dumps(body, separators=(",", ":"))
             out.write(f"{sign(raw.encode(), SECRET)} {raw}\n")
+        out.flush()
+        os.fsync(out.fileno())  # else the kernel writes its ~300 MB back during a later run
     return len(raw)
 
 
@@ -150,6 +152,7 @@ def run_system(
     """One system under load. For receiver (`applies`), also how many callbacks were still
     queued to be applied when the load stopped, how long applying them took, and the
     sustained rate: 200s over the load time plus that."""
+    os.sync()  # no earlier run's writeback competes with this one for the disk
     server = subprocess.Popen(
         ["taskset", "-c", cpus, *command],
         env=env,
