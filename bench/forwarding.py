@@ -174,6 +174,7 @@ def drain(work: Path, count: int, appendfsync: str, timeout: float) -> dict[str,
         config = write_config(work, url)
         print(f"drain: storing {count:,} evaluations …", file=sys.stderr)
         built = backlog(database, config, count)
+        os.sync()  # the backlog was written without fsync: not back to disk during the drain
         client = redis.Redis.from_url(url)
         started = time.monotonic()
         worker = subprocess.Popen(
@@ -331,6 +332,7 @@ def latency(
     bodies = [callback(number, "e000") for number in range(int(rate * seconds))]
     with redis_server(work, appendfsync) as redis_url:
         config = write_config(work, redis_url)
+        os.sync()  # nothing of the drain's left to write back during this run
         port = free_port()
         server = subprocess.Popen(
             ["taskset", "-c", SERVER_CPUS, sys.executable, "-m", "receiver", "serve",
