@@ -155,12 +155,12 @@ def apply_queued(
         f" WHERE q.delivery_id <= ?{skipped} ORDER BY q.delivery_id LIMIT ?",
         (MAX_ID if through is None else through, *sorted(skip), most),
     ).fetchall()
-    applied = 0
     failed = []
+    done = []  # dequeued in one statement at the end (one round trip on PostgreSQL)
     rolled_up: Changes = {}  # the chunk's rollup changes, written once at its end
     for delivery_id, body, source, received_at in rows:
         if body is None:  # pruned while queued: nothing left to apply
-            conn.execute("DELETE FROM apply_queue WHERE delivery_id = ?", (delivery_id,))
+            done.append((delivery_id,))
             continue
         conn.execute("SAVEPOINT apply")
         changes: Changes = {}
@@ -174,7 +174,6 @@ def apply_queued(
                 delivery_id=delivery_id,
                 rollup_changes=changes,
             )
-            conn.execute("DELETE FROM apply_queue WHERE delivery_id = ?", (delivery_id,))
         except Exception:
             if not conn.in_transaction:
                 raise  # SQLite rolled the whole transaction back: the batch fails
@@ -182,11 +181,12 @@ def apply_queued(
             log.exception("delivery %d could not be applied; it stays queued", delivery_id)
             failed.append(delivery_id)
         else:
-            applied += 1
+            done.append((delivery_id,))
             add(rolled_up, changes)
         conn.execute("RELEASE apply")
     write(conn, rolled_up)
-    return Applied(applied, len(rows) == most, tuple(failed))
+    conn.executemany("DELETE FROM apply_queue WHERE delivery_id = ?", done)
+    return Applied(len(rows) - len(failed), len(rows) == most, tuple(failed))
 
 
 @dataclass(frozen=True)
@@ -212,23 +212,25 @@ def apply_evaluation(
     `rollup_changes`, its rollup changes are added there for the caller to write."""
     evaluation_id = fields["id"]
     serialize(conn, f"evaluation:{evaluation_id}")
-    row = conn.execute(  # data, refetch_state, rowid, then the searched and rolled-up columns
-        f"SELECT data, refetch_state, rowid, {', '.join(SEARCHED)}, {FACT_COLUMNS}"
-        " FROM evaluations WHERE id = ?",
-        (evaluation_id,),
+    # Whether a newer attempt names it as parent, then the stored row if any: data,
+    # refetch_state, rowid, the searched and the rolled-up columns (one round trip).
+    has_newer_attempt, *stored = conn.execute(
+        "SELECT EXISTS (SELECT 1 FROM evaluations WHERE parent_evaluation_id = ?), e.data,"
+        f" e.refetch_state, e.rowid, {', '.join(f'e.{c}' for c in SEARCHED)},"
+        f" {', '.join(f'e.{c}' for c in FACT_COLUMNS.split(', '))}"
+        " FROM (SELECT 1) AS one LEFT JOIN evaluations AS e ON e.id = ?",
+        (evaluation_id, evaluation_id),
     ).fetchone()
+    row = stored if stored[0] is not None else None
     merged = merge(json.loads(row[0]), fields) if row else fields
     cols = columns(merged)
-    has_newer_attempt = conn.execute(
-        "SELECT 1 FROM evaluations WHERE parent_evaluation_id = ? LIMIT 1", (evaluation_id,)
-    ).fetchone()
     status = cols["status"]
     values = {
         **cols,
         "id": evaluation_id,
         "event": f"evaluation.{status}" if status in ("completed", "failed") else None,
         "top_issues": _dumps(cols["top_issues"]),
-        "superseded": int(cols["superseded_at"] is not None or has_newer_attempt is not None),
+        "superseded": int(cols["superseded_at"] is not None or bool(has_newer_attempt)),
         "updated_at": stamp,
         "data": _dumps(merged),
     }
@@ -322,44 +324,44 @@ def queue_forwards(
     )
 
 
+# A client_ref's pointers in one statement (one round trip on PostgreSQL): current = its
+# newest completed, not superseded evaluation (Runflow's own definition); latest = its newest
+# verdict, else its newest evaluation; and how many it has. No row when it has none.
+_REFRESH_CLIENT_REF = """
+INSERT INTO client_refs (client_ref, current_evaluation_id, latest_evaluation_id,
+  latest_status, latest_passed, latest_score, evaluations, updated_at)
+SELECT :ref,
+  (SELECT id FROM evaluations WHERE client_ref = :ref AND status = 'completed'
+   AND superseded = 0 ORDER BY completed_at DESC LIMIT 1),
+  latest.id, latest.status, latest.passed, latest.score, counted.n, :stamp
+FROM (SELECT count(*) AS n FROM evaluations WHERE client_ref = :ref) AS counted
+LEFT JOIN (
+  SELECT id, status, passed, score FROM (
+    SELECT * FROM (SELECT 0 AS rank, id, status, passed, score FROM evaluations
+      WHERE client_ref = :ref AND status IN ('completed', 'failed')
+      ORDER BY completed_at DESC LIMIT 1) AS verdict
+    UNION ALL
+    SELECT * FROM (SELECT 1 AS rank, id, status, passed, score FROM evaluations
+      WHERE client_ref = :ref ORDER BY received_at DESC LIMIT 1) AS newest
+  ) AS candidates ORDER BY rank LIMIT 1
+) AS latest ON TRUE
+WHERE counted.n > 0
+ON CONFLICT (client_ref) DO UPDATE SET
+  current_evaluation_id = excluded.current_evaluation_id,
+  latest_evaluation_id = excluded.latest_evaluation_id,
+  latest_status = excluded.latest_status, latest_passed = excluded.latest_passed,
+  latest_score = excluded.latest_score, evaluations = excluded.evaluations,
+  updated_at = excluded.updated_at
+RETURNING 1
+"""
+
+
 def refresh_client_ref(conn: sqlite3.Connection, client_ref: str, stamp: str) -> None:
-    """Recompute a client_ref's pointers: current = completed and not superseded (Runflow's own
-    definition); latest = its most recent verdict."""
+    """Recompute a client_ref's pointers (dropping its row once it has no evaluation)."""
     serialize(conn, f"client_ref:{client_ref}")
-    current = conn.execute(
-        "SELECT id FROM evaluations WHERE client_ref = ? AND status = 'completed'"
-        " AND superseded = 0 ORDER BY completed_at DESC LIMIT 1",
-        (client_ref,),
-    ).fetchone()
-    latest = (
-        conn.execute(
-            "SELECT id, status, passed, score FROM evaluations WHERE client_ref = ?"
-            " AND status IN ('completed', 'failed') ORDER BY completed_at DESC LIMIT 1",
-            (client_ref,),
-        ).fetchone()
-        or conn.execute(
-            "SELECT id, status, passed, score FROM evaluations WHERE client_ref = ?"
-            " ORDER BY received_at DESC LIMIT 1",
-            (client_ref,),
-        ).fetchone()
-    )
-    count = conn.execute(
-        "SELECT count(*) FROM evaluations WHERE client_ref = ?", (client_ref,)
-    ).fetchone()[0]
-    if not count:
+    kept = conn.execute(_REFRESH_CLIENT_REF, {"ref": client_ref, "stamp": stamp}).fetchone()
+    if kept is None:
         conn.execute("DELETE FROM client_refs WHERE client_ref = ?", (client_ref,))
-        return
-    conn.execute(
-        "INSERT INTO client_refs (client_ref, current_evaluation_id, latest_evaluation_id,"
-        " latest_status, latest_passed, latest_score, evaluations, updated_at)"
-        " VALUES (?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (client_ref) DO UPDATE SET"
-        " current_evaluation_id = excluded.current_evaluation_id,"
-        " latest_evaluation_id = excluded.latest_evaluation_id,"
-        " latest_status = excluded.latest_status, latest_passed = excluded.latest_passed,"
-        " latest_score = excluded.latest_score, evaluations = excluded.evaluations,"
-        " updated_at = excluded.updated_at",
-        (client_ref, current[0] if current else None, *latest, count, stamp),
-    )
 
 
 def quarantine(
