@@ -3,10 +3,10 @@ receiver, (c) receiver with default settings, (d) receiver with --workers 2, one
 Each system runs --rounds times (3), in turn; the table shows each one's median run by
 requests/s (p50, p99, peak RSS, the ratios to (a) and (b)) and the range of p99 over all its
 runs, and the JSON holds every run. After each receiver run it checks that every 200 was
-stored. receiver applies callbacks after
-acknowledging them (store/backlog.py): for it the table also shows how many were still queued
-when the load stopped, how long applying them took with the server left running, the
-sustained rate (200s over load time plus that) and whether every one was applied.
+stored. receiver applies callbacks after acknowledging them (store/backlog.py): for it the
+table also shows how many were still queued when the load stopped, how long applying them
+took with the server left running, the sustained rate (200s over load time plus that) and
+whether every one was applied.
 
 `--postgres` (`make bench-postgres`) runs (a), (b), (c) and then receiver on PostgreSQL with
 1, 2 and 4 workers: a durable server (fsync on) from the Debian package, started in a temp dir,

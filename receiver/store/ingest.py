@@ -155,12 +155,13 @@ def apply_queued(
         f" WHERE q.delivery_id <= ?{skipped} ORDER BY q.delivery_id LIMIT ?",
         (MAX_ID if through is None else through, *sorted(skip), most),
     ).fetchall()
+    applied = []
+    pruned = []  # pruned while queued: nothing left to apply
     failed = []
-    done = []  # dequeued in one statement at the end (one round trip on PostgreSQL)
     rolled_up: Changes = {}  # the chunk's rollup changes, written once at its end
     for delivery_id, body, source, received_at in rows:
-        if body is None:  # pruned while queued: nothing left to apply
-            done.append((delivery_id,))
+        if body is None:
+            pruned.append(delivery_id)
             continue
         conn.execute("SAVEPOINT apply")
         changes: Changes = {}
@@ -181,12 +182,13 @@ def apply_queued(
             log.exception("delivery %d could not be applied; it stays queued", delivery_id)
             failed.append(delivery_id)
         else:
-            done.append((delivery_id,))
+            applied.append(delivery_id)
             add(rolled_up, changes)
         conn.execute("RELEASE apply")
     write(conn, rolled_up)
-    conn.executemany("DELETE FROM apply_queue WHERE delivery_id = ?", done)
-    return Applied(len(rows) - len(failed), len(rows) == most, tuple(failed))
+    dequeued = [(delivery_id,) for delivery_id in applied + pruned]  # one round trip on PG
+    conn.executemany("DELETE FROM apply_queue WHERE delivery_id = ?", dequeued)
+    return Applied(len(applied), len(rows) == most, tuple(failed))
 
 
 @dataclass(frozen=True)
@@ -194,6 +196,17 @@ class Applied:
     count: int
     more: bool  # whether more may be queued (the call took all it was allowed to)
     failed: tuple[int, ...] = ()
+
+
+# Whether a newer attempt names the evaluation as parent, then its stored row if any (all
+# NULL if none): data, refetch_state, rowid, the searched and the rolled-up columns. One
+# statement: one round trip on PostgreSQL.
+_STORED = (
+    "SELECT EXISTS (SELECT 1 FROM evaluations WHERE parent_evaluation_id = ?), e.data,"
+    " e.refetch_state, e.rowid, "
+    + ", ".join(f"e.{column}" for column in (*SEARCHED, *FACT_COLUMNS.split(", ")))
+    + " FROM (SELECT 1) AS one LEFT JOIN evaluations AS e ON e.id = ?"
+)
 
 
 def apply_evaluation(
@@ -212,15 +225,7 @@ def apply_evaluation(
     `rollup_changes`, its rollup changes are added there for the caller to write."""
     evaluation_id = fields["id"]
     serialize(conn, f"evaluation:{evaluation_id}")
-    # Whether a newer attempt names it as parent, then the stored row if any: data,
-    # refetch_state, rowid, the searched and the rolled-up columns (one round trip).
-    has_newer_attempt, *stored = conn.execute(
-        "SELECT EXISTS (SELECT 1 FROM evaluations WHERE parent_evaluation_id = ?), e.data,"
-        f" e.refetch_state, e.rowid, {', '.join(f'e.{c}' for c in SEARCHED)},"
-        f" {', '.join(f'e.{c}' for c in FACT_COLUMNS.split(', '))}"
-        " FROM (SELECT 1) AS one LEFT JOIN evaluations AS e ON e.id = ?",
-        (evaluation_id, evaluation_id),
-    ).fetchone()
+    has_newer_attempt, *stored = conn.execute(_STORED, (evaluation_id, evaluation_id)).fetchone()
     row = stored if stored[0] is not None else None
     merged = merge(json.loads(row[0]), fields) if row else fields
     cols = columns(merged)
