@@ -20,7 +20,7 @@ from starlette.routing import Mount, Route
 
 from . import api, dashboard, openapi, web
 from .config import Settings
-from .context import Context
+from .context import STATE_KEY, Context
 from .errors import ReceiverError
 from .headers import SecurityHeaders
 from .logs import AccessLog, lean_records
@@ -118,14 +118,14 @@ def create_app(
     ctx = Context(settings=settings, store=store, http=http, worker=worker, metrics=metrics)
 
     @contextlib.asynccontextmanager
-    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+    async def lifespan(app: Starlette) -> AsyncIterator[dict[str, Context]]:
         loop = asyncio.get_running_loop()
         store.on_applied(partial(loop.call_soon_threadsafe, ctx.notify))
         store.open()
         try:
             if worker is not None:
                 await worker.start()
-            yield
+            yield {STATE_KEY: ctx}
         finally:
             if worker is not None:
                 await worker.stop()

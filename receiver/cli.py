@@ -18,7 +18,7 @@ from . import cli_read, cli_runflow, logs
 from .cliutil import load_settings, reading_store
 from .errors import ReceiverError
 from .store import Store
-from .supervisor import given_metrics_dir, supervise
+from .supervisor import HTTP_PROTOCOL, given_metrics_dir, supervise
 
 
 class Group(click.Group):
@@ -81,7 +81,14 @@ def serve(host: str, port: int | None, workers: int) -> None:
         app = create_app(settings, metrics_dir=given_metrics_dir())
         exit_zero_after_graceful_stop()
         gc.freeze()  # the start-up heap is permanent: full collections stop walking it
-        uvicorn.run(app, host=host, port=port, log_config=log_config, access_log=False)
+        uvicorn.run(
+            app,
+            host=host,
+            port=port,
+            http=HTTP_PROTOCOL,
+            log_config=log_config,
+            access_log=False,
+        )
         return
     os.environ["RECEIVER_DASHBOARD_TOKEN"] = settings.dashboard_token
     supervise(host, port, workers, settings.log_format, settings.log_level)

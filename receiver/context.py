@@ -12,6 +12,8 @@ from .metrics import Metrics
 from .store import Store
 from .worker import Worker
 
+STATE_KEY = "receiver"  # the lifespan state entry that holds the Context (protocol.py reads it)
+
 
 @dataclass
 class Context:

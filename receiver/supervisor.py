@@ -13,6 +13,10 @@ from collections.abc import Iterator
 
 import click
 
+# The HTTP protocol of every `receiver serve` process (receiver/protocol.py), named so that
+# uvicorn imports it in each worker process and this one stays lean.
+HTTP_PROTOCOL = "receiver.protocol:WebhookProtocol"
+
 
 def given_metrics_dir() -> str | None:
     """PROMETHEUS_MULTIPROC_DIR, when set: every process writing there (`serve --workers N`,
@@ -61,6 +65,7 @@ def main(argv: list[str]) -> None:
             host=host,
             port=int(port),
             workers=int(workers),
+            http=HTTP_PROTOCOL,
             log_config=log_config,
             access_log=False,
         )

@@ -4,15 +4,18 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import time
+from collections.abc import Iterable
 from contextlib import aclosing
 
 from starlette.requests import ClientDisconnect, Request
-from starlette.responses import JSONResponse
+from starlette.responses import Response
 
 from .context import Context, context
 from .errors import BadRequest, PayloadTooLarge, ReceiverError, RequestTimeout, Unauthorized
+from .logs import WEBHOOK_PATH
 from .normalize import normalize, parse_body
 from .signing import SIGNATURE_HEADER, verify
 from .store import Delivery, Receipt
@@ -29,13 +32,15 @@ KEPT_HEADERS = (
     "x-forwarded-for",
 )
 _KEPT = frozenset(name.encode() for name in KEPT_HEADERS)
+# Seconds the HTTP protocol already waited for this body before handing it on (protocol.py).
+BODY_WAITED = "receiver.body_waited"
 
 
-def kept_headers(request: Request) -> dict[str, str]:
-    """The kept headers in one pass over the raw list (the first of a repeated one, as
-    `request.headers[name]` would give)."""
+def kept_headers(raw: Iterable[tuple[bytes, bytes]]) -> dict[str, str]:
+    """The kept headers of a request's raw header list in one pass (the first of a repeated
+    one, as `request.headers[name]` would give)."""
     kept: dict[str, str] = {}
-    for name, value in request.scope["headers"]:
+    for name, value in raw:
         if name in _KEPT and (key := name.decode("latin-1")) not in kept:
             kept[key] = value.decode("latin-1")
     return kept
@@ -56,10 +61,11 @@ async def read_body(request: Request, limit: int, setting: str | None = None) ->
                 + (f" ({setting})" if setting else "")
             )
     timeout = context(request).settings.body_timeout
+    remaining = timeout - request.scope.get(BODY_WAITED, 0.0)
     chunks = []
     size = 0
     try:
-        async with asyncio.timeout(timeout), aclosing(request.stream()) as stream:
+        async with asyncio.timeout(remaining), aclosing(request.stream()) as stream:
             async for chunk in stream:
                 size += len(chunk)
                 if size > limit:
@@ -77,21 +83,41 @@ async def read_body(request: Request, limit: int, setting: str | None = None) ->
     return b"".join(chunks)
 
 
-async def webhook(request: Request) -> JSONResponse:
+async def webhook(request: Request) -> Response:
     """Accept one callback: a counter, a histogram observation and one log line each
     (refusals at WARNING with the reason; never the body, the signature or a secret)."""
     started = time.perf_counter()
     ctx = context(request)
     request_id = request.headers.get("runflow-request-id")
-    if request_id is not None:
-        request_id = request_id[:MAX_REQUEST_ID]  # as logged; stored whole
     try:
         receipt, secret_index, verifying = await _accept(request, ctx)
     except Exception as exc:
         _refused(ctx, request, exc, request_id, started)
         raise
+    return Response(
+        acknowledged(ctx, receipt, secret_index, request_id, started, verifying),
+        media_type="application/json",
+    )
+
+
+# What JSONResponse renders: compact, UTF-8.
+_answer = json.JSONEncoder(ensure_ascii=False, allow_nan=False, separators=(",", ":")).encode
+
+
+def acknowledged(
+    ctx: Context,
+    receipt: Receipt,
+    secret_index: int | None,
+    request_id: str | None,
+    started: float,
+    verifying: float,
+) -> bytes:
+    """Count and log a stored callback; the body of its 200. Shared by the endpoint and the
+    HTTP protocol's own path (protocol.py), so both answer alike."""
     committed = time.perf_counter()
     ctx.metrics.accepted(receipt.outcome, committed - verifying)
+    if request_id is not None:
+        request_id = request_id[:MAX_REQUEST_ID]  # as logged; stored whole
     log.info(
         "callback %s",
         receipt.outcome,
@@ -103,18 +129,18 @@ async def webhook(request: Request) -> JSONResponse:
             "secret_index": secret_index,
             "status": 200,
             "method": "POST",
-            "path": request.scope["path"],
+            "path": WEBHOOK_PATH,
             "duration_ms": round((committed - started) * 1000, 3),
         },
     )
-    return JSONResponse(
+    return _answer(
         {
             "ok": True,
             "outcome": receipt.outcome,
             "delivery_id": receipt.delivery_id,
             "evaluation_id": receipt.evaluation_id,
         }
-    )
+    ).encode()
 
 
 def _refused(
@@ -127,7 +153,7 @@ def _refused(
         "callback refused: %s",
         reason,
         extra={
-            "request_id": request_id,
+            "request_id": None if request_id is None else request_id[:MAX_REQUEST_ID],
             "outcome": outcome,
             "reason": reason,
             "status": status,
@@ -144,7 +170,7 @@ async def _accept(request: Request, ctx: Context) -> tuple[Receipt, int | None, 
     settings = ctx.settings
     body = await read_body(request, settings.max_body_bytes, "RECEIVER_MAX_BODY_BYTES")
     verifying = time.perf_counter()
-    headers = kept_headers(request)  # the signature and request id are among them
+    headers = kept_headers(request.scope["headers"])  # the signature and request id are among them
     signature = headers.get(SIGNATURE_HEADER)
     request_id = headers.get("runflow-request-id")
     secret_index = verify(body, signature, settings.webhook_secrets)

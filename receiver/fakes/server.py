@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import socket
 import threading
 import time
@@ -16,12 +17,19 @@ STOP_TIMEOUT = 5.0
 
 
 @contextmanager
-def serve_in_thread(app: ASGIApp, *, host: str = "127.0.0.1", port: int = 0) -> Iterator[str]:
+def serve_in_thread(
+    app: ASGIApp,
+    *,
+    host: str = "127.0.0.1",
+    port: int = 0,
+    http: type[asyncio.Protocol] | str = "h11",
+) -> Iterator[str]:
     """Yield the base URL (`http://127.0.0.1:PORT`) while uvicorn serves `app`.
 
     The socket is bound here, before the thread starts, so the port is known and nobody can
     take it in between; `port` reuses a known one (to bring a "crashed" destination back).
-    On exit the server stops at once: idle keep-alive connections are closed, and a request
+    `http` is uvicorn's HTTP protocol (a name, an import string or a class). On exit the server
+    stops at once: idle keep-alive connections are closed, and a request
     still running gets one second before it is cancelled.
     """
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
@@ -35,7 +43,7 @@ def serve_in_thread(app: ASGIApp, *, host: str = "127.0.0.1", port: int = 0) -> 
     config = uvicorn.Config(
         app,
         loop="asyncio",
-        http="h11",
+        http=http,
         ws="none",
         lifespan="auto",
         log_config=None,

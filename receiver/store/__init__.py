@@ -133,6 +133,11 @@ class Store:
     async def accept(self, delivery: Delivery) -> Receipt:
         """Store a delivery durably and queue it to be applied (store/backlog.py): the ack
         path. Reads through this store first apply what was accepted before them."""
+        return await self.accepting(delivery)
+
+    def accepting(self, delivery: Delivery) -> asyncio.Future[Receipt]:
+        """`accept` for a caller on the event loop that cannot await (protocol.py): the
+        future resolves once the delivery is durable."""
 
         def accepted(conn: sqlite3.Connection) -> Receipt:
             receipt = accept(conn, delivery)
@@ -140,7 +145,7 @@ class Store:
                 self.backlog.added()
             return receipt
 
-        return await self.writer.run(accepted)
+        return self.writer.schedule(accepted)
 
     def _apply(
         self, conn: sqlite3.Connection, most: int, through: int | None, skip: frozenset[int]

@@ -94,14 +94,19 @@ class Batches:
             self._queue.put((operation, future))
         return future
 
-    async def run(self, operation: Callable[[sqlite3.Connection], T]) -> T:
-        """Run `operation` in the next batch; returns once it is committed and durable. The
-        batch wakes its event loop once for all its coroutines, not once each."""
+    def schedule(self, operation: Callable[[sqlite3.Connection], T]) -> asyncio.Future[T]:
+        """Queue `operation` for the next batch, from the event loop's thread; the future
+        resolves once it is committed and durable. The batch wakes the loop once for all its
+        futures, not once each."""
         if self._thread is None:
             raise StoreUnavailable("the store is closed")
         future: asyncio.Future[T] = asyncio.get_running_loop().create_future()
         self._queue.put((operation, future))
-        return await future
+        return future
+
+    async def run(self, operation: Callable[[sqlite3.Connection], T]) -> T:
+        """Run `operation` in the next batch; returns once it is committed and durable."""
+        return await self.schedule(operation)
 
     def _batches(self) -> Iterator[tuple[list[Item], bool]]:
         """Each batch of callers still waiting (one that went away before its batch began is

@@ -1,0 +1,162 @@
+"""`receiver serve`'s HTTP protocol: uvicorn's httptools protocol, which answers the common
+callback itself instead of through ASGI.
+
+Why: per callback, the ASGI path (a task, Starlette's routing and middleware, the `Request`,
+two socket writes) cost more CPU than verifying, parsing and storing it (docs/performance.md).
+Here a POST to the webhook with a small body (up to 64 KiB, arriving within
+RECEIVER_BODY_TIMEOUT), signed by a current secret and parseable, is stored through the same
+writer and answered in one write, with the status, headers, body, metrics and log line of the
+endpoint in web.py. Anything else (a refusal, a larger or slower body, `Expect:
+100-continue`, a query string, a store error) goes to the app as uvicorn would have sent it,
+body included, and the endpoint answers: every reason, limit and the quarantine stay in one
+place.
+
+Built on uvicorn's protocol internals (`_start_asgi_task`, `RequestResponseCycle`), so
+pyproject.toml pins uvicorn's minor version and tests/test_protocol.py checks both paths.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from functools import partial
+from typing import Any, cast
+
+from uvicorn.protocols.http.flow_control import HIGH_WATER_LIMIT
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol, RequestResponseCycle
+
+from .context import STATE_KEY, Context
+from .errors import ReceiverError
+from .headers import HEADERS
+from .logs import WEBHOOK_PATH
+from .normalize import normalize, parse_body
+from .signing import SIGNATURE_HEADER, verify
+from .store import Delivery, Receipt
+from .web import BODY_WAITED, acknowledged, kept_headers
+
+# After uvicorn's date and server headers: what Response and SecurityHeaders add, in order.
+_HEAD = b"HTTP/1.1 200 OK\r\n"
+_TAIL = b"content-type: application/json\r\n" + b"".join(
+    name + b": " + value + b"\r\n" for name, value in HEADERS
+)
+
+
+def response(default_headers: list[tuple[bytes, bytes]], body: bytes, keep_alive: bool) -> bytes:
+    """A 200 with a JSON body, as uvicorn would write the endpoint's answer."""
+    parts = [_HEAD]
+    for name, value in default_headers:
+        parts += [name, b": ", value, b"\r\n"]
+    parts += [b"content-length: %d\r\n" % len(body), _TAIL]
+    if not keep_alive:
+        parts.append(b"connection: close\r\n")
+    parts += [b"\r\n", body]
+    return b"".join(parts)
+
+
+class WebhookProtocol(HttpToolsProtocol):
+    _held: RequestResponseCycle | None = None  # a callback whose body is still arriving
+    _held_since = 0.0
+    _deadline: asyncio.TimerHandle | None = None
+
+    def _start_asgi_task(self, cycle: RequestResponseCycle, app: Any) -> None:
+        scope = cycle.scope
+        ctx = self.app_state.get(STATE_KEY)
+        if (
+            ctx is None
+            or app is not self.app  # uvicorn's 503 when over --limit-concurrency
+            or scope["path"] != WEBHOOK_PATH
+            or scope["method"] != "POST"
+            or scope["query_string"]
+            or cycle.waiting_for_100_continue  # the app sends the 100 when it reads
+        ):
+            super()._start_asgi_task(cycle, app)
+        elif not cycle.more_body:
+            self._accept(ctx, cycle)
+        else:  # most clients write the body after the headers: wait for it, as the app would
+            self._held, self._held_since = cycle, self.loop.time()
+            self._deadline = self.loop.call_later(ctx.settings.body_timeout, self._release)
+
+    def on_body(self, body: bytes) -> None:
+        super().on_body(body)
+        held = self._held
+        if held is not None and len(held.body) > min(
+            HIGH_WATER_LIMIT, self.app_state[STATE_KEY].settings.max_body_bytes
+        ):
+            self._release()  # a large body: the app streams it (and refuses it when too large)
+
+    def on_message_complete(self) -> None:
+        super().on_message_complete()
+        held = self._held
+        if held is not None and not held.more_body:
+            self._unhold()
+            self._accept(self.app_state[STATE_KEY], held)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        super().connection_lost(exc)
+        if self._held is not None:
+            self._release()  # the endpoint logs the sender who left, as it would have
+
+    def _unhold(self) -> None:
+        self._held = None
+        if self._deadline is not None:
+            self._deadline.cancel()
+            self._deadline = None
+
+    def _release(self) -> None:
+        """Hand the held callback to the app, which reads the rest of its body within what is
+        left of RECEIVER_BODY_TIMEOUT."""
+        held = self._held
+        if held is not None:
+            self._unhold()
+            scope = cast(dict[str, Any], held.scope)
+            scope[BODY_WAITED] = self.loop.time() - self._held_since
+            self._to_app(held)
+
+    def _accept(self, ctx: Context, cycle: RequestResponseCycle) -> None:
+        started = time.perf_counter()
+        settings = ctx.settings
+        body = bytes(cycle.body)
+        headers = kept_headers(cycle.scope["headers"])
+        secret_index = verify(body, headers.get(SIGNATURE_HEADER), settings.webhook_secrets)
+        if secret_index is None or len(body) > settings.max_body_bytes:
+            return self._to_app(cycle)
+        try:
+            callback = normalize(parse_body(body))
+            request_id = headers.get("runflow-request-id")
+            stored = ctx.store.accepting(
+                Delivery(
+                    body=body,
+                    callback=callback,
+                    headers=headers,
+                    request_id=request_id,
+                    secret_index=secret_index,
+                )
+            )
+        except ReceiverError:
+            return self._to_app(cycle)
+        stored.add_done_callback(
+            partial(self._stored, ctx, cycle, secret_index, request_id, started)
+        )
+
+    def _stored(
+        self,
+        ctx: Context,
+        cycle: RequestResponseCycle,
+        secret_index: int,
+        request_id: str | None,
+        started: float,
+        stored: asyncio.Future[Receipt],
+    ) -> None:
+        if stored.cancelled() or stored.exception() is not None:
+            return self._to_app(cycle)  # the endpoint tries again: a 503 if the store is down
+        body = acknowledged(ctx, stored.result(), secret_index, request_id, started, started)
+        if cycle.disconnected:
+            return
+        cycle.response_started = cycle.response_complete = True
+        self.transport.write(response(cycle.default_headers, body, cycle.keep_alive))
+        if not cycle.keep_alive:
+            self.transport.close()
+        cycle.on_response()
+
+    def _to_app(self, cycle: RequestResponseCycle) -> None:
+        super()._start_asgi_task(cycle, self.app)

@@ -1,0 +1,335 @@
+"""receiver/protocol.py: the common callback is answered by the HTTP protocol itself, exactly as
+the endpoint answers it (status, headers, body, stored rows); everything else reaches the app.
+Each request goes to two real servers with their own databases: uvicorn's plain httptools
+protocol and WebhookProtocol."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import socket
+import time
+from collections.abc import Callable, Iterator
+from contextlib import ExitStack
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import pytest
+from starlette.types import ASGIApp, Receive, Scope, Send
+
+from receiver.app import create_app
+from receiver.config import Settings
+from receiver.errors import StoreUnavailable
+from receiver.fakes.server import serve_in_thread
+from receiver.logs import WEBHOOK_PATH
+from receiver.protocol import WebhookProtocol
+from receiver.signing import sign
+from receiver.store import Delivery, Receipt, Store
+from receiver.supervisor import HTTP_PROTOCOL
+from receiver.web import BODY_WAITED
+
+from .helpers import SECRET_A, count, fixture, make_settings, rows
+
+MAX_BODY = 8192
+TIMEOUT = 10.0
+
+
+class Reached:
+    """The app, counting the webhook requests that reach it (those the protocol handed on)."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+        self.webhooks = 0
+        self.waited: list[float] = []  # what the protocol had waited for a body it handed on
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and scope["path"] == WEBHOOK_PATH:
+            self.webhooks += 1
+            if BODY_WAITED in scope:
+                self.waited.append(scope[BODY_WAITED])
+        await self.app(scope, receive, send)
+
+
+@dataclass
+class Server:
+    url: str
+    settings: Settings
+    reached: Reached
+
+    @property
+    def port(self) -> int:
+        return int(self.url.rsplit(":", 1)[1])
+
+
+def serve(
+    stack: ExitStack,
+    directory: Path,
+    http: type[asyncio.Protocol] | str,
+    store: Callable[[Settings], Store] | None = None,
+) -> Server:
+    directory.mkdir()
+    settings = make_settings(directory, max_body_bytes=MAX_BODY, worker=False)
+    reached = Reached(create_app(settings, store=store(settings) if store else None))
+    return Server(stack.enter_context(serve_in_thread(reached, http=http)), settings, reached)
+
+
+@pytest.fixture
+def servers(tmp_path: Path) -> Iterator[tuple[Server, Server]]:
+    """(uvicorn's own protocol, WebhookProtocol)."""
+    with ExitStack() as stack:
+        yield (
+            serve(stack, tmp_path / "plain", "httptools"),
+            serve(stack, tmp_path / "fast", WebhookProtocol),
+        )
+
+
+def callback(number: int, **extra: object) -> bytes:
+    return json.dumps(
+        {"id": f"0193a7c2-5b1e-7c3d-9f10-{number:012d}", "status": "completed", **extra}
+    ).encode()
+
+
+def signed(body: bytes) -> dict[str, str]:
+    return {"content-type": "application/json", "runflow-signature": sign(body, SECRET_A)}
+
+
+RUN = fixture("run-completed.json")
+NOT_JSON = b'{"id": "x",'
+NO_ID = json.dumps({"status": "completed"}).encode()
+LARGE = callback(9, padding="x" * MAX_BODY)
+
+# name, path, body, headers, status, answered by the protocol (not the app)
+CASES = [
+    ("new callback", WEBHOOK_PATH, callback(1), signed(callback(1)), 200, True),
+    ("same bytes again", WEBHOOK_PATH, callback(1), signed(callback(1)), 200, True),
+    ("run callback", WEBHOOK_PATH, RUN, signed(RUN), 200, True),
+    (
+        "with a request id",
+        WEBHOOK_PATH,
+        callback(2),
+        {**signed(callback(2)), "runflow-request-id": "r" * 300},
+        200,
+        True,
+    ),
+    ("bad signature", WEBHOOK_PATH, callback(3), signed(callback(4)), 401, False),
+    ("no signature", WEBHOOK_PATH, callback(3), {"content-type": "application/json"}, 401, False),
+    ("not JSON", WEBHOOK_PATH, NOT_JSON, signed(NOT_JSON), 400, False),
+    ("no evaluation id", WEBHOOK_PATH, NO_ID, signed(NO_ID), 400, False),
+    ("over the size limit", WEBHOOK_PATH, LARGE, signed(LARGE), 413, False),
+    ("a query string", f"{WEBHOOK_PATH}?x=1", callback(5), signed(callback(5)), 200, False),
+]
+
+
+def answer(response: httpx.Response) -> tuple[int, list[tuple[str, str]], bytes]:
+    """Everything a client sees, but the date."""
+    headers = [(name, value) for name, value in response.headers.items() if name != "date"]
+    return response.status_code, headers, response.content
+
+
+def test_both_protocols_answer_and_store_alike(servers: tuple[Server, Server]) -> None:
+    plain, fast = servers
+    with httpx.Client(timeout=TIMEOUT) as to_plain, httpx.Client(timeout=TIMEOUT) as to_fast:
+        for name, path, body, headers, status, by_protocol in CASES:
+            reached = fast.reached.webhooks
+            expected = to_plain.post(f"{plain.url}{path}", content=body, headers=headers)
+            got = to_fast.post(f"{fast.url}{path}", content=body, headers=headers)
+            assert expected.status_code == status, (name, expected.text)
+            assert answer(got) == answer(expected), name
+            assert fast.reached.webhooks == reached + (not by_protocol), name
+    for table in ("deliveries", "apply_queue", "quarantine"):
+        sql = f"SELECT * FROM {table} ORDER BY 1"
+        assert len(rows(fast.settings, sql)) == len(rows(plain.settings, sql)), table
+    columns = "id, receipts, source, request_id, secret_index, sha256, kind, event, evaluation_id"
+    sql = f"SELECT {columns}, outcome, headers, body FROM deliveries ORDER BY id"
+    assert [tuple(row) for row in rows(fast.settings, sql)] == [
+        tuple(row) for row in rows(plain.settings, sql)
+    ]
+
+
+def test_the_protocol_is_what_serve_runs() -> None:
+    module, name = HTTP_PROTOCOL.split(":")
+    assert (module, name) == (WebhookProtocol.__module__, WebhookProtocol.__name__)
+
+
+# -- raw HTTP: what httpx does not send ---------------------------------------------------------
+
+
+def connect(server: Server) -> socket.socket:
+    sock = socket.create_connection(("127.0.0.1", server.port), timeout=TIMEOUT)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    return sock
+
+
+def head(body: bytes, *extra: str) -> bytes:
+    lines = [
+        f"POST {WEBHOOK_PATH} HTTP/1.1",
+        "Host: 127.0.0.1",
+        "Content-Type: application/json",
+        f"Content-Length: {len(body)}",
+        f"Runflow-Signature: {sign(body, SECRET_A)}",
+        *extra,
+    ]
+    return ("\r\n".join(lines) + "\r\n\r\n").encode()
+
+
+def read_responses(sock: socket.socket, wanted: int) -> list[tuple[bytes, dict[str, object]]]:
+    """`wanted` whole responses: (head, JSON body) each."""
+    received = b""
+    answers: list[tuple[bytes, dict[str, object]]] = []
+    while len(answers) < wanted:
+        head_, found, rest = received.partition(b"\r\n\r\n")
+        length = next(
+            (
+                int(line.split(b":")[1])
+                for line in head_.split(b"\r\n")
+                if line.lower().startswith(b"content-length:")
+            ),
+            None,
+        )
+        if found and length is not None and len(rest) >= length:
+            answers.append((head_, json.loads(rest[:length])))
+            received = rest[length:]
+            continue
+        chunk = sock.recv(65536)
+        assert chunk, f"closed after {len(answers)} of {wanted} responses"
+        received += chunk
+    return answers
+
+
+def test_pipelined_callbacks_are_answered_in_order(servers: tuple[Server, Server]) -> None:
+    _, fast = servers
+    bodies = [callback(number) for number in range(10, 15)]
+    with connect(fast) as sock:
+        sock.sendall(b"".join(head(body) + body for body in bodies))
+        answers = read_responses(sock, len(bodies))
+    assert [body["evaluation_id"] for _, body in answers] == [
+        json.loads(body)["id"] for body in bodies
+    ]
+    assert [body["delivery_id"] for _, body in answers] == [1, 2, 3, 4, 5]
+    assert fast.reached.webhooks == 0
+
+
+def test_a_body_after_its_headers_is_waited_for(servers: tuple[Server, Server]) -> None:
+    _, fast = servers
+    body = callback(20)
+    with connect(fast) as sock:
+        sock.sendall(head(body) + body[:10])
+        time.sleep(0.2)
+        sock.sendall(body[10:])
+        [(status, answered)] = read_responses(sock, 1)
+    assert status.startswith(b"HTTP/1.1 200")
+    assert answered["outcome"] == "stored"
+    assert fast.reached.webhooks == 0
+
+
+def test_a_body_slower_than_its_budget_gets_the_apps_408_in_time(tmp_path: Path) -> None:
+    """The time the protocol waited counts against RECEIVER_BODY_TIMEOUT: the app is handed
+    what is left of it, not a new budget."""
+    settings = make_settings(tmp_path, body_timeout=0.5, worker=False)
+    reached = Reached(create_app(settings))
+    body = callback(25)
+    with serve_in_thread(reached, http=WebhookProtocol) as url:
+        sock = socket.create_connection(("127.0.0.1", int(url.rsplit(":", 1)[1])), timeout=5)
+        with sock:
+            sock.sendall(head(body) + body[:10])
+            [(status, answered)] = read_responses(sock, 1)
+    assert status.startswith(b"HTTP/1.1 408")
+    assert answered["error"] == "the body did not arrive within 0.5 seconds (RECEIVER_BODY_TIMEOUT)"
+    assert reached.webhooks == 1
+    [waited] = reached.waited  # the app's timer ran for the budget less this
+    assert waited >= 0.45
+
+
+def test_expect_100_continue_is_left_to_the_app(servers: tuple[Server, Server]) -> None:
+    _, fast = servers
+    body = callback(21)
+    with connect(fast) as sock:
+        sock.sendall(head(body, "Expect: 100-continue"))
+        assert sock.recv(65536).startswith(b"HTTP/1.1 100 Continue")
+        sock.sendall(body)
+        [(status, _)] = read_responses(sock, 1)
+    assert status.startswith(b"HTTP/1.1 200")
+    assert fast.reached.webhooks == 1
+
+
+def test_connection_close_is_honoured(servers: tuple[Server, Server]) -> None:
+    _, fast = servers
+    body = callback(22)
+    with connect(fast) as sock:
+        sock.sendall(head(body, "Connection: close") + body)
+        [(status, _)] = read_responses(sock, 1)
+        assert sock.recv(65536) == b""  # closed by the server
+    assert b"\r\nconnection: close" in status
+    assert fast.reached.webhooks == 0
+
+
+def test_a_callback_whose_sender_left_is_still_stored(servers: tuple[Server, Server]) -> None:
+    _, fast = servers
+    body = callback(23)
+    with connect(fast) as sock:
+        sock.sendall(head(body) + body)
+    deadline = time.monotonic() + TIMEOUT
+    while count(fast.settings, "deliveries") == 0 and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert count(fast.settings, "deliveries") == 1
+
+
+class Refusing(Store):
+    """A store that cannot take a callback: at once, or once the writer had it."""
+
+    def __init__(self, *args: object, at_once: bool, **kwargs: object) -> None:
+        super().__init__(*args, **kwargs)  # type: ignore[arg-type]
+        self.at_once = at_once
+
+    def accepting(self, delivery: Delivery) -> asyncio.Future[Receipt]:
+        error = StoreUnavailable("the database is locked")
+        if self.at_once:
+            raise error
+        future: asyncio.Future[Receipt] = asyncio.get_running_loop().create_future()
+        future.set_exception(error)
+        return future
+
+
+@pytest.mark.parametrize("at_once", [True, False], ids=["at-once", "after-the-writer"])
+def test_a_store_error_is_answered_by_the_app(tmp_path: Path, at_once: bool) -> None:
+    def store(settings: Settings) -> Store:
+        return Refusing(settings.database, at_once=at_once)
+
+    body = callback(24)
+    with ExitStack() as stack:
+        fast = serve(stack, tmp_path / "fast", WebhookProtocol, store)
+        response = httpx.post(f"{fast.url}{WEBHOOK_PATH}", content=body, headers=signed(body))
+    assert response.status_code == 503
+    assert response.json() == {"ok": False, "error": "the database is locked"}
+    assert fast.reached.webhooks == 1
+
+
+def test_a_large_body_is_handed_to_the_app_before_it_is_all_read(
+    servers: tuple[Server, Server],
+) -> None:
+    _, fast = servers
+    body = callback(26, padding="x" * 100_000)
+    with connect(fast) as sock:
+        sock.sendall(head(body) + body[: MAX_BODY + 1])
+        [(status, answered)] = read_responses(sock, 1)
+    assert status.startswith(b"HTTP/1.1 413")
+    assert (
+        answered["error"]
+        == f"body is {len(body)} bytes; the limit is {MAX_BODY} (RECEIVER_MAX_BODY_BYTES)"
+    )
+    assert fast.reached.webhooks == 1
+
+
+def test_a_sender_who_leaves_mid_body_reaches_the_app_at_once(
+    servers: tuple[Server, Server],
+) -> None:
+    _, fast = servers
+    body = callback(27)
+    with connect(fast) as sock:
+        sock.sendall(head(body) + body[:10])
+    deadline = time.monotonic() + TIMEOUT
+    while not fast.reached.webhooks and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert fast.reached.webhooks == 1  # long before the 10 s body budget
+    assert count(fast.settings, "deliveries") == 0
