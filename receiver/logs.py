@@ -11,7 +11,6 @@ at WARNING.
 
 from __future__ import annotations
 
-import functools
 import json
 import logging
 import logging.config
@@ -19,6 +18,8 @@ import time
 from typing import Any, TextIO
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from .times import second
 
 # Attributes every LogRecord has; anything else on a record came in through `extra=`.
 _STANDARD = frozenset(vars(logging.makeLogRecord({}))) | {
@@ -35,13 +36,7 @@ ROUTINE_PREFIXES = ("/healthz", "/readyz", "/metrics", "/static/", "/partials/")
 
 
 def _time(record: logging.LogRecord) -> str:
-    return f"{_second(int(record.created))}.{int(record.msecs):03d}Z"
-
-
-@functools.lru_cache(maxsize=2)
-def _second(seconds: int) -> str:
-    """The UTC date and time to the second: the same for every line logged in that second."""
-    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(seconds))
+    return f"{second(int(record.created))}.{int(record.msecs):03d}Z"
 
 
 _encode = json.JSONEncoder(default=str).encode  # one encoder, not one per line
