@@ -333,3 +333,22 @@ def test_a_sender_who_leaves_mid_body_reaches_the_app_at_once(
         time.sleep(0.02)
     assert fast.reached.webhooks == 1  # long before the 10 s body budget
     assert count(fast.settings, "deliveries") == 0
+
+
+def test_keep_alive_closes_an_idle_connection_but_not_a_busy_one(tmp_path: Path) -> None:
+    """One timer per connection: when it fires on a connection used since, it looks again
+    later instead of closing it."""
+    settings = make_settings(tmp_path, worker=False)
+    keep_alive = 1.0
+    with serve_in_thread(create_app(settings), http=WebhookProtocol, keep_alive=keep_alive) as url:
+        sock = socket.create_connection(("127.0.0.1", int(url.rsplit(":", 1)[1])), timeout=TIMEOUT)
+        with sock:
+            for number in range(6):  # 1.5 s of use, never idle for as long as keep_alive
+                body = callback(30 + number)
+                sock.sendall(head(body) + body)
+                [(status, _)] = read_responses(sock, 1)
+                assert status.startswith(b"HTTP/1.1 200"), number
+                time.sleep(keep_alive / 4)
+            idle = time.monotonic()
+            assert sock.recv(65536) == b""  # closed once idle for keep_alive
+            assert time.monotonic() - idle >= keep_alive * 0.5

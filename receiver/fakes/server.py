@@ -23,12 +23,14 @@ def serve_in_thread(
     host: str = "127.0.0.1",
     port: int = 0,
     http: type[asyncio.Protocol] | str = "h11",
+    keep_alive: float = 5.0,
 ) -> Iterator[str]:
     """Yield the base URL (`http://127.0.0.1:PORT`) while uvicorn serves `app`.
 
     The socket is bound here, before the thread starts, so the port is known and nobody can
     take it in between; `port` reuses a known one (to bring a "crashed" destination back).
-    `http` is uvicorn's HTTP protocol (a name, an import string or a class). On exit the server
+    `http` is uvicorn's HTTP protocol (a name, an import string or a class), `keep_alive` how
+    long it keeps an idle connection open (seconds). On exit the server
     stops at once: idle keep-alive connections are closed, and a request
     still running gets one second before it is cancelled.
     """
@@ -50,6 +52,7 @@ def serve_in_thread(
         log_level="warning",
         access_log=False,
         timeout_graceful_shutdown=1,
+        timeout_keep_alive=keep_alive,
     )
     server = uvicorn.Server(config)
     thread = threading.Thread(
