@@ -339,7 +339,7 @@ def test_keep_alive_closes_an_idle_connection_but_not_a_busy_one(tmp_path: Path)
     """One timer per connection: when it fires on a connection used since, it looks again
     later instead of closing it."""
     settings = make_settings(tmp_path, worker=False)
-    keep_alive = 1.0
+    keep_alive = 1
     with serve_in_thread(create_app(settings), http=WebhookProtocol, keep_alive=keep_alive) as url:
         sock = socket.create_connection(("127.0.0.1", int(url.rsplit(":", 1)[1])), timeout=TIMEOUT)
         with sock:

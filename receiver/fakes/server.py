@@ -23,7 +23,7 @@ def serve_in_thread(
     host: str = "127.0.0.1",
     port: int = 0,
     http: type[asyncio.Protocol] | str = "h11",
-    keep_alive: float = 5.0,
+    keep_alive: int = 5,
 ) -> Iterator[str]:
     """Yield the base URL (`http://127.0.0.1:PORT`) while uvicorn serves `app`.
 
