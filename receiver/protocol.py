@@ -26,7 +26,6 @@ from uvicorn.protocols.http.flow_control import HIGH_WATER_LIMIT
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol, RequestResponseCycle
 
 from .context import STATE_KEY, Context
-from .errors import ReceiverError
 from .headers import HEADERS
 from .logs import WEBHOOK_PATH
 from .normalize import normalize, parse_body
@@ -171,7 +170,7 @@ class WebhookProtocol(HttpToolsProtocol):
                     secret_index=secret_index,
                 )
             )
-        except ReceiverError:
+        except Exception:  # the app answers it: with the reason, or a 500 that it logs
             return self._to_app(cycle)
         stored.add_done_callback(
             partial(self._stored, ctx, cycle, secret_index, request_id, started)
@@ -188,7 +187,10 @@ class WebhookProtocol(HttpToolsProtocol):
     ) -> None:
         if stored.cancelled() or stored.exception() is not None:
             return self._to_app(cycle)  # the endpoint tries again: a 503 if the store is down
-        body = acknowledged(ctx, stored.result(), secret_index, request_id, started, started)
+        try:
+            body = acknowledged(ctx, stored.result(), secret_index, request_id, started, started)
+        except Exception:  # a failing log handler or metric: the endpoint answers it too
+            return self._to_app(cycle)
         if cycle.disconnected:
             return
         cycle.response_started = cycle.response_complete = True

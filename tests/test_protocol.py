@@ -278,12 +278,13 @@ def test_a_callback_whose_sender_left_is_still_stored(servers: tuple[Server, Ser
 class Refusing(Store):
     """A store that cannot take a callback: at once, or once the writer had it."""
 
-    def __init__(self, *args: object, at_once: bool, **kwargs: object) -> None:
+    def __init__(self, *args: object, at_once: bool, error: Exception, **kwargs: object) -> None:
         super().__init__(*args, **kwargs)  # type: ignore[arg-type]
         self.at_once = at_once
+        self.error = error
 
     def accepting(self, delivery: Delivery) -> asyncio.Future[Receipt]:
-        error = StoreUnavailable("the database is locked")
+        error = self.error
         if self.at_once:
             raise error
         future: asyncio.Future[Receipt] = asyncio.get_running_loop().create_future()
@@ -292,16 +293,26 @@ class Refusing(Store):
 
 
 @pytest.mark.parametrize("at_once", [True, False], ids=["at-once", "after-the-writer"])
-def test_a_store_error_is_answered_by_the_app(tmp_path: Path, at_once: bool) -> None:
+@pytest.mark.parametrize(
+    ("error", "status", "reason"),
+    [
+        (StoreUnavailable("the database is locked"), 503, "the database is locked"),
+        (RuntimeError("a bug"), 500, "internal error; the server log has the details"),
+    ],
+    ids=["unavailable", "bug"],
+)
+def test_a_store_error_is_answered_by_the_app(
+    tmp_path: Path, at_once: bool, error: Exception, status: int, reason: str
+) -> None:
     def store(settings: Settings) -> Store:
-        return Refusing(settings.database, at_once=at_once)
+        return Refusing(settings.database, at_once=at_once, error=error)
 
     body = callback(24)
     with ExitStack() as stack:
         fast = serve(stack, tmp_path / "fast", WebhookProtocol, store)
         response = httpx.post(f"{fast.url}{WEBHOOK_PATH}", content=body, headers=signed(body))
-    assert response.status_code == 503
-    assert response.json() == {"ok": False, "error": "the database is locked"}
+    assert response.status_code == status
+    assert response.json() == {"ok": False, "error": reason}
     assert fast.reached.webhooks == 1
 
 
