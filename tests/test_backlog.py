@@ -100,12 +100,11 @@ def test_when_to_apply(
 @pytest.mark.parametrize(
     ("pending", "limit", "batch", "since_operation", "chunk"),
     [
-        (1, 100, 30, 0.0, CHUNK),  # a burst: small chunks between the acks' batches
+        (1, 100, 30, 0.0, CHUNK),  # operations arriving (a burst or not): small chunks
         (99, 100, 30, 0.0, CHUNK),
-        (50, 100, 30, IDLE, 50),  # a pause in the burst: all that is queued …
-        (3, 100, 2, 0.0, CHUNK),  # no burst: all that is queued …
-        (50, 100, 2, 0.0, 50),
-        (500, 1000, 2, 0.0, QUIET_CHUNK),  # … up to QUIET_CHUNK
+        (3, 100, 2, 0.0, CHUNK),
+        (500, 1000, 2, 0.0, CHUNK),
+        (50, 100, 30, IDLE, CHUNK),  # a pause: chunks start small again …
         (150, 100, 30, 0.0, 51),  # forced: enough to get back under the limit
         (100_000, 10, 30, 0.0, MAX_CHUNK),
     ],
@@ -126,6 +125,29 @@ def test_chunk_sizes(
     backlog.operation(sqlite3.connect(":memory:"))
     assert asked == [chunk]
     assert backlog.pending == max(pending - chunk, 1)
+
+
+def test_chunks_double_while_no_operation_comes_and_shrink_when_one_does() -> None:
+    """… and grow only while nothing arrives, so an ack that comes in a pause of a burst
+    waits for a chunk about as long as the pause had lasted, never QUIET_CHUNK's ~30 ms."""
+    asked: list[int] = []
+
+    def apply(conn: Any, most: int, through: Any, skip: Any) -> Applied:
+        asked.append(most)
+        return Applied(most, True)
+
+    meter = Meter()
+    backlog = Backlog(apply, 1_000_000, clock=lambda: meter.now, cpu=lambda: meter.cpu)
+    backlog.pending = 100_000
+    primed(meter, backlog, 1.0, 30, IDLE)
+    conn = sqlite3.connect(":memory:")
+    for _ in range(6):
+        backlog.operation(conn)
+    backlog.took(1)
+    backlog.operation(conn)
+    meter.spend(IDLE, 1.0)
+    backlog.operation(conn)
+    assert asked == [CHUNK, 2 * CHUNK, 4 * CHUNK, 8 * CHUNK, QUIET_CHUNK, QUIET_CHUNK, CHUNK, CHUNK]
 
 
 def test_a_failed_chunk_pauses_then_looks_again() -> None:

@@ -2,13 +2,14 @@
 it (ingest.accept); the writer applies the queue to evaluations, rollups, search and the outbox
 in the time acks leave it.
 
-- Acks come first: a chunk is applied only when no operation is waiting, and then all that is
-  queued (up to QUIET_CHUNK), so applying keeps up and reads lag by milliseconds.
+- Acks come first: a chunk is applied only when no operation is waiting, so applying keeps up
+  and reads lag by milliseconds. Chunks are small (CHUNK, ~2 ms) while operations keep
+  arriving and double while none does, up to QUIET_CHUNK: an operation that arrives waits
+  for at most about as long as the writer had been idle.
 - Except in a burst: callers queue up for the writer (batches of PRESSURE operations or more,
   on average) while the process is CPU-bound (over BUSY of a core in the last WINDOW). Applying
-  would only slow the acks then, so it waits for a pause in the operations (IDLE) and takes
-  small chunks (CHUNK): a burst is acknowledged at the speed of the ack path and applied
-  right after it.
+  would only slow the acks then, so it waits for a pause in the operations (IDLE): a burst is
+  acknowledged at the speed of the ack path and applied right after it.
 - Backpressure: past `limit` queued deliveries a chunk is applied before every batch of
   operations, so acks slow to the speed of applying and the lag stays bounded.
 """
@@ -25,8 +26,8 @@ from .ingest import Applied
 
 log = logging.getLogger("receiver.store")
 
-CHUNK = 8  # deliveries per apply transaction in a burst (~2 ms: an ack waits no longer)
-QUIET_CHUNK = 128  # … at most, otherwise
+CHUNK = 8  # deliveries per apply transaction while operations arrive (~2 ms: none waits longer)
+QUIET_CHUNK = 128  # … at most, once they stop: chunks double from CHUNK up to this
 PRESSURE = 6  # operations per batch, on average, that say callers are queueing up
 MAX_CHUNK = 1024
 BUSY = 0.8  # share of a core above which this process counts as busy
@@ -61,11 +62,13 @@ class Backlog:
         self._resume_at = 0.0
         self._last_operation = -IDLE
         self._batch = 0.0  # operations per batch, moving average
+        self._chunk = CHUNK  # the next chunk's size when no operation arrives
 
     def took(self, batch: int) -> None:
         """The writer took a batch of operations (acks, a read's catch-up, a worker's claim…)."""
         self._last_operation = self._clock()
         self._batch += (batch - self._batch) * 0.2
+        self._chunk = CHUNK
 
     def burst(self) -> bool:
         return self._busy >= BUSY and self._batch >= PRESSURE
@@ -101,13 +104,16 @@ class Backlog:
 
     def operation(self, conn: sqlite3.Connection) -> Applied:
         """One chunk (in the writer thread): when forced, as many as it takes to get back
-        under the limit; in a burst, CHUNK; otherwise all that is queued, up to QUIET_CHUNK."""
+        under the limit; while operations arrive (one in the last IDLE), CHUNK, so that none
+        waits behind a long chunk; once they stop, chunks double from CHUNK to QUIET_CHUNK
+        (a pause in a burst must not cost the next acks a 30 ms chunk)."""
         if self.pending >= self.limit:
             most = min(MAX_CHUNK, max(CHUNK, self.pending - self.limit + 1))
-        elif self.burst() and self._clock() - self._last_operation < IDLE:
+        elif self._clock() - self._last_operation < IDLE:
             most = CHUNK
         else:
-            most = min(QUIET_CHUNK, max(CHUNK, self.pending))
+            most = self._chunk
+            self._chunk = min(2 * self._chunk, QUIET_CHUNK)
         return self.apply(conn, most)
 
     def apply(
