@@ -1,5 +1,6 @@
 """POST /webhooks/runflow: bounded read → verify raw bytes → parse → durable store → ack
-(applied to its evaluation right after, store/backlog.py)."""
+(applied to its evaluation right after, store/backlog.py). `receiver serve` answers the common
+callback from its HTTP protocol (protocol.py) with `acknowledged`, and hands the rest here."""
 
 from __future__ import annotations
 
