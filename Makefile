@@ -51,7 +51,8 @@ PG_TESTS := tests/test_store.py tests/test_web.py tests/test_api.py \
 	tests/test_pipeline.py tests/test_worker.py tests/test_e2e.py tests/test_cli.py \
 	tests/test_cli_outbox.py tests/test_rollups.py tests/test_search.py tests/test_maintenance.py \
 	tests/test_metrics.py tests/test_faults.py tests/test_feedback.py tests/test_dashboard.py \
-	tests/test_server.py tests/test_slow_clients.py tests/test_fuzz.py tests/test_backlog.py
+	tests/test_server.py tests/test_slow_clients.py tests/test_fuzz.py tests/test_backlog.py \
+	tests/test_protocol.py
 test-postgres: $(STAMP)
 	RECEIVER_TEST_BACKEND=postgresql $(BIN)/pytest -q $(PG_TESTS)
 
