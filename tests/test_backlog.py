@@ -4,9 +4,11 @@ a delivery that cannot be applied stays queued)."""
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import sqlite3
 import threading
+import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future
 from importlib import import_module
@@ -55,7 +57,7 @@ class Meter:
 
 def policy(meter: Meter, limit: int = 100, pending: int = 0) -> Backlog:
     backlog = Backlog(
-        lambda conn, most, through, skip: Applied(0, False),
+        lambda conn, most, through, skip, isolate: Applied(0, False),
         limit,
         clock=lambda: meter.now,
         cpu=lambda: meter.cpu,
@@ -114,7 +116,7 @@ def test_chunk_sizes(
 ) -> None:
     asked: list[int] = []
 
-    def apply(conn: Any, most: int, through: Any, skip: Any) -> Applied:
+    def apply(conn: Any, most: int, through: Any, skip: Any, isolate: bool) -> Applied:
         asked.append(most)
         return Applied(most, True)
 
@@ -132,7 +134,7 @@ def test_chunks_double_while_no_operation_comes_and_shrink_when_one_does() -> No
     waits for a chunk about as long as the pause had lasted, never QUIET_CHUNK's ~30 ms."""
     asked: list[int] = []
 
-    def apply(conn: Any, most: int, through: Any, skip: Any) -> Applied:
+    def apply(conn: Any, most: int, through: Any, skip: Any, isolate: bool) -> Applied:
         asked.append(most)
         return Applied(most, True)
 
@@ -150,23 +152,44 @@ def test_chunks_double_while_no_operation_comes_and_shrink_when_one_does() -> No
     assert asked == [CHUNK, 2 * CHUNK, 4 * CHUNK, 8 * CHUNK, QUIET_CHUNK, QUIET_CHUNK, CHUNK, CHUNK]
 
 
-def test_a_failed_chunk_pauses_then_looks_again() -> None:
+def test_a_failed_chunk_is_applied_again_isolated_and_then_pauses() -> None:
+    """Chunks run without a savepoint per callback; one that fails is rolled back and run
+    again at once with them (which finds and skips the delivery at fault). Only a chunk that
+    fails even so (the store itself) pauses before the next look."""
     meter = Meter()
-    backlog = policy(meter, pending=3)
+    isolated: list[bool] = []
+
+    def apply(conn: Any, most: int, through: Any, skip: Any, isolate: bool) -> Applied:
+        isolated.append(isolate)
+        return Applied(1, True)
+
+    backlog = Backlog(apply, 100, clock=lambda: meter.now, cpu=lambda: meter.cpu)
+    backlog.pending = 3
+    conn = sqlite3.connect(":memory:")
     failed: Future[Applied] = Future()
     failed.set_exception(StoreUnavailable("disk full"))
-    backlog.settled(failed)
+    backlog.operation(conn)
+    backlog.settled(failed)  # the first, optimistic chunk failed …
+    assert backlog.ready()  # … so no pause:
+    backlog.operation(conn)  # the next runs isolated
+    backlog.settled(failed)  # and fails too: pause
     assert not backlog.ready()
     assert backlog.due() == pytest.approx(PAUSE)
     meter.spend(PAUSE, 0.0)
     assert backlog.ready()
+    backlog.operation(conn)  # still isolated, until one succeeds
+    done: Future[Applied] = Future()
+    done.set_result(Applied(1, True))
+    backlog.settled(done)
+    backlog.operation(conn)
+    assert isolated == [False, True, True, False]
 
 
 def test_counting_off_and_skipping_what_failed() -> None:
     answers = [Applied(2, False, failed=(7,)), Applied(0, False)]
     skips: list[frozenset[int]] = []
 
-    def apply(conn: Any, most: int, through: Any, skip: frozenset[int]) -> Applied:
+    def apply(conn: Any, most: int, through: Any, skip: frozenset[int], isolate: bool) -> Applied:
         skips.append(skip)
         return answers.pop(0)
 
@@ -320,6 +343,35 @@ async def test_a_delivery_that_cannot_be_applied_stays_queued_and_is_skipped(
     assert raw(path, "SELECT count(*) FROM apply_queue") == 1
     held.list_evaluations(where_all())
     assert caplog.text.count("could not be applied") == 1  # skipped now, not retried
+
+
+async def test_in_the_background_a_bad_delivery_fails_its_chunk_alone(
+    path: str, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The writer's own chunks run without a savepoint per callback: the one that meets the
+    bad delivery is rolled back and run again isolated, which applies the others."""
+    real: Callable[..., None] = import_module("receiver.store.ingest").apply_evaluation
+
+    def broken(conn: Any, fields: dict[str, Any], **options: Any) -> None:
+        if fields["id"] == body(2)["id"]:
+            raise RuntimeError("a bug")
+        real(conn, fields, **options)
+
+    monkeypatch.setattr(import_module("receiver.store.ingest"), "apply_evaluation", broken)
+    store = opened(path)
+    try:
+        with caplog.at_level(logging.ERROR, "receiver.store"):
+            for number in range(4):
+                await store.accept(delivery(body(number)))
+            deadline = time.monotonic() + 10
+            while raw(path, "SELECT count(*) FROM evaluations") < 3:
+                assert time.monotonic() < deadline, "the good ones were not applied"
+                await asyncio.sleep(0.02)
+    finally:
+        store.close()
+    assert raw(path, "SELECT count(*) FROM apply_queue") == 1
+    assert caplog.text.count("could not be applied; it stays queued") == 1
+    assert "retrying in" not in caplog.text  # no pause: the isolated chunk went through
 
 
 def where_all() -> Any:

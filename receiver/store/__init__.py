@@ -148,9 +148,14 @@ class Store:
         return self.writer.schedule(accepted)
 
     def _apply(
-        self, conn: sqlite3.Connection, most: int, through: int | None, skip: frozenset[int]
+        self,
+        conn: sqlite3.Connection,
+        most: int,
+        through: int | None,
+        skip: frozenset[int],
+        isolate: bool,
     ) -> Applied:
-        return apply_queued(conn, most, through, skip, self.forwarding)
+        return apply_queued(conn, most, through, skip, self.forwarding, isolate)
 
     def catch_up(self, timeout: float = CATCH_UP_TIMEOUT) -> None:
         """Apply every callback accepted before this call, so that the read after it sees all

@@ -36,8 +36,8 @@ IDLE = 0.01  # seconds without an operation that count as a pause, when busy
 PAUSE = 1.0  # seconds to wait after a failed apply transaction before trying again
 
 CATCH_UP_CHUNK = 256  # deliveries per transaction when a reader waits for them
-# apply(conn, most, through, skip): ingest.apply_queued with the store's forwarding
-Apply = Callable[[sqlite3.Connection, int, int | None, frozenset[int]], Applied]
+# apply(conn, most, through, skip, isolate): ingest.apply_queued with the store's forwarding
+Apply = Callable[[sqlite3.Connection, int, int | None, frozenset[int], bool], Applied]
 
 
 class Backlog:
@@ -63,6 +63,8 @@ class Backlog:
         self._last_operation = -IDLE
         self._batch = 0.0  # operations per batch, moving average
         self._chunk = CHUNK  # the next chunk's size when no operation arrives
+        self._isolate = False  # the next chunk in a savepoint per callback (after a failure)
+        self._isolated = False  # whether the chunk being settled was
 
     def took(self, batch: int) -> None:
         """The writer took a batch of operations (acks, a read's catch-up, a worker's claim…)."""
@@ -114,15 +116,21 @@ class Backlog:
         else:
             most = self._chunk
             self._chunk = min(2 * self._chunk, QUIET_CHUNK)
-        return self.apply(conn, most)
+        self._isolated = self._isolate
+        return self.apply(conn, most, isolate=self._isolate)
 
     def apply(
-        self, conn: sqlite3.Connection, most: int = CATCH_UP_CHUNK, through: int | None = None
+        self,
+        conn: sqlite3.Connection,
+        most: int = CATCH_UP_CHUNK,
+        through: int | None = None,
+        isolate: bool = True,
     ) -> Applied:
         """Apply up to `most` queued deliveries (up to `through`) and count them off, in the
-        writer thread. A delivery that fails to apply is skipped until restart (it is logged
-        and stays queued)."""
-        applied = self._apply(conn, most, through, self._skip)
+        writer thread. Isolated (always for a read's catch-up), a delivery that fails to apply
+        is skipped until restart (it is logged and stays queued); otherwise it fails the chunk,
+        and the next one is isolated (`settled`)."""
+        applied = self._apply(conn, most, through, self._skip, isolate)
         self._skip |= frozenset(applied.failed)
         if applied.more or through is not None:
             self.pending = max(self.pending - applied.count, 1)  # more, or newer ones: look
@@ -131,14 +139,19 @@ class Backlog:
         return applied
 
     def settled(self, future: Future[Applied]) -> None:
-        """After a chunk's transaction: tell whoever waits for applied work, or pause after a
-        failure (the transaction rolled back, so look again then)."""
+        """After a chunk's transaction: tell whoever waits for applied work. After a failure
+        (the transaction rolled back) try again at once with a savepoint per callback, which
+        finds the delivery at fault; if an isolated chunk fails, pause, then look again."""
         error = future.exception()
         if error is not None:
+            self.pending = max(self.pending, 1)
+            if not self._isolated:
+                self._isolate = True
+                return
             log.error("applying accepted callbacks failed, retrying in %gs: %s", PAUSE, error)
             self._resume_at = self._clock() + PAUSE
-            self.pending = max(self.pending, 1)
             return
+        self._isolate = False
         if future.result().count:
             self.notify()
 
