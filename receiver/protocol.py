@@ -7,9 +7,10 @@ Here a POST to the webhook with a small body (up to 64 KiB, arriving within
 RECEIVER_BODY_TIMEOUT), signed by a current secret and parseable, is stored through the same
 writer and answered in one write, with the status, headers, body, metrics and log line of the
 endpoint in web.py. Anything else (a refusal, a larger or slower body, `Expect:
-100-continue`, a query string, a store error) goes to the app as uvicorn would have sent it,
-body included, and the endpoint answers: every reason, limit and the quarantine stay in one
-place.
+100-continue`, a query string, a store error, any failure) goes to the app as uvicorn would
+have sent it, body included, and the endpoint answers: every reason, limit and the quarantine
+stay in one place. Every connection also keeps one keep-alive timer instead of one per
+response.
 
 Built on uvicorn's protocol internals (`_start_asgi_task`, `RequestResponseCycle`), so
 pyproject.toml pins uvicorn's minor version and tests/test_protocol.py checks both paths.
