@@ -31,8 +31,8 @@ from .headers import HEADERS
 from .logs import WEBHOOK_PATH
 from .normalize import normalize, parse_body
 from .signing import SIGNATURE_HEADER, verify
-from .store import Delivery, Receipt
-from .web import BODY_WAITED, acknowledged, kept_headers
+from .store import Receipt
+from .web import BODY_WAITED, acknowledged, kept_headers, received
 
 # After uvicorn's date and server headers: what Response and SecurityHeaders add, in order.
 _HEAD = b"HTTP/1.1 200 OK\r\n"
@@ -160,21 +160,12 @@ class WebhookProtocol(HttpToolsProtocol):
         if secret_index is None or len(body) > settings.max_body_bytes:
             return self._to_app(cycle)
         try:
-            callback = normalize(parse_body(body))
-            request_id = headers.get("runflow-request-id")
-            stored = ctx.store.accepting(
-                Delivery(
-                    body=body,
-                    callback=callback,
-                    headers=headers,
-                    request_id=request_id,
-                    secret_index=secret_index,
-                )
-            )
+            delivery = received(body, normalize(parse_body(body)), headers, secret_index)
+            stored = ctx.store.accepting(delivery)
         except Exception:  # the app answers it: with the reason, or a 500 that it logs
             return self._to_app(cycle)
         stored.add_done_callback(
-            partial(self._stored, ctx, cycle, secret_index, request_id, started)
+            partial(self._stored, ctx, cycle, secret_index, delivery.request_id, started)
         )
 
     def _stored(

@@ -17,7 +17,7 @@ from starlette.responses import Response
 from .context import Context, context
 from .errors import BadRequest, PayloadTooLarge, ReceiverError, RequestTimeout, Unauthorized
 from .logs import WEBHOOK_PATH
-from .normalize import normalize, parse_body
+from .normalize import Callback, normalize, parse_body
 from .signing import SIGNATURE_HEADER, verify
 from .store import Delivery, Receipt
 
@@ -187,13 +187,18 @@ async def _accept(request: Request, ctx: Context) -> tuple[Receipt, int | None, 
     except BadRequest as exc:
         await ctx.store.quarantine(body, str(exc), headers, request_id)
         raise
-    receipt = await ctx.store.accept(
-        Delivery(
-            body=body,
-            callback=callback,
-            headers=headers,
-            request_id=request_id,
-            secret_index=secret_index,
-        )
-    )
+    receipt = await ctx.store.accept(received(body, callback, headers, secret_index))
     return receipt, secret_index, verifying
+
+
+def received(
+    body: bytes, callback: Callback, headers: dict[str, str], secret_index: int | None
+) -> Delivery:
+    """The delivery to store for a verified, parsed callback (also protocol.py's)."""
+    return Delivery(
+        body=body,
+        callback=callback,
+        headers=headers,
+        request_id=headers.get("runflow-request-id"),
+        secret_index=secret_index,
+    )

@@ -30,9 +30,9 @@ def serve_in_thread(
     The socket is bound here, before the thread starts, so the port is known and nobody can
     take it in between; `port` reuses a known one (to bring a "crashed" destination back).
     `http` is uvicorn's HTTP protocol (a name, an import string or a class), `keep_alive` how
-    long it keeps an idle connection open (seconds). On exit the server
-    stops at once: idle keep-alive connections are closed, and a request
-    still running gets one second before it is cancelled.
+    long it keeps an idle connection open (seconds). On exit the server stops at once: idle
+    keep-alive connections are closed, and a request still running gets one second before it
+    is cancelled.
     """
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)

@@ -63,8 +63,7 @@ class Backlog:
         self._last_operation = -IDLE
         self._batch = 0.0  # operations per batch, moving average
         self._chunk = CHUNK  # the next chunk's size when no operation arrives
-        self._isolate = False  # the next chunk in a savepoint per callback (after a failure)
-        self._isolated = False  # whether the chunk being settled was
+        self._isolate = False  # a savepoint per callback: after a failed chunk, until one works
 
     def took(self, batch: int) -> None:
         """The writer took a batch of operations (acks, a read's catch-up, a worker's claim…)."""
@@ -116,7 +115,6 @@ class Backlog:
         else:
             most = self._chunk
             self._chunk = min(2 * self._chunk, QUIET_CHUNK)
-        self._isolated = self._isolate
         return self.apply(conn, most, isolate=self._isolate)
 
     def apply(
@@ -145,7 +143,7 @@ class Backlog:
         error = future.exception()
         if error is not None:
             self.pending = max(self.pending, 1)
-            if not self._isolated:
+            if not self._isolate:
                 self._isolate = True
                 return
             log.error("applying accepted callbacks failed, retrying in %gs: %s", PAUSE, error)
