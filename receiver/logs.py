@@ -11,6 +11,7 @@ at WARNING.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import logging.config
@@ -35,8 +36,8 @@ WEBHOOK_PATH = "/webhooks/runflow"
 ROUTINE_PREFIXES = ("/healthz", "/readyz", "/metrics", "/static/", "/partials/")
 
 
-def _time(record: logging.LogRecord) -> str:
-    return f"{second(int(record.created))}.{int(record.msecs):03d}Z"
+def _time(created: float) -> str:
+    return f"{second(int(created))}.{int((created - int(created)) * 1000):03d}Z"
 
 
 _encode = json.JSONEncoder(default=str).encode  # one encoder, not one per line
@@ -54,12 +55,7 @@ class JsonFormatter(logging.Formatter):
     """One JSON object per line (ASCII, so any terminal or collector reads it)."""
 
     def format(self, record: logging.LogRecord) -> str:
-        entry: dict[str, Any] = {
-            "time": _time(record),
-            "level": record.levelname,
-            "logger": record.name,
-            "message": record.getMessage(),
-        }
+        entry = _entry(record.created, record.levelname, record.name, record.getMessage())
         for key, value in extra_fields(record).items():
             entry.setdefault(key, value)
         if record.exc_info:
@@ -67,6 +63,10 @@ class JsonFormatter(logging.Formatter):
         if record.stack_info:
             entry["stack"] = self.formatStack(record.stack_info)
         return _encode(entry)
+
+
+def _entry(created: float, level: str, logger: str, message: str) -> dict[str, Any]:
+    return {"time": _time(created), "level": level, "logger": logger, "message": message}
 
 
 class TextFormatter(logging.Formatter):
@@ -91,6 +91,94 @@ def _text_value(value: Any) -> str:
     return json.dumps(value, default=str)
 
 
+class BatchingStreamHandler(logging.StreamHandler[TextIO]):
+    """A StreamHandler that writes the lines an event loop logs in one turn with one write.
+
+    Why: under load the webhook logs a line per callback, and a write per line (the GIL let go
+    and taken back around each) cost more than making the line (docs/performance.md). A line
+    logged on a thread running an event loop waits for the end of that loop's turn (one
+    `call_soon`); a line from any other thread is written at once, after those waiting, so the
+    order holds. `logging.shutdown` (at exit) writes whatever still waits."""
+
+    def __init__(self, stream: TextIO | None = None) -> None:
+        super().__init__(stream)
+        self._pending: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            line = self.format(record)
+        except Exception:
+            self.handleError(record)
+            return
+        self.write(line)
+
+    def write(self, line: str) -> None:
+        """Queue one formatted line, to be written by the end of this event loop turn."""
+        self.acquire()  # reentrant: emit's caller holds it already
+        try:
+            try:
+                loop = asyncio.get_running_loop()
+            except RuntimeError:
+                self._pending.append(line + self.terminator)
+                self.flush()
+                return
+            if not self._pending:
+                loop.call_soon(self.flush)
+            self._pending.append(line + self.terminator)
+        finally:
+            self.release()
+
+    def flush(self) -> None:
+        self.acquire()
+        try:
+            if self._pending:
+                text = "".join(self._pending)
+                self._pending.clear()
+                self.stream.write(text)
+            super().flush()
+        except Exception:  # as StreamHandler would: report it, and carry on
+            self.handleError(logging.makeLogRecord({"msg": "(the lines waiting)"}))
+        finally:
+            self.release()
+
+
+def info(logger: logging.Logger, message: str, fields: dict[str, Any]) -> None:
+    """`logger.info(message, extra=fields)` for a line per callback. When the only thing that
+    would see the record is the JSON handler `configure` installs (no other handler or filter
+    on the way), the line goes straight to it, the same line without a LogRecord and logging's
+    dispatch: a sixth of a callback's cost under load (docs/performance.md)."""
+    if not logger.isEnabledFor(logging.INFO):
+        return
+    handler = _sole_handler(logger)
+    if handler is None:
+        logger.info(message, extra=fields)
+        return
+    entry = _entry(time.time(), "INFO", logger.name, message)
+    for key, value in fields.items():
+        entry.setdefault(key, value)
+    handler.write(_encode(entry))
+
+
+def _sole_handler(logger: logging.Logger) -> BatchingStreamHandler | None:
+    root = logging.root
+    if len(root.handlers) != 1 or root.filters:
+        return None
+    handler = root.handlers[0]
+    if (
+        type(handler) is not BatchingStreamHandler
+        or type(handler.formatter) is not JsonFormatter
+        or handler.filters
+        or handler.level > logging.INFO
+    ):
+        return None
+    node: logging.Logger | None = logger
+    while node is not None and node is not root:
+        if node.handlers or node.filters or not node.propagate:
+            return None
+        node = node.parent
+    return handler
+
+
 def resolve_format(name: str, stream: TextIO) -> str:
     """`auto` is text in a terminal and JSON anywhere else (services, containers, files)."""
     if name != "auto":
@@ -111,7 +199,7 @@ def config(log_format: str, level: str) -> dict[str, Any]:
         "formatters": {"receiver": {"()": f"{__name__}.{formatter.__name__}"}},
         "handlers": {
             "receiver": {
-                "class": "logging.StreamHandler",
+                "class": f"{__name__}.BatchingStreamHandler",
                 "formatter": "receiver",
                 "stream": "ext://sys.stderr",
             }

@@ -14,6 +14,7 @@ from contextlib import aclosing
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
 
+from . import logs
 from .context import Context, context
 from .errors import BadRequest, PayloadTooLarge, ReceiverError, RequestTimeout, Unauthorized
 from .logs import WEBHOOK_PATH
@@ -119,10 +120,10 @@ def acknowledged(
     ctx.metrics.accepted(receipt.outcome, committed - verifying)
     if request_id is not None:
         request_id = request_id[:MAX_REQUEST_ID]  # as logged; stored whole
-    log.info(
-        "callback %s",
-        receipt.outcome,
-        extra={
+    logs.info(
+        log,
+        f"callback {receipt.outcome}",
+        {
             "request_id": request_id,
             "outcome": receipt.outcome,
             "delivery_id": receipt.delivery_id,

@@ -4,10 +4,14 @@ access line per other request instead of uvicorn's; RECEIVER_LOG_FORMAT / RECEIV
 
 from __future__ import annotations
 
+import asyncio
 import io
 import json
 import logging
 import sys
+import threading
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -129,6 +133,154 @@ def test_the_logging_config_keeps_url_printing_clients_quiet_and_uvicorn_access_
     }
     assert logs.config("text", "error")["loggers"]["httpx"]["level"] == "ERROR"
     assert logs.config("text", "info")["formatters"]["receiver"]["()"].endswith("TextFormatter")
+
+
+# the handler: a loop's lines in one write
+
+
+class Writes(io.StringIO):
+    def __init__(self) -> None:
+        super().__init__()
+        self.writes: list[str] = []
+
+    def write(self, text: str) -> int:
+        self.writes.append(text)
+        return super().write(text)
+
+    def messages(self) -> list[str]:
+        return [as_json(line)["message"] for line in self.getvalue().splitlines()]
+
+
+@contextmanager
+def handling(formatter: logging.Formatter | None = None) -> Iterator[tuple[Writes, logging.Logger]]:
+    """The root logger with one BatchingStreamHandler, as `configure` leaves it (pytest's own
+    capture handlers set aside meanwhile)."""
+    stream = Writes()
+    handler = logs.BatchingStreamHandler(stream)
+    handler.setFormatter(formatter or logs.JsonFormatter())
+    root = logging.getLogger()
+    saved, level = root.handlers[:], root.level
+    root.handlers = [handler]
+    root.setLevel(logging.INFO)
+    logger = logging.getLogger("receiver.test.lines")
+    try:
+        yield stream, logger
+    finally:
+        handler.close()
+        root.handlers = saved
+        root.setLevel(level)
+        logger.handlers, logger.filters = [], []
+        logger.setLevel(logging.NOTSET)  # and forget what it cached
+
+
+def test_the_lines_of_one_loop_turn_are_written_in_one_write() -> None:
+    with handling() as (stream, logger):
+
+        async def main() -> None:
+            for number in range(3):
+                logger.info("line %d", number)
+            assert stream.writes == []  # not during the turn
+            await asyncio.sleep(0)
+            assert len(stream.writes) == 1
+            assert stream.messages() == ["line 0", "line 1", "line 2"]
+
+        asyncio.run(main())
+
+
+def test_a_line_from_another_thread_is_written_at_once_after_those_waiting() -> None:
+    with handling() as (stream, logger):
+
+        async def main() -> None:
+            logger.info("from the loop")
+            thread = threading.Thread(target=logger.warning, args=("from a thread",))
+            thread.start()
+            thread.join()
+            assert stream.messages() == ["from the loop", "from a thread"]
+
+        asyncio.run(main())
+        logger.info("no loop")
+        assert stream.messages()[-1] == "no loop"
+
+
+def test_closing_the_handler_writes_what_waits() -> None:
+    with handling() as (stream, logger):
+
+        async def main() -> None:
+            logger.info("last words")
+            logging.getLogger().handlers[0].close()  # as logging.shutdown does at exit
+
+        asyncio.run(main())
+        assert stream.messages() == ["last words"]
+
+
+def text_formatter() -> None:
+    logging.getLogger().handlers[0].setFormatter(logs.TextFormatter())
+
+
+def another_handler() -> None:
+    logging.getLogger().addHandler(logging.NullHandler())
+
+
+def a_filter() -> None:
+    logging.getLogger("receiver.test.lines").addFilter(lambda item: item.getMessage() != "drop")
+
+
+def quiet_logger() -> None:
+    logging.getLogger("receiver.test.lines").setLevel(logging.WARNING)
+
+
+def quiet_handler() -> None:
+    logging.getLogger().handlers[0].setLevel(logging.WARNING)
+
+
+@pytest.mark.parametrize(
+    ("setup", "records", "written"),
+    [
+        (None, 0, ["callback stored"]),  # only our JSON handler: the line, without a record
+        (text_formatter, 1, None),
+        (another_handler, 1, ["callback stored"]),
+        (a_filter, 1, ["callback stored"]),
+        (quiet_logger, 0, []),
+        (quiet_handler, 1, []),
+    ],
+)
+def test_a_line_per_callback_goes_around_logging_only_when_nothing_else_would_see_it(
+    setup: Callable[[], None] | None, records: int, written: list[str] | None
+) -> None:
+    made: list[logging.LogRecord] = []
+    factory = logging.getLogRecordFactory()
+
+    def counting(*args: Any, **kwargs: Any) -> logging.LogRecord:
+        made.append(factory(*args, **kwargs))
+        return made[-1]
+
+    fields = {"outcome": "stored", "delivery_id": 7, "request_id": None, "duration_ms": 1.5}
+    logging.setLogRecordFactory(counting)
+    try:
+        with handling() as (stream, logger):
+            if setup is not None:
+                setup()
+            logs.info(logger, "callback stored", fields)
+            logs.info(logger, "drop", fields)  # what a_filter drops: all others log it
+            made_here = [item for item in made if item.getMessage() == "callback stored"]
+            assert len(made_here) == records
+            if written is not None:
+                assert stream.messages()[: len(written)] == written
+            if setup is None:  # the same line logging would have written
+                via_logging = logs.JsonFormatter().format(
+                    logging.makeLogRecord(
+                        {"name": logger.name, "levelname": "INFO", "msg": "callback stored"}
+                        | fields
+                    )
+                )
+                direct = as_json(stream.getvalue().splitlines()[0])
+                expected = as_json(via_logging)
+                assert direct.pop("time").endswith("Z")
+                expected.pop("time")
+                assert direct == expected
+                assert list(direct) == list(expected)  # and in the same order
+    finally:
+        logging.setLogRecordFactory(factory)
 
 
 # settings
