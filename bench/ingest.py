@@ -1,7 +1,8 @@
 """`make bench`: the same signed load against (a) a bare Starlette app, (b) a naive durable
-receiver, (c) receiver with default settings, (d) receiver with --workers 2, one after another.
+receiver, (c) receiver with default settings, (d) receiver with --workers 2 and (e) the floor
+(bench/apps/floor.py: the least a durable receiver in CPython does), one after another.
 Each system runs --rounds times (3), in turn; the table shows each one's median run by
-requests/s (p50, p99, peak RSS, the ratios to (a) and (b)) and the range of p99 over all its
+requests/s (p50, p99, peak RSS, the ratios to (a), (b) and (e)) and the range of p99 over all its
 runs, and the JSON holds every run. After each receiver run it checks that every 200 was
 stored. receiver applies callbacks after acknowledging them (store/backlog.py): for it the
 table also shows how many were still queued when the load stopped, how long applying them
@@ -246,7 +247,7 @@ def postgres(work: Path) -> Iterator[Callable[[str], str]]:
         server.close()
 
 
-SQLITE = ("bare", "naive", "receiver", "receiver --workers 2")
+SQLITE = ("bare", "naive", "receiver", "receiver --workers 2", "floor")
 POSTGRES = (
     "bare",
     "naive",
@@ -298,6 +299,7 @@ def main(argv: list[str] | None = None) -> None:
         "naive": ([*uvicorn, "bench.apps.naive:app"], "0", "sqlite"),
         "receiver": (serve, "0", "sqlite"),
         "receiver --workers 2": ([*serve, "--workers", "2"], "0,1", "sqlite"),
+        "floor": ([python, "-m", "bench.apps.floor"], "0", "sqlite"),
         "postgresql": (serve, "0", "postgresql"),
         "postgresql --workers 2": ([*serve, "--workers", "2"], "0,1", "postgresql"),
         "postgresql --workers 4": ([*serve, "--workers", "4"], "0,1", "postgresql"),
@@ -340,20 +342,20 @@ def main(argv: list[str] | None = None) -> None:
                         options.seconds,
                         options.connections,
                         count,
-                        name not in ("bare", "naive"),
+                        name not in ("bare", "naive", "floor"),
                     )
                 )
     results = [summary(runs[name]) for name in wanted]
     by_name = {r["system"]: r for r in results}
     for result in results:
-        for base in ("bare", "naive"):
+        for base in ("bare", "naive", "floor"):
             if base in by_name:
                 result[f"x_{base}"] = round(
                     result["requests_per_s"] / by_name[base]["requests_per_s"], 2
                 )
     header = (
         f"{'system':<22}{'req/s':>9}{'p50 ms':>9}{'p99 ms':>9}{'p99 range':>14}{'RSS MB':>9}"
-        f"{'x bare':>8}{'x naive':>9}{'queued':>8}{'apply s':>9}{'sustained':>10}"
+        f"{'x bare':>8}{'x naive':>9}{'x floor':>9}{'queued':>8}{'apply s':>9}{'sustained':>10}"
         "  stored=200s applied"
     )
     print(
@@ -365,7 +367,7 @@ def main(argv: list[str] | None = None) -> None:
         print(
             f"{r['system']:<22}{r['requests_per_s']:>9.0f}{r['p50_ms']:>9.2f}{r['p99_ms']:>9.2f}"
             f"{'{:.1f}-{:.1f}'.format(*r['p99_range_ms']):>14}{r['peak_rss_mb']:>9.1f}"
-            f"{r.get('x_bare', 0):>8.2f}{r.get('x_naive', 0):>9.2f}"
+            f"{r.get('x_bare', 0):>8.2f}{r.get('x_naive', 0):>9.2f}{r.get('x_floor', 0):>9.2f}"
             f"{r.get('queued_at_end', '-'):>8}{r.get('apply_after_s', '-'):>9}"
             f"{r.get('sustained_per_s', '-'):>10}"
             f"  {r.get('all_200s_stored', '-')!s:<11} {r.get('all_applied', '-')}"
