@@ -6,7 +6,8 @@ import hashlib
 import json
 import os
 import sqlite3
-from collections.abc import Iterator
+import threading
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -568,6 +569,37 @@ async def test_one_bad_operation_fails_alone(store: Store, path: str) -> None:
     assert isinstance(results[1], ValueError)
     assert [r.outcome for r in results if isinstance(r, Receipt)] == ["stored", "stored"]
     assert [version for (version,) in query(path, "SELECT version FROM migrations")] == VERSIONS
+
+
+@pytest.mark.anyio
+async def test_a_batch_with_a_bad_operation_keeps_the_others_once(store: Store, path: str) -> None:
+    """One batch of three, the middle one failing: the others' results and writes are kept,
+    once each."""
+
+    def good(version: int) -> Callable[[sqlite3.Connection], int]:
+        def operation(conn: sqlite3.Connection) -> int:
+            conn.execute(
+                "INSERT INTO migrations (version, name, applied_at) VALUES (?, 'x', 'y')",
+                (version,),
+            )
+            return version
+
+        return operation
+
+    def boom(conn: sqlite3.Connection) -> None:
+        conn.execute("INSERT INTO migrations (version, name, applied_at) VALUES (99, 'x', 'y')")
+        raise ValueError("boom")
+
+    hold = threading.Event()
+    busy = store.writer.schedule(lambda conn: hold.wait(5))
+    await asyncio.sleep(0.05)  # the writer is inside `busy`: the next three make one batch
+    batch = [store.writer.schedule(operation) for operation in (good(100), boom, good(101))]
+    hold.set()
+    results = await asyncio.gather(busy, *batch, return_exceptions=True)
+    assert results[1::2] == [100, 101]
+    assert isinstance(results[2], ValueError)
+    versions = [version for (version,) in query(path, "SELECT version FROM migrations")]
+    assert versions == [*VERSIONS, 100, 101]
 
 
 @pytest.mark.anyio
