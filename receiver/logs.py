@@ -92,13 +92,14 @@ def _text_value(value: Any) -> str:
 
 
 class BatchingStreamHandler(logging.StreamHandler[TextIO]):
-    """A StreamHandler that writes the lines an event loop logs in one turn with one write.
+    """A StreamHandler that writes the webhook's lines of one event loop turn with one write.
 
     Why: under load the webhook logs a line per callback, and a write per line (the GIL let go
     and taken back around each) cost more than making the line (docs/performance.md). A line
-    logged on a thread running an event loop waits for the end of that loop's turn (one
-    `call_soon`); a line from any other thread is written at once, after those waiting, so the
-    order holds. `logging.shutdown` (at exit) writes whatever still waits."""
+    given to `batch` on a thread running an event loop waits for the end of that loop's turn
+    (one `call_soon`); any other line (every record logging hands it) is written at once, after
+    those waiting, so the order holds and nothing else waits. `logging.shutdown` (at exit)
+    writes whatever still waits."""
 
     def __init__(self, stream: TextIO | None = None) -> None:
         super().__init__(stream)
@@ -110,21 +111,21 @@ class BatchingStreamHandler(logging.StreamHandler[TextIO]):
         except Exception:
             self.handleError(record)
             return
-        self.write(line)
+        self._pending.append(line + self.terminator)  # the caller holds the lock
+        self.flush()
 
-    def write(self, line: str) -> None:
-        """Queue one formatted line, to be written by the end of this event loop turn."""
-        self.acquire()  # reentrant: emit's caller holds it already
+    def batch(self, line: str) -> None:
+        """Write a formatted line by the end of this event loop turn (at once off a loop)."""
+        self.acquire()
         try:
+            self._pending.append(line + self.terminator)
             try:
                 loop = asyncio.get_running_loop()
             except RuntimeError:
-                self._pending.append(line + self.terminator)
                 self.flush()
                 return
-            if not self._pending:
+            if len(self._pending) == 1:
                 loop.call_soon(self.flush)
-            self._pending.append(line + self.terminator)
         finally:
             self.release()
 
@@ -146,7 +147,8 @@ def info(logger: logging.Logger, message: str, fields: dict[str, Any]) -> None:
     """`logger.info(message, extra=fields)` for a line per callback. When the only thing that
     would see the record is the JSON handler `configure` installs (no other handler or filter
     on the way), the line goes straight to it, the same line without a LogRecord and logging's
-    dispatch: a sixth of a callback's cost under load (docs/performance.md)."""
+    dispatch, and is written with the others of its loop turn: a sixth of a callback's cost
+    under load (docs/performance.md)."""
     if not logger.isEnabledFor(logging.INFO):
         return
     handler = _sole_handler(logger)
@@ -156,7 +158,7 @@ def info(logger: logging.Logger, message: str, fields: dict[str, Any]) -> None:
     entry = _entry(time.time(), "INFO", logger.name, message)
     for key, value in fields.items():
         entry.setdefault(key, value)
-    handler.write(_encode(entry))
+    handler.batch(_encode(entry))
 
 
 def _sole_handler(logger: logging.Logger) -> BatchingStreamHandler | None:

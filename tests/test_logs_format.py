@@ -173,32 +173,35 @@ def handling(formatter: logging.Formatter | None = None) -> Iterator[tuple[Write
         logger.setLevel(logging.NOTSET)  # and forget what it cached
 
 
-def test_the_lines_of_one_loop_turn_are_written_in_one_write() -> None:
+def test_the_webhook_lines_of_one_loop_turn_are_written_in_one_write() -> None:
     with handling() as (stream, logger):
 
         async def main() -> None:
             for number in range(3):
-                logger.info("line %d", number)
+                logs.info(logger, f"callback {number}", {"outcome": "stored"})
             assert stream.writes == []  # not during the turn
             await asyncio.sleep(0)
             assert len(stream.writes) == 1
-            assert stream.messages() == ["line 0", "line 1", "line 2"]
+            assert stream.messages() == ["callback 0", "callback 1", "callback 2"]
 
         asyncio.run(main())
 
 
-def test_a_line_from_another_thread_is_written_at_once_after_those_waiting() -> None:
+def test_any_other_line_is_written_at_once_after_those_waiting() -> None:
     with handling() as (stream, logger):
 
         async def main() -> None:
-            logger.info("from the loop")
-            thread = threading.Thread(target=logger.warning, args=("from a thread",))
+            logs.info(logger, "callback stored", {})
+            logger.warning("a record")
+            assert stream.messages() == ["callback stored", "a record"]
+            logs.info(logger, "from the loop", {})
+            thread = threading.Thread(target=logs.info, args=(logger, "from a thread", {}))
             thread.start()
             thread.join()
-            assert stream.messages() == ["from the loop", "from a thread"]
+            assert stream.messages()[2:] == ["from the loop", "from a thread"]
 
         asyncio.run(main())
-        logger.info("no loop")
+        logs.info(logger, "no loop", {})
         assert stream.messages()[-1] == "no loop"
 
 
@@ -206,7 +209,7 @@ def test_closing_the_handler_writes_what_waits() -> None:
     with handling() as (stream, logger):
 
         async def main() -> None:
-            logger.info("last words")
+            logs.info(logger, "last words", {})
             logging.getLogger().handlers[0].close()  # as logging.shutdown does at exit
 
         asyncio.run(main())
