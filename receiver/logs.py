@@ -158,7 +158,12 @@ def info(logger: logging.Logger, message: str, fields: dict[str, Any]) -> None:
     entry = _entry(time.time(), "INFO", logger.name, message)
     for key, value in fields.items():
         entry.setdefault(key, value)
-    handler.batch(_encode(entry))
+    try:
+        line = _encode(entry)
+    except Exception:  # logging reports what it cannot format, and never raises
+        logger.info(message, extra=fields)
+        return
+    handler.batch(line)
 
 
 def _sole_handler(logger: logging.Logger) -> BatchingStreamHandler | None:

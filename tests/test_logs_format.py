@@ -216,6 +216,20 @@ def test_closing_the_handler_writes_what_waits() -> None:
         assert stream.messages() == ["last words"]
 
 
+def test_a_line_that_cannot_be_made_is_reported_not_raised(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    class Unprintable:
+        def __str__(self) -> str:
+            raise RuntimeError("no")
+
+    with handling() as (stream, logger):
+        logs.info(logger, "callback stored", {"odd": Unprintable()})
+        logs.info(logger, "callback after", {})
+        assert stream.messages() == ["callback after"]
+    assert "Logging error" in capsys.readouterr().err
+
+
 def text_formatter() -> None:
     logging.getLogger().handlers[0].setFormatter(logs.TextFormatter())
 
