@@ -342,7 +342,7 @@ def main(argv: list[str] | None = None) -> None:
                         options.seconds,
                         options.connections,
                         count,
-                        name not in ("bare", "naive", "floor"),
+                        command[: len(serve)] == serve,  # receiver: it applies after acking
                     )
                 )
     results = [summary(runs[name]) for name in wanted]

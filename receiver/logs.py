@@ -55,9 +55,9 @@ class JsonFormatter(logging.Formatter):
     """One JSON object per line (ASCII, so any terminal or collector reads it)."""
 
     def format(self, record: logging.LogRecord) -> str:
-        entry = _entry(record.created, record.levelname, record.name, record.getMessage())
-        for key, value in extra_fields(record).items():
-            entry.setdefault(key, value)
+        entry = _entry(
+            record.created, record.levelname, record.name, record.getMessage(), extra_fields(record)
+        )
         if record.exc_info:
             entry["exception"] = self.formatException(record.exc_info)
         if record.stack_info:
@@ -65,8 +65,15 @@ class JsonFormatter(logging.Formatter):
         return _encode(entry)
 
 
-def _entry(created: float, level: str, logger: str, message: str) -> dict[str, Any]:
-    return {"time": _time(created), "level": level, "logger": logger, "message": message}
+def _entry(
+    created: float, level: str, logger: str, message: str, fields: dict[str, Any]
+) -> dict[str, Any]:
+    """A JSON line's object: the four fields every line has, then the record's own (which
+    never replace those four)."""
+    entry = {"time": _time(created), "level": level, "logger": logger, "message": message}
+    for key, value in fields.items():
+        entry.setdefault(key, value)
+    return entry
 
 
 class TextFormatter(logging.Formatter):
@@ -155,11 +162,8 @@ def info(logger: logging.Logger, message: str, fields: dict[str, Any]) -> None:
     if handler is None:
         logger.info(message, extra=fields)
         return
-    entry = _entry(time.time(), "INFO", logger.name, message)
-    for key, value in fields.items():
-        entry.setdefault(key, value)
     try:
-        line = _encode(entry)
+        line = _encode(_entry(time.time(), "INFO", logger.name, message, fields))
     except Exception:  # logging reports what it cannot format, and never raises
         logger.info(message, extra=fields)
         return
