@@ -100,6 +100,24 @@ def test_when_to_apply(
 
 
 @pytest.mark.parametrize(
+    ("cpu", "writer", "expected"),
+    [
+        (0.3, 0.9, IDLE),  # PostgreSQL: the writer waits on round trips, saturated; CPU is not
+        (0.3, 0.5, 0.0),  # neither saturated: apply as soon as no operation waits
+        (0.9, 0.2, IDLE),  # SQLite: the CPU is saturated
+    ],
+)
+def test_a_saturated_writer_is_busy_too(cpu: float, writer: float, expected: float) -> None:
+    meter = Meter()
+    backlog = policy(meter, limit=100, pending=5)
+    meter.spend(2 * WINDOW, cpu)
+    for _ in range(50):
+        backlog.took(30)
+    backlog.worked(2 * WINDOW * writer)
+    assert backlog.due() == pytest.approx(expected)
+
+
+@pytest.mark.parametrize(
     ("pending", "limit", "batch", "since_operation", "chunk"),
     [
         (1, 100, 30, 0.0, CHUNK),  # operations arriving (a burst or not): small chunks

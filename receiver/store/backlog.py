@@ -7,9 +7,11 @@ in the time acks leave it.
   arriving and double while none does, up to QUIET_CHUNK: an operation that arrives waits
   for at most about as long as the writer had been idle.
 - Except in a burst: callers queue up for the writer (batches of PRESSURE operations or more,
-  on average) while the process is CPU-bound (over BUSY of a core in the last WINDOW). Applying
-  would only slow the acks then, so it waits for a pause in the operations (IDLE): a burst is
-  acknowledged at the speed of the ack path and applied right after it.
+  on average) while the process is CPU-bound or the writer is (either over BUSY in the last
+  WINDOW: of a core, or of the writer's time spent on operations; on PostgreSQL the writer
+  waits for round trips and is saturated while the CPU is not). Applying would only slow the
+  acks then, so it waits for a pause in the operations (IDLE): a burst is acknowledged at the
+  speed of the ack path and applied right after it.
 - Backpressure: past `limit` queued deliveries a chunk is applied before every batch of
   operations, so acks slow to the speed of applying and the lag stays bounded.
 """
@@ -30,7 +32,7 @@ CHUNK = 8  # deliveries per apply transaction while operations arrive (~2 ms: no
 QUIET_CHUNK = 128  # … at most, once they stop: chunks double from CHUNK up to this
 PRESSURE = 6  # operations per batch, on average, that say callers are queueing up
 MAX_CHUNK = 1024
-BUSY = 0.8  # share of a core above which this process counts as busy
+BUSY = 0.8  # share of a core, or of the writer's time, above which either counts as busy
 WINDOW = 0.05  # seconds of CPU accounting behind each decision
 IDLE = 0.01  # seconds without an operation that count as a pause, when busy
 PAUSE = 1.0  # seconds to wait after a failed apply transaction before trying again
@@ -59,6 +61,7 @@ class Backlog:
         self._since = clock()
         self._cpu_since = cpu()
         self._busy = 0.0
+        self._worked = 0.0  # seconds the writer spent on operations since _since
         self._resume_at = 0.0
         self._last_operation = -IDLE
         self._batch = 0.0  # operations per batch, moving average
@@ -70,6 +73,10 @@ class Backlog:
         self._last_operation = self._clock()
         self._batch += (batch - self._batch) * 0.2
         self._chunk = CHUNK
+
+    def worked(self, seconds: float) -> None:
+        """The writer spent `seconds` on a batch of operations, commit included."""
+        self._worked += seconds
 
     def burst(self) -> bool:
         return self._busy >= BUSY and self._batch >= PRESSURE
@@ -93,8 +100,8 @@ class Backlog:
             return 0.0
         if now - self._since >= WINDOW:
             cpu = self._cpu()
-            self._busy = (cpu - self._cpu_since) / (now - self._since)
-            self._since, self._cpu_since = now, cpu
+            self._busy = max(cpu - self._cpu_since, self._worked) / (now - self._since)
+            self._since, self._cpu_since, self._worked = now, cpu, 0.0
         if not self.burst():
             return 0.0
         return max(0.0, self._last_operation + IDLE - now)

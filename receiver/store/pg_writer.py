@@ -1,10 +1,10 @@
 """The group-commit writer on PostgreSQL: the same contract as writer.Writer.
 
-One thread, one connection: the queued operations run in one transaction, each in a savepoint
-(a failing statement fails its operation alone), and every future resolves only after COMMIT
-returned with `synchronous_commit = on` (WAL flushed). Other replicas write at the same time:
-a deadlock or serialization failure retries the whole batch; a lost connection fails it with
-StoreUnavailable (the caller answers 503, never a false 200) and the next batch reconnects.
+One thread, one connection: the queued operations run in one transaction (again with a
+savepoint each when one fails, so that it fails alone), and every future resolves only after
+COMMIT returned with `synchronous_commit = on` (WAL flushed). Other replicas write at the same
+time: a deadlock or serialization failure retries the whole batch; a lost connection fails it
+with StoreUnavailable (the caller answers 503, never a false 200) and the next batch reconnects.
 """
 
 from __future__ import annotations
@@ -82,22 +82,38 @@ class PgWriter(Batches):
         settle([(waiter, False, busy) for _, waiter in batch])
 
     def _attempt(self, conn: PgConnection, batch: list[Item], durable: bool) -> list[Result]:
+        """The batch in one transaction, first without a savepoint per operation (the pair is
+        two round trips each); if an operation fails, the transaction is rolled back and the
+        batch runs again with them, so that it fails alone."""
+        try:
+            return self._transaction(conn, batch, durable, isolate=False)
+        except _Isolate:
+            conn.execute("ROLLBACK")
+        return self._transaction(conn, batch, durable, isolate=True)
+
+    def _transaction(
+        self, conn: PgConnection, batch: list[Item], durable: bool, isolate: bool
+    ) -> list[Result]:
         results: list[Result] = []
         conn.execute("BEGIN")
         if not durable:
             conn.execute("SET LOCAL synchronous_commit = off")
         for operation, waiter in batch:
-            conn.execute("SAVEPOINT op")
+            if isolate:
+                conn.execute("SAVEPOINT op")
             try:
                 outcome = operation(cast(sqlite3.Connection, conn))
             except Exception as exc:
                 if isinstance(exc, RETRYABLE) or conn.broken:
                     raise
+                if not isolate:
+                    raise _Isolate from exc
                 conn.execute("ROLLBACK TO SAVEPOINT op")
                 results.append((waiter, False, _translate(exc)))
             else:
                 results.append((waiter, True, outcome))
-            conn.execute("RELEASE SAVEPOINT op")
+            if isolate:
+                conn.execute("RELEASE SAVEPOINT op")
         conn.execute("COMMIT")
         return results
 
@@ -112,6 +128,10 @@ class PgWriter(Batches):
                 self._conn.execute("ROLLBACK")
         except psycopg.Error:
             self._disconnect()
+
+
+class _Isolate(Exception):
+    """An operation failed in a batch run without savepoints: run it again with them."""
 
 
 def _translate(exc: Exception) -> Exception:

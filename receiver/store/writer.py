@@ -21,6 +21,7 @@ import os
 import queue
 import sqlite3
 import threading
+import time
 from collections import defaultdict
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future
@@ -135,7 +136,10 @@ class Batches:
             if self.backlog is not None:
                 self.backlog.took(len(batch))
             if waiting:
+                started = time.monotonic()
                 yield waiting, True
+                if self.backlog is not None:
+                    self.backlog.worked(time.monotonic() - started)
             if stopping:
                 return
 
