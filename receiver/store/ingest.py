@@ -84,9 +84,11 @@ def ingest(
 def accept(conn: sqlite3.Connection, delivery: Delivery) -> Receipt:
     """Store one delivery and queue it to be applied (apply_queued) after the ack: the
     delivery row and its queue row commit together, so an acknowledged callback is always
-    either applied or still queued, never lost."""
-    receipt, _ = record(conn, delivery)
-    if receipt.applies:
+    either applied or still queued, never lost. On PostgreSQL both rows go in one statement
+    (one round trip)."""
+    queued = is_postgres(conn)
+    receipt, _ = record(conn, delivery, queue=queued)
+    if receipt.applies and not queued:
         conn.execute("INSERT INTO apply_queue (delivery_id) VALUES (?)", (receipt.delivery_id,))
     return receipt
 
@@ -99,20 +101,31 @@ _KEYS = {
 }
 
 
-def record(conn: sqlite3.Connection, delivery: Delivery) -> tuple[Receipt, str]:
+def record(
+    conn: sqlite3.Connection, delivery: Delivery, queue: bool = False
+) -> tuple[Receipt, str]:
     """The delivery row, and when it arrived. The same bytes again only count a receipt
-    (replays are harmless)."""
+    (replays are harmless). With `queue` (PostgreSQL only: data-modifying WITH), a new row
+    that applies is queued by the same statement."""
     callback = delivery.callback
     digest = hashlib.sha256(delivery.body).hexdigest()
     stamp = now()
     outcome = "ignored" if callback.kind == "run" else "stored"
     evaluation_id = callback.evaluation_id
     target, row = _KEYS[evaluation_id is not None]
-    inserted = conn.execute(  # one statement for a new body, the common case
+    insert = (
         "INSERT INTO deliveries (received_at, last_received_at, receipts, source, request_id,"
         " secret_index, sha256, kind, event, evaluation_id, outcome, headers, body)"
         " VALUES (?, ?, 1, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
-        f" ON CONFLICT {target} DO NOTHING RETURNING id",
+        f" ON CONFLICT {target} DO NOTHING RETURNING id"
+    )
+    if queue and Receipt(outcome, 0, evaluation_id).applies:
+        insert = (
+            f"WITH stored AS ({insert}), queued AS (INSERT INTO apply_queue (delivery_id)"
+            " SELECT id FROM stored) SELECT id FROM stored"
+        )
+    inserted = conn.execute(  # one statement for a new body, the common case
+        insert,
         (
             stamp,
             stamp,
