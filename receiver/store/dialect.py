@@ -5,6 +5,9 @@ Nothing here imports psycopg: it is an optional dependency, needed only for Post
 
 from __future__ import annotations
 
+import contextlib
+from typing import Any
+
 
 def is_postgres(conn: object) -> bool:
     """True for the PostgreSQL adapter (pg_connection.PgConnection), False for sqlite3."""
@@ -22,3 +25,13 @@ def serialize(conn: object, *keys: str) -> None:
         conn.execute(  # type: ignore[attr-defined]
             "SELECT pg_advisory_xact_lock(hashtextextended(?, 0))", (key,)
         )
+
+
+def pipelined(conn: object) -> contextlib.AbstractContextManager[Any]:
+    """On PostgreSQL, psycopg's pipeline mode: a statement whose result is not read goes out
+    without waiting for the answer to the one before, so a callback's apply costs fewer round
+    trips. A failure then surfaces at the next read, not at its own statement: use it only
+    where any failure fails the whole transaction."""
+    if not is_postgres(conn):
+        return contextlib.nullcontext()
+    return conn.pipeline()  # type: ignore[attr-defined, no-any-return]

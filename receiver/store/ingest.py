@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -13,7 +14,7 @@ from ..events import event_id
 from ..normalize import TERMINAL, Callback, columns, judge_issues, merge, normalize, parse_body
 from ..sinkspec import SinkSpec
 from ..times import now, shift
-from .dialect import is_postgres, serialize
+from .dialect import is_postgres, pipelined, serialize
 from .rollups import FACT_COLUMNS, Changes, Facts, add, track, write
 from .search import SEARCHED, reindex
 
@@ -172,41 +173,43 @@ def apply_queued(
         f" WHERE q.delivery_id <= ?{skipped} ORDER BY q.delivery_id LIMIT ?",
         (MAX_ID if through is None else through, *sorted(skip), most),
     ).fetchall()
-    applied = []
-    pruned = []  # pruned while queued: nothing left to apply
-    failed = []
-    rolled_up: Changes = {}  # the chunk's rollup changes, written once at its end
-    for delivery_id, body, source, received_at in rows:
-        if body is None:
-            pruned.append(delivery_id)
-            continue
-        if isolate:
-            conn.execute("SAVEPOINT apply")
-        changes: Changes = {}
-        try:
-            apply_evaluation(
-                conn,
-                normalize(parse_body(bytes(body))).fields,
-                source=source,
-                stamp=received_at,
-                forwarding=forwarding,
-                delivery_id=delivery_id,
-                rollup_changes=changes,
-            )
-        except Exception:
-            if not isolate or not conn.in_transaction:
-                raise  # the chunk fails (SQLite may have rolled it back already)
-            conn.execute("ROLLBACK TO apply")
-            log.exception("delivery %d could not be applied; it stays queued", delivery_id)
-            failed.append(delivery_id)
-        else:
-            applied.append(delivery_id)
-            add(rolled_up, changes)
-        if isolate:
-            conn.execute("RELEASE apply")
-    write(conn, rolled_up)
-    dequeued = [(delivery_id,) for delivery_id in applied + pruned]  # one round trip on PG
-    conn.executemany("DELETE FROM apply_queue WHERE delivery_id = ?", dequeued)
+    # Unisolated, any failure fails the chunk: PostgreSQL may then pipeline its statements.
+    with contextlib.nullcontext() if isolate else pipelined(conn):
+        applied = []
+        pruned = []  # pruned while queued: nothing left to apply
+        failed = []
+        rolled_up: Changes = {}  # the chunk's rollup changes, written once at its end
+        for delivery_id, body, source, received_at in rows:
+            if body is None:
+                pruned.append(delivery_id)
+                continue
+            if isolate:
+                conn.execute("SAVEPOINT apply")
+            changes: Changes = {}
+            try:
+                apply_evaluation(
+                    conn,
+                    normalize(parse_body(bytes(body))).fields,
+                    source=source,
+                    stamp=received_at,
+                    forwarding=forwarding,
+                    delivery_id=delivery_id,
+                    rollup_changes=changes,
+                )
+            except Exception:
+                if not isolate or not conn.in_transaction:
+                    raise  # the chunk fails (SQLite may have rolled it back already)
+                conn.execute("ROLLBACK TO apply")
+                log.exception("delivery %d could not be applied; it stays queued", delivery_id)
+                failed.append(delivery_id)
+            else:
+                applied.append(delivery_id)
+                add(rolled_up, changes)
+            if isolate:
+                conn.execute("RELEASE apply")
+        write(conn, rolled_up)
+        dequeued = [(delivery_id,) for delivery_id in applied + pruned]  # one round trip on PG
+        conn.executemany("DELETE FROM apply_queue WHERE delivery_id = ?", dequeued)
     return Applied(len(applied), len(rows) == most, tuple(failed))
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable, Mapping, Sequence
+from contextlib import AbstractContextManager
 from functools import lru_cache
 from typing import Any
 
@@ -135,6 +136,9 @@ class PgConnection:
         if params:
             with self.raw.cursor() as cursor:
                 cursor.executemany(translate(sql), params)
+
+    def pipeline(self) -> AbstractContextManager[psycopg.Pipeline]:
+        return self.raw.pipeline()
 
     @property
     def in_transaction(self) -> bool:
