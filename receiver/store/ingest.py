@@ -274,9 +274,9 @@ def apply_evaluation(
         names = ", ".join(values)
         marks = ", ".join(f":{name}" for name in values)
         insert = f"INSERT INTO evaluations ({names}) VALUES ({marks})"
-        if is_postgres(conn):  # no text index to keep (reindex): no answer to wait for
+        if is_postgres(conn):  # no answer to wait for: the rowid only keys SQLite's FTS5
             conn.execute(insert, values)
-            rowid = 0
+            rowid = 0  # unread: reindex does nothing on PostgreSQL
         else:
             (rowid,) = conn.execute(f"{insert} RETURNING rowid", values).fetchone()
     else:
