@@ -11,6 +11,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future
+from functools import partial
 from importlib import import_module
 from pathlib import Path
 from typing import Any
@@ -30,7 +31,7 @@ from receiver.store.backlog import (
     WINDOW,
     Backlog,
 )
-from receiver.store.ingest import Applied
+from receiver.store.ingest import Applied, apply_queued
 
 from .database import connect, database_for
 from .test_store import delivery
@@ -390,6 +391,51 @@ async def test_in_the_background_a_bad_delivery_fails_its_chunk_alone(
     assert raw(path, "SELECT count(*) FROM apply_queue") == 1
     assert caplog.text.count("could not be applied; it stays queued") == 1
     assert "retrying in" not in caplog.text  # no pause: the isolated chunk went through
+
+
+PARENT, CHILD, TWICE = (body(n)["id"] for n in (7, 8, 9))
+IN_ONE_CHUNK = [  # arrival order: an evaluation twice, an attempt before the one it supersedes
+    {"id": TWICE, "status": "running", "client_ref": "ref-a"},
+    {"id": TWICE, "status": "completed", "overall_passed": True, "client_ref": "ref-a"},
+    {
+        "id": CHILD,
+        "status": "completed",
+        "overall_passed": True,
+        "client_ref": "ref-p",
+        "parent_evaluation_id": PARENT,
+        "attempt_number": 2,
+    },
+    {"id": PARENT, "status": "completed", "overall_passed": False, "client_ref": "ref-p"},
+]
+
+
+@pytest.mark.parametrize("isolate", [True, False], ids=["isolated", "one-transaction"])
+async def test_a_chunk_applies_each_callback_as_if_alone(
+    held: Store, path: str, isolate: bool
+) -> None:
+    """Unisolated, PostgreSQL reads a chunk's stored rows at once (ingest.read_stored): a
+    callback must still see what the chunk's earlier ones wrote."""
+    for fields in IN_ONE_CHUNK:
+        await held.accept(delivery(fields))
+    chunk = partial(apply_queued, most=10, isolate=isolate)
+    assert held.writer.submit(chunk).result(timeout=10).count == 4
+    conn = connect(path)
+    try:
+        rows = conn.execute(
+            "SELECT id, status, passed, superseded FROM evaluations ORDER BY id"
+        ).fetchall()
+        refs = conn.execute(
+            "SELECT client_ref, current_evaluation_id, evaluations FROM client_refs"
+            " ORDER BY client_ref"
+        ).fetchall()
+    finally:
+        conn.close()
+    assert [tuple(row) for row in rows] == [
+        (PARENT, "completed", 0, 1),
+        (CHILD, "completed", 1, 0),
+        (TWICE, "completed", 1, 0),
+    ]
+    assert [tuple(row) for row in refs] == [("ref-a", TWICE, 1), ("ref-p", CHILD, 2)]
 
 
 def where_all() -> Any:

@@ -173,8 +173,16 @@ def apply_queued(
         f" WHERE q.delivery_id <= ?{skipped} ORDER BY q.delivery_id LIMIT ?",
         (MAX_ID if through is None else through, *sorted(skip), most),
     ).fetchall()
-    # Unisolated, any failure fails the chunk: PostgreSQL may then pipeline its statements.
+    # Unisolated, any failure fails the chunk: PostgreSQL may then pipeline its statements,
+    # and read the chunk's stored rows at once instead of waiting for one answer per callback.
+    ahead = not isolate and is_postgres(conn)
     with contextlib.nullcontext() if isolate else pipelined(conn):
+        parsed = {
+            delivery_id: normalize(parse_body(bytes(body))).fields
+            for delivery_id, body, _, _ in (rows if ahead else ())
+            if body is not None
+        }
+        known = read_stored(conn, [fields["id"] for fields in parsed.values()])
         applied = []
         pruned = []  # pruned while queued: nothing left to apply
         failed = []
@@ -189,12 +197,13 @@ def apply_queued(
             try:
                 apply_evaluation(
                     conn,
-                    normalize(parse_body(bytes(body))).fields,
+                    parsed.get(delivery_id) or normalize(parse_body(bytes(body))).fields,
                     source=source,
                     stamp=received_at,
                     forwarding=forwarding,
                     delivery_id=delivery_id,
                     rollup_changes=changes,
+                    known=known,
                 )
             except Exception:
                 if not isolate or not conn.in_transaction:
@@ -223,12 +232,32 @@ class Applied:
 # Whether a newer attempt names the evaluation as parent, then its stored row if any (all
 # NULL if none): data, refetch_state, rowid, the searched and the rolled-up columns. One
 # statement: one round trip on PostgreSQL.
+_ROW = "e.data, e.refetch_state, e.rowid, " + ", ".join(
+    f"e.{column}" for column in (*SEARCHED, *FACT_COLUMNS.split(", "))
+)
 _STORED = (
-    "SELECT EXISTS (SELECT 1 FROM evaluations WHERE parent_evaluation_id = ?), e.data,"
-    " e.refetch_state, e.rowid, "
-    + ", ".join(f"e.{column}" for column in (*SEARCHED, *FACT_COLUMNS.split(", ")))
+    "SELECT EXISTS (SELECT 1 FROM evaluations WHERE parent_evaluation_id = ?), "
+    + _ROW
     + " FROM (SELECT 1) AS one LEFT JOIN evaluations AS e ON e.id = ?"
 )
+# The same for many evaluations at once, each after its id (PostgreSQL only).
+_STORED_MANY = (
+    "SELECT ids.id, EXISTS (SELECT 1 FROM evaluations WHERE parent_evaluation_id = ids.id), "
+    + _ROW
+    + " FROM unnest(?::text[]) AS ids (id) LEFT JOIN evaluations AS e ON e.id = ids.id"
+)
+Stored = tuple[Any, ...]  # a _STORED row
+
+
+def read_stored(conn: sqlite3.Connection, evaluation_ids: list[str]) -> dict[str, Stored]:
+    """Lock the evaluations (in id order, so two servers' chunks take them in the same order)
+    and read their _STORED rows in one statement, for apply_evaluation to take as `known`."""
+    if not evaluation_ids:
+        return {}
+    unique = sorted(set(evaluation_ids))
+    serialize(conn, *(f"evaluation:{evaluation_id}" for evaluation_id in unique))
+    rows = conn.execute(_STORED_MANY, (unique,)).fetchall()
+    return {evaluation_id: tuple(stored) for evaluation_id, *stored in rows}
 
 
 def apply_evaluation(
@@ -241,13 +270,18 @@ def apply_evaluation(
     delivery_id: int | None = None,
     refetched: bool = False,
     rollup_changes: Changes | None = None,
+    known: dict[str, Stored] | None = None,
 ) -> None:
     """Merge `fields` into the stored evaluation under the state rules (design.md §8), and in
     the same transaction queue its refetch and one outbox row per matching sink. Given
-    `rollup_changes`, its rollup changes are added there for the caller to write."""
+    `rollup_changes`, its rollup changes are added there for the caller to write. `known`
+    holds rows read ahead (read_stored); each is used once, since this write makes it stale."""
     evaluation_id = fields["id"]
-    serialize(conn, f"evaluation:{evaluation_id}")
-    has_newer_attempt, *stored = conn.execute(_STORED, (evaluation_id, evaluation_id)).fetchone()
+    ahead = None if known is None else known.pop(evaluation_id, None)
+    if ahead is None:
+        serialize(conn, f"evaluation:{evaluation_id}")
+        ahead = conn.execute(_STORED, (evaluation_id, evaluation_id)).fetchone()
+    has_newer_attempt, *stored = ahead
     row = stored if stored[0] is not None else None
     merged = merge(json.loads(row[0]), fields) if row else fields
     cols = columns(merged)
@@ -304,6 +338,8 @@ def apply_evaluation(
     refs = {cols["client_ref"], row[4] if row else None}
     parent = cols["parent_evaluation_id"]
     if parent:
+        if known is not None:
+            known.pop(parent, None)  # it now has a newer attempt, and may be superseded below
         superseding = conn.execute(
             "UPDATE evaluations SET superseded = 1, updated_at = ? WHERE id = ? AND superseded = 0"
             " RETURNING client_ref",
