@@ -17,6 +17,7 @@ from sqlite_utils import Database
 from receiver.errors import StoreUnavailable
 from receiver.normalize import normalize, parse_body
 from receiver.store import Delivery, EvaluationFilter, Receipt, Store
+from receiver.store.dialect import Later
 from receiver.store.schema import MIGRATIONS
 
 from .database import connect, database_for, sqlite_only
@@ -600,6 +601,40 @@ async def test_a_batch_with_a_bad_operation_keeps_the_others_once(store: Store, 
     assert isinstance(results[2], ValueError)
     versions = [version for (version,) in query(path, "SELECT version FROM migrations")]
     assert versions == [*VERSIONS, 100, 101]
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("failing", [False, True], ids=["all-good", "one-failing"])
+async def test_acks_in_one_batch_each_get_their_own_answer(
+    store: Store, path: str, failing: bool
+) -> None:
+    """Acks answer Later: a batch of them sends every statement before reading any answer (one
+    pipeline on PostgreSQL). A body twice in the batch, one stored before it, and a failing
+    operation among them: each caller still gets its own answer."""
+    await store.accept(delivery(evaluation("e-0")))
+
+    def clash(conn: sqlite3.Connection) -> Later[int]:
+        sent = conn.execute(
+            "INSERT INTO migrations (version, name, applied_at) VALUES (1, 'x', 'y')"
+            " RETURNING version"
+        )
+        return Later(lambda: int(sent.fetchone()[0]))
+
+    hold = threading.Event()
+    busy = store.writer.schedule(lambda conn: hold.wait(5))
+    await asyncio.sleep(0.05)  # the writer is inside `busy`: the next ones make one batch
+    acks = [store.accepting(delivery(evaluation(name))) for name in ("e-1", "e-1", "e-0")]
+    failed = store.writer.defer(clash) if failing else None
+    hold.set()
+    await busy
+    first, again, before = await asyncio.gather(*acks)
+    assert (first.outcome, again.outcome, before.outcome) == ("stored", "duplicate", "duplicate")
+    assert again.delivery_id == first.delivery_id
+    if failed is not None:
+        with pytest.raises(StoreUnavailable):
+            await failed
+    receipts = query(path, "SELECT evaluation_id, receipts FROM deliveries ORDER BY id")
+    assert [tuple(row) for row in receipts] == [("e-0", 2), ("e-1", 2)]
 
 
 @pytest.mark.anyio

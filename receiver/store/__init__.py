@@ -19,13 +19,14 @@ from ..database_url import is_postgres_url
 from ..errors import ConfigError, StoreUnavailable
 from . import maintenance, outbox
 from .backlog import Backlog
+from .dialect import Later
 from .ingest import (
     NO_FORWARDING,
     Applied,
     Delivery,
     Forwarding,
     Receipt,
-    accept,
+    accept_later,
     apply_evaluation,
     apply_queued,
     ingest,
@@ -139,13 +140,18 @@ class Store:
         """`accept` for a caller on the event loop that cannot await (protocol.py): the
         future resolves once the delivery is durable."""
 
-        def accepted(conn: sqlite3.Connection) -> Receipt:
-            receipt = accept(conn, delivery)
-            if receipt.applies:
-                self.backlog.added()
-            return receipt
+        def accepted(conn: sqlite3.Connection) -> Later[Receipt]:
+            sent = accept_later(conn, delivery)
 
-        return self.writer.schedule(accepted)
+            def read() -> Receipt:
+                receipt = sent.read()
+                if receipt.applies:
+                    self.backlog.added()
+                return receipt
+
+            return Later(read)
+
+        return self.writer.defer(accepted)
 
     def _apply(
         self,

@@ -6,7 +6,10 @@ Nothing here imports psycopg: it is an optional dependency, needed only for Post
 from __future__ import annotations
 
 import contextlib
-from typing import Any
+from collections.abc import Callable
+from typing import Any, Generic, TypeVar
+
+T = TypeVar("T")
 
 
 def is_postgres(conn: object) -> bool:
@@ -35,3 +38,14 @@ def pipelined(conn: object) -> contextlib.AbstractContextManager[Any]:
     if not is_postgres(conn):
         return contextlib.nullcontext()
     return conn.pipeline()  # type: ignore[attr-defined, no-any-return]
+
+
+class Later(Generic[T]):
+    """An operation's answer, read only once the statements of its whole batch are sent: the
+    writer runs a batch of such operations in one pipeline on PostgreSQL (one round trip
+    for the batch, not one per operation), and reads each at once on SQLite."""
+
+    __slots__ = ("read",)
+
+    def __init__(self, read: Callable[[], T]) -> None:
+        self.read = read

@@ -14,7 +14,7 @@ from ..events import event_id
 from ..normalize import TERMINAL, Callback, columns, judge_issues, merge, normalize, parse_body
 from ..sinkspec import SinkSpec
 from ..times import now, shift
-from .dialect import is_postgres, pipelined, serialize
+from .dialect import Later, is_postgres, pipelined, serialize
 from .rollups import FACT_COLUMNS, Changes, Facts, add, track, write
 from .search import SEARCHED, reindex
 
@@ -87,11 +87,21 @@ def accept(conn: sqlite3.Connection, delivery: Delivery) -> Receipt:
     delivery row and its queue row commit together, so an acknowledged callback is always
     either applied or still queued, never lost. On PostgreSQL both rows go in one statement
     (one round trip)."""
+    return accept_later(conn, delivery).read()
+
+
+def accept_later(conn: sqlite3.Connection, delivery: Delivery) -> Later[Receipt]:
+    """`accept` with its statement sent now and its receipt read later (store/writer.py)."""
     queued = is_postgres(conn)
-    receipt, _ = record(conn, delivery, queue=queued)
-    if receipt.applies and not queued:
-        conn.execute("INSERT INTO apply_queue (delivery_id) VALUES (?)", (receipt.delivery_id,))
-    return receipt
+    recorded = record_later(conn, delivery, queue=queued)
+
+    def read() -> Receipt:
+        receipt, _ = recorded.read()
+        if receipt.applies and not queued:
+            conn.execute("INSERT INTO apply_queue (delivery_id) VALUES (?)", (receipt.delivery_id,))
+        return receipt
+
+    return Later(read)
 
 
 # schema.DELIVERY_KEY's two unique keys, by whether the callback has an evaluation id: the
@@ -108,6 +118,13 @@ def record(
     """The delivery row, and when it arrived. The same bytes again only count a receipt
     (replays are harmless). With `queue` (PostgreSQL only: data-modifying WITH), a new row
     that applies is queued by the same statement."""
+    return record_later(conn, delivery, queue).read()
+
+
+def record_later(
+    conn: sqlite3.Connection, delivery: Delivery, queue: bool = False
+) -> Later[tuple[Receipt, str]]:
+    """`record` with its INSERT sent now and its answer read later."""
     callback = delivery.callback
     digest = hashlib.sha256(delivery.body).hexdigest()
     stamp = now()
@@ -125,7 +142,7 @@ def record(
             f"WITH stored AS ({insert}), queued AS (INSERT INTO apply_queue (delivery_id)"
             " SELECT id FROM stored) SELECT id FROM stored"
         )
-    inserted = conn.execute(  # one statement for a new body, the common case
+    sent = conn.execute(  # one statement for a new body, the common case
         insert,
         (
             stamp,
@@ -141,15 +158,20 @@ def record(
             _dumps(delivery.headers),
             delivery.body,
         ),
-    ).fetchone()
-    if inserted is not None:
-        return Receipt(outcome, inserted[0], evaluation_id), stamp
-    (delivery_id,) = conn.execute(
-        f"UPDATE deliveries SET receipts = receipts + 1, last_received_at = ? WHERE {row}"
-        " RETURNING id",
-        (stamp, digest) if evaluation_id is None else (stamp, evaluation_id, digest),
-    ).fetchone()
-    return Receipt("duplicate", delivery_id, evaluation_id), stamp
+    )
+
+    def read() -> tuple[Receipt, str]:
+        inserted = sent.fetchone()
+        if inserted is not None:
+            return Receipt(outcome, inserted[0], evaluation_id), stamp
+        (delivery_id,) = conn.execute(
+            f"UPDATE deliveries SET receipts = receipts + 1, last_received_at = ? WHERE {row}"
+            " RETURNING id",
+            (stamp, digest) if evaluation_id is None else (stamp, evaluation_id, digest),
+        ).fetchone()
+        return Receipt("duplicate", delivery_id, evaluation_id), stamp
+
+    return Later(read)
 
 
 def apply_queued(

@@ -1,7 +1,8 @@
 """The group-commit writer on PostgreSQL: the same contract as writer.Writer.
 
 One thread, one connection: the queued operations run in one transaction (again with a
-savepoint each when one fails, so that it fails alone), and every future resolves only after
+savepoint each when one fails, so that it fails alone; a batch of acks in one pipeline, every
+answer read after all are sent), and every future resolves only after
 COMMIT returned with `synchronous_commit = on` (WAL flushed). Other replicas write at the same
 time: a deadlock or serialization failure retries the whole batch; a lost connection fails it
 with StoreUnavailable (the caller answers 503, never a false 200) and the next batch reconnects.
@@ -20,8 +21,9 @@ import psycopg
 from psycopg import errors
 
 from ..errors import ReceiverError, StoreUnavailable
+from .dialect import Later
 from .pg_connection import PgConnection, connect, describe
-from .writer import Batches, Item, Result, settle
+from .writer import Batches, Deferred, Item, Result, settle
 
 log = logging.getLogger("receiver.store")
 
@@ -95,25 +97,37 @@ class PgWriter(Batches):
         self, conn: PgConnection, batch: list[Item], durable: bool, isolate: bool
     ) -> list[Result]:
         results: list[Result] = []
-        conn.execute("BEGIN")
-        if not durable:
-            conn.execute("SET LOCAL synchronous_commit = off")
-        for operation, waiter in batch:
-            if isolate:
-                conn.execute("SAVEPOINT op")
-            try:
-                outcome = operation(cast(sqlite3.Connection, conn))
-            except Exception as exc:
-                if isinstance(exc, RETRYABLE) or conn.broken:
-                    raise
-                if not isolate:
+        # Acks (operations that answer Later) send every statement before reading any answer.
+        ahead = not isolate and all(isinstance(operation, Deferred) for operation, _ in batch)
+        with conn.pipeline() if ahead else contextlib.nullcontext():
+            conn.execute("BEGIN")
+            if not durable:
+                conn.execute("SET LOCAL synchronous_commit = off")
+            for operation, waiter in batch:
+                if isolate:
+                    conn.execute("SAVEPOINT op")
+                try:
+                    outcome = operation(cast(sqlite3.Connection, conn))
+                    if isinstance(outcome, Later) and not ahead:
+                        outcome = outcome.read()
+                except Exception as exc:
+                    if isinstance(exc, RETRYABLE) or conn.broken:
+                        raise
+                    if not isolate:
+                        raise _Isolate from exc
+                    conn.execute("ROLLBACK TO SAVEPOINT op")
+                    results.append((waiter, False, _translate(exc)))
+                else:
+                    results.append((waiter, True, outcome))
+                if isolate:
+                    conn.execute("RELEASE SAVEPOINT op")
+            if ahead:
+                try:
+                    results = [(waiter, ok, later.read()) for waiter, ok, later in results]
+                except Exception as exc:  # a failed statement fails the pipeline's others
+                    if isinstance(exc, RETRYABLE) or conn.broken:
+                        raise
                     raise _Isolate from exc
-                conn.execute("ROLLBACK TO SAVEPOINT op")
-                results.append((waiter, False, _translate(exc)))
-            else:
-                results.append((waiter, True, outcome))
-            if isolate:
-                conn.execute("RELEASE SAVEPOINT op")
         conn.execute("COMMIT")
         return results
 

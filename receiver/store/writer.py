@@ -29,6 +29,7 @@ from typing import Any, TypeVar, cast
 
 from ..errors import ReceiverError, StoreUnavailable
 from .backlog import Backlog
+from .dialect import Later
 
 T = TypeVar("T")
 Operation = Callable[[sqlite3.Connection], Any]
@@ -105,6 +106,12 @@ class Batches:
         self._queue.put((operation, future))
         return future
 
+    def defer(self, operation: Callable[[sqlite3.Connection], Later[T]]) -> asyncio.Future[T]:
+        """`schedule` for an operation that sends its statements and answers with a Later,
+        read once the whole batch is sent: PostgreSQL runs a batch of only such operations
+        in one pipeline."""
+        return cast("asyncio.Future[T]", self.schedule(Deferred(operation)))
+
     async def run(self, operation: Callable[[sqlite3.Connection], T]) -> T:
         """Run `operation` in the next batch; returns once it is committed and durable."""
         return await self.schedule(operation)
@@ -165,6 +172,18 @@ class Batches:
 APPLY = object()  # what _take answers when the backlog is to be applied first
 
 
+class Deferred:
+    """An operation scheduled with `defer` (its answer is a Later)."""
+
+    __slots__ = ("operation",)
+
+    def __init__(self, operation: Callable[[sqlite3.Connection], Later[Any]]) -> None:
+        self.operation = operation
+
+    def __call__(self, conn: sqlite3.Connection) -> Later[Any]:
+        return self.operation(conn)
+
+
 class Writer(Batches):
     """Owns the only write connection, on a thread of its own."""
 
@@ -213,6 +232,8 @@ class Writer(Batches):
                     conn.execute("SAVEPOINT op")
                 try:
                     outcome = operation(conn)
+                    if isinstance(outcome, Later):
+                        outcome = outcome.read()
                 except Exception as exc:
                     if isinstance(exc, sqlite3.Error) and not conn.in_transaction:
                         raise  # SQLite rolled it all back (disk full, I/O error): fail the batch
