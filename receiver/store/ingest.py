@@ -254,32 +254,27 @@ class Applied:
 # Whether a newer attempt names the evaluation as parent, then its stored row if any (all
 # NULL if none): data, refetch_state, rowid, the searched and the rolled-up columns. One
 # statement: one round trip on PostgreSQL.
-_ROW = "e.data, e.refetch_state, e.rowid, " + ", ".join(
-    f"e.{column}" for column in (*SEARCHED, *FACT_COLUMNS.split(", "))
-)
 _STORED = (
-    "SELECT EXISTS (SELECT 1 FROM evaluations WHERE parent_evaluation_id = ?), "
-    + _ROW
+    "SELECT EXISTS (SELECT 1 FROM evaluations WHERE parent_evaluation_id = ?), e.data,"
+    " e.refetch_state, e.rowid, "
+    + ", ".join(f"e.{column}" for column in (*SEARCHED, *FACT_COLUMNS.split(", ")))
     + " FROM (SELECT 1) AS one LEFT JOIN evaluations AS e ON e.id = ?"
-)
-# The same for many evaluations at once, each after its id (PostgreSQL only).
-_STORED_MANY = (
-    "SELECT ids.id, EXISTS (SELECT 1 FROM evaluations WHERE parent_evaluation_id = ids.id), "
-    + _ROW
-    + " FROM unnest(?::text[]) AS ids (id) LEFT JOIN evaluations AS e ON e.id = ids.id"
 )
 Stored = tuple[Any, ...]  # a _STORED row
 
 
 def read_stored(conn: sqlite3.Connection, evaluation_ids: list[str]) -> dict[str, Stored]:
     """Lock the evaluations (in id order, so two servers' chunks take them in the same order)
-    and read their _STORED rows in one statement, for apply_evaluation to take as `known`."""
-    if not evaluation_ids:
-        return {}
+    and read their _STORED rows, every statement sent before any answer is read (in a
+    pipeline: one round trip), for apply_evaluation to take as `known`. One _STORED each, not
+    one statement for all: a join on the ids is planned on the trigram index while the table
+    has no statistics yet, and slows as it grows."""
     unique = sorted(set(evaluation_ids))
     serialize(conn, *(f"evaluation:{evaluation_id}" for evaluation_id in unique))
-    rows = conn.execute(_STORED_MANY, (unique,)).fetchall()
-    return {evaluation_id: tuple(stored) for evaluation_id, *stored in rows}
+    sent = [
+        (evaluation_id, conn.execute(_STORED, (evaluation_id,) * 2)) for evaluation_id in unique
+    ]
+    return {evaluation_id: tuple(cursor.fetchone()) for evaluation_id, cursor in sent}
 
 
 def apply_evaluation(
