@@ -273,7 +273,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--bodies",
         type=int,
-        default=250_000,
+        default=150_000,
         help="distinct signed callbacks (wrk starts them again after the last)",
     )
     parser.add_argument(
