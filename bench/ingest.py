@@ -10,8 +10,8 @@ took with the server left running, the sustained rate (200s over load time plus 
 whether every one was applied.
 
 `--postgres` (`make bench-postgres`) runs (a), (b), (c) and then receiver on PostgreSQL with
-1, 2 and 4 workers: a durable server (fsync on) from the Debian package, started in a temp dir,
-a fresh database per run.
+1, 2 and 4 workers: a durable server (fsync on) from the Debian package, started in a temp dir
+with its WAL warmed up (`postgres`), a fresh database per run.
 
 Load: wrk (Debian package `wrk`) with 32 connections, pinned to its own core; each request is a
 unique ~2 KB callback signed with the secret below.
@@ -223,20 +223,34 @@ def count_postgres(url: str, sql: str) -> int:
         return int(row[0]) if row else 0
 
 
+# WAL segments (16 MB each) a warmed-up server keeps to recycle: see `postgres`.
+WAL_SEGMENTS = 64
+
+
 @contextmanager
 def postgres(work: Path) -> Iterator[Callable[[str], str]]:
-    """A durable PostgreSQL server (tests/postgres.py's, with fsync on); yields a function that
-    creates a fresh database and returns its URL."""
+    """A durable PostgreSQL server (tests/postgres.py's, with fsync on) whose WAL is warm, as on
+    a server that has been running; yields a function that creates a fresh database and
+    returns its URL.
+
+    Why warm: a new cluster creates each 16 MB WAL segment as it fills, writing it full of
+    zeros (`wal_init_zero`) inside the commit that crosses into it: every ~7,500 callbacks an
+    ack batch waited 15-50 ms, which set the p99 (docs/performance.md). A running server
+    recycles old segments instead; `min_wal_size` keeps a gigabyte of them."""
     from tests.postgres import PostgresService
 
     class Durable(PostgresService):
-        tuning: ClassVar[tuple[str, ...]] = ()
+        tuning: ClassVar[tuple[str, ...]] = (f"min_wal_size={WAL_SEGMENTS * 16}MB",)
 
     binary = Durable.find()
     if binary is None:
         raise SystemExit("PostgreSQL is not installed: apt-get install -y postgresql")
     server = Durable(binary, work)
     server.start()
+    server.admin("CREATE TABLE warm (x int)")
+    for _ in range(WAL_SEGMENTS):  # a segment each, recycled by the checkpoint below
+        server.admin("INSERT INTO warm VALUES (1)", "SELECT pg_switch_wal()")
+    server.admin("DROP TABLE warm", "CHECKPOINT")
 
     def create(name: str) -> str:
         database = re.sub(r"\W+", "_", name)
