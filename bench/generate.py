@@ -30,7 +30,7 @@ from receiver.events import event_id
 from receiver.normalize import columns, judge_issues, merge, normalize
 from receiver.signing import sign
 from receiver.store import Store, rollups, search
-from receiver.store.ingest import refresh_client_ref
+from receiver.store.client_refs import refresh_client_ref
 from receiver.times import format_time, shift
 
 SECRET = "whsec_bench"

@@ -20,6 +20,7 @@ import pytest
 
 from receiver.errors import StoreUnavailable
 from receiver.store import Store
+from receiver.store.apply import Applied, apply_queued
 from receiver.store.backlog import (
     BUSY,
     CHUNK,
@@ -31,7 +32,6 @@ from receiver.store.backlog import (
     WINDOW,
     Backlog,
 )
-from receiver.store.ingest import Applied, apply_queued
 
 from .database import connect, database_for
 from .test_store import delivery
@@ -343,15 +343,14 @@ async def test_past_the_limit_acks_wait_for_applying(path: str) -> None:
 async def test_a_delivery_that_cannot_be_applied_stays_queued_and_is_skipped(
     held: Store, path: str, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
-    real: Callable[..., None] = import_module("receiver.store.ingest").apply_evaluation
+    real: Callable[..., None] = import_module("receiver.store.apply").apply_evaluation
 
     def broken(conn: Any, fields: dict[str, Any], **options: Any) -> None:
         if fields["id"] == body(2)["id"]:
             raise RuntimeError("a bug")
         real(conn, fields, **options)
 
-    ingest_module = import_module("receiver.store.ingest")  # the package exports ingest()
-    monkeypatch.setattr(ingest_module, "apply_evaluation", broken)
+    monkeypatch.setattr(import_module("receiver.store.apply"), "apply_evaluation", broken)
     for number in range(4):
         await held.accept(delivery(body(number)))
     with caplog.at_level(logging.ERROR, "receiver.store"):
@@ -369,14 +368,14 @@ async def test_in_the_background_a_bad_delivery_fails_its_chunk_alone(
 ) -> None:
     """The writer's own chunks run without a savepoint per callback: the one that meets the
     bad delivery is rolled back and run again isolated, which applies the others."""
-    real: Callable[..., None] = import_module("receiver.store.ingest").apply_evaluation
+    real: Callable[..., None] = import_module("receiver.store.apply").apply_evaluation
 
     def broken(conn: Any, fields: dict[str, Any], **options: Any) -> None:
         if fields["id"] == body(2)["id"]:
             raise RuntimeError("a bug")
         real(conn, fields, **options)
 
-    monkeypatch.setattr(import_module("receiver.store.ingest"), "apply_evaluation", broken)
+    monkeypatch.setattr(import_module("receiver.store.apply"), "apply_evaluation", broken)
     store = opened(path)
     try:
         with caplog.at_level(logging.ERROR, "receiver.store"):
@@ -413,7 +412,7 @@ IN_ONE_CHUNK = [  # arrival order: an evaluation twice, an attempt before the on
 async def test_a_chunk_applies_each_callback_as_if_alone(
     held: Store, path: str, isolate: bool
 ) -> None:
-    """Unisolated, PostgreSQL reads a chunk's stored rows at once (ingest.read_stored): a
+    """Unisolated, PostgreSQL reads a chunk's stored rows at once (apply.read_stored): a
     callback must still see what the chunk's earlier ones wrote."""
     for fields in IN_ONE_CHUNK:
         await held.accept(delivery(fields))

@@ -14,7 +14,7 @@ import pytest
 
 from receiver.normalize import columns, judge_issues
 from receiver.store import EvaluationFilter, search
-from receiver.store.ingest import refresh_client_ref
+from receiver.store.client_refs import refresh_client_ref
 from receiver.store.stats import stats
 
 from .helpers import ROOT

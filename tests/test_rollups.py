@@ -13,7 +13,8 @@ import pytest
 
 from receiver.normalize import normalize, parse_body
 from receiver.store import Delivery, EvaluationFilter
-from receiver.store.ingest import accept, apply_evaluation, apply_queued
+from receiver.store.apply import apply_evaluation, apply_queued
+from receiver.store.ingest import accept
 from receiver.store.rollups import TABLES, forget, rebuild, score_bucket
 from receiver.store.schema import migrate
 from receiver.store.stats import plan, stats

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from receiver.store import EvaluationFilter, search
-from receiver.store.ingest import apply_evaluation
+from receiver.store.apply import apply_evaluation
 from receiver.store.queries import list_evaluations
 from receiver.store.schema import migrate
 

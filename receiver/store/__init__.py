@@ -18,20 +18,10 @@ from typing import TYPE_CHECKING, Any, cast
 from ..database_url import is_postgres_url
 from ..errors import ConfigError, StoreUnavailable
 from . import maintenance, outbox
+from .apply import NO_FORWARDING, Applied, Forwarding, apply_evaluation, apply_queued
 from .backlog import Backlog
 from .dialect import Later
-from .ingest import (
-    NO_FORWARDING,
-    Applied,
-    Delivery,
-    Forwarding,
-    Receipt,
-    accept_later,
-    apply_evaluation,
-    apply_queued,
-    ingest,
-    quarantine,
-)
+from .ingest import Delivery, Receipt, accept_later, ingest, quarantine
 from .lineage import lineage
 from .outbox import Claim, Outcome
 from .queries import (

@@ -24,7 +24,7 @@ import time
 from collections.abc import Callable
 from concurrent.futures import Future
 
-from .ingest import Applied
+from .apply import Applied
 
 log = logging.getLogger("receiver.store")
 
@@ -38,7 +38,7 @@ IDLE = 0.01  # seconds without an operation that count as a pause, when busy
 PAUSE = 1.0  # seconds to wait after a failed apply transaction before trying again
 
 CATCH_UP_CHUNK = 256  # deliveries per transaction when a reader waits for them
-# apply(conn, most, through, skip, isolate): ingest.apply_queued with the store's forwarding
+# apply(conn, most, through, skip, isolate): apply.apply_queued with the store's forwarding
 Apply = Callable[[sqlite3.Connection, int, int | None, frozenset[int], bool], Applied]
 
 

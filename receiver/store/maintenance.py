@@ -8,7 +8,7 @@ from pathlib import Path
 from ..errors import BadRequest
 from ..times import now
 from . import rollups
-from .ingest import refresh_client_ref
+from .client_refs import refresh_client_ref
 
 
 def backup(source: str, target: Path) -> dict[str, int]:

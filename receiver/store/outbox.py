@@ -13,8 +13,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..errors import BadRequest, NotFound
+from .apply import Forwarding, apply_evaluation, queue_forwards
 from .dialect import is_postgres
-from .ingest import Forwarding, apply_evaluation, queue_forwards
 
 
 def _skip_locked(conn: sqlite3.Connection, table: str) -> str:

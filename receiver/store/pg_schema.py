@@ -138,7 +138,7 @@ V7_SEARCH = (
     ),
 )
 
-# Accepted deliveries not yet applied to their evaluations (store/ingest.py accept).
+# Accepted deliveries not yet applied to their evaluations (ingest.accept; apply.apply_queued).
 V8_APPLY_QUEUE = ("CREATE TABLE apply_queue (delivery_id bigint PRIMARY KEY)",)
 
 MIGRATIONS: list[tuple[int, str, tuple[str, ...]]] = [

@@ -208,7 +208,7 @@ def _v7_search(db: Database) -> None:
 
 
 def _v8_apply_queue(db: Database) -> None:
-    """Accepted deliveries not yet applied to their evaluations (store/ingest.py accept)."""
+    """Accepted deliveries not yet applied (ingest.accept; apply.apply_queued)."""
     db.execute("CREATE TABLE apply_queue (delivery_id INTEGER PRIMARY KEY)")
 
 
