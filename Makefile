@@ -24,7 +24,8 @@ run: $(STAMP) .env
 demo: $(STAMP)
 	$(BIN)/python -m receiver.fakes.demo
 
-# Ingest throughput: bare app vs naive durable receiver vs receiver (needs wrk: apt-get install wrk).
+# Ingest throughput: bare app vs naive durable receiver vs receiver (wrk, apt-get install wrk;
+# without it bench/load.py sends the same load).
 bench: $(STAMP)
 	$(BIN)/python bench/ingest.py
 

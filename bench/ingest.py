@@ -14,7 +14,9 @@ whether every one was applied.
 with its WAL warmed up (`postgres`), a fresh database per run.
 
 Load: wrk (Debian package `wrk`) with 32 connections, pinned to its own core; each request is a
-unique ~2 KB callback signed with the secret below.
+unique ~2 KB callback signed with the secret below. Without wrk (or with `--load python`),
+bench/load.py sends the same load: a Python client whose own ceiling is in
+docs/performance.md.
 """
 
 from __future__ import annotations
@@ -36,7 +38,7 @@ from contextlib import contextmanager, nullcontext
 from datetime import UTC, datetime, timedelta
 from functools import partial
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, ClassVar, cast
 
 import httpx
 
@@ -96,28 +98,28 @@ def peak_rss_mb(pid: int) -> float:
     return total / 1024
 
 
-def wrk(url: str, seconds: int, connections: int, cpus: str, env: dict[str, str]) -> dict[str, Any]:
+def load(
+    generator: str, url: str, seconds: int, connections: int, cpus: str, env: dict[str, str]
+) -> dict[str, Any]:
+    """`seconds` of closed-loop load from `connections` connections, pinned to `cpus`."""
+    if generator == "python":
+        command = [
+            sys.executable,
+            str(ROOT / "bench/load.py"),
+            f"--url={url}/webhooks/runflow",
+            f"--seconds={seconds}",
+            f"--connections={connections}",
+        ]
+    else:
+        command = ["wrk", "-t1", f"-c{connections}", f"-d{seconds}s", "--latency", "-s"]
+        command += [str(ROOT / "bench/wrk_post.lua"), url]
     done = subprocess.run(
-        [
-            "taskset",
-            "-c",
-            cpus,
-            "wrk",
-            "-t1",
-            f"-c{connections}",
-            f"-d{seconds}s",
-            "--latency",
-            "-s",
-            str(ROOT / "bench/wrk_post.lua"),
-            url,
-        ],
-        capture_output=True,
-        text=True,
-        check=False,
-        env=env,
+        ["taskset", "-c", cpus, *command], capture_output=True, text=True, check=False, env=env
     )
     if done.returncode:
-        raise SystemExit(f"wrk failed: {done.stdout} {done.stderr}")
+        raise SystemExit(f"{generator} failed: {done.stdout} {done.stderr}")
+    if generator == "python":
+        return cast(dict[str, Any], json.loads(done.stdout))
     out = done.stdout
 
     def ms(label: str) -> float:
@@ -139,6 +141,7 @@ Count = Callable[[str], int]  # the answer of a count(*) query on the system's d
 
 
 def run_system(
+    generator: str,
     name: str,
     command: list[str],
     env: dict[str, str],
@@ -170,7 +173,7 @@ def run_system(
                 break
             except httpx.HTTPError:
                 time.sleep(0.05)
-        result = wrk(url, seconds, connections, load_cpus, env)
+        result = load(generator, url, seconds, connections, load_cpus, env)
         oks = result["responses"] - result["non_2xx"]
         if count is not None and applies:
             stopped = time.monotonic()
@@ -295,12 +298,22 @@ def main(argv: list[str] | None = None) -> None:
     )
     parser.add_argument("--only", help="comma-separated system names")
     parser.add_argument("--postgres", action="store_true", help="receiver on PostgreSQL too")
+    parser.add_argument(
+        "--load",
+        choices=("wrk", "python"),
+        default="wrk" if shutil.which("wrk") else "python",
+        help="the load generator: wrk (the default where installed) or bench/load.py",
+    )
     parser.add_argument("--json", type=Path)
     options = parser.parse_args(argv)
     name = "ingest-postgres" if options.postgres else "ingest"
     output = options.json or ROOT / f"bench/results/{name}.json"
-    if shutil.which("wrk") is None:
-        raise SystemExit("wrk is not installed: apt-get install -y wrk (see docs/performance.md)")
+    if options.load == "wrk" and shutil.which("wrk") is None:
+        raise SystemExit("wrk is not installed: apt-get install -y wrk, or --load python")
+    if options.load == "python":
+        print(
+            "load: bench/load.py (no wrk; see docs/performance.md for its ceiling)", file=sys.stderr
+        )
     work = Path(tempfile.mkdtemp(prefix="receiver-bench-"))
     body_file = work / "bodies.txt"
     size = bodies(body_file, options.bodies, options.disorder)
@@ -354,6 +367,7 @@ def main(argv: list[str] | None = None) -> None:
                 print(f"running {name} (round {turn} of {options.rounds}) …", file=sys.stderr)
                 runs[name].append(
                     run_system(
+                        options.load,
                         name,
                         [*command, "--port", str(port)],
                         env,
@@ -381,7 +395,8 @@ def main(argv: list[str] | None = None) -> None:
         "  stored=200s applied"
     )
     print(
-        f"\n{options.connections} connections, {options.seconds}s each, {size} B signed bodies;"
+        f"\n{options.load}: {options.connections} connections, {options.seconds}s each,"
+        f" {size} B signed bodies;"
         f" median of {options.rounds} rounds (by req/s), p99 range over all of them"
     )
     print(header)
@@ -398,6 +413,7 @@ def main(argv: list[str] | None = None) -> None:
     output.write_text(
         json.dumps(
             {
+                "load": options.load,
                 "body_bytes": size,
                 "connections": options.connections,
                 "seconds": options.seconds,
