@@ -16,6 +16,7 @@ import click
 
 from . import cli_read, cli_runflow, logs
 from .cliutil import load_settings, reading_store
+from .database_url import is_postgres_url
 from .errors import ReceiverError
 from .store import Store
 from .supervisor import HTTP_PROTOCOL, given_metrics_dir, supervise
@@ -90,6 +91,11 @@ def serve(host: str, port: int | None, workers: int) -> None:
             access_log=False,
         )
         return
+    if not is_postgres_url(settings.database):
+        click.echo(
+            "receiver: note          on SQLite the workers take turns on one write lock:"
+            " one process answers more callbacks per second (docs/performance.md)"
+        )
     os.environ["RECEIVER_DASHBOARD_TOKEN"] = settings.dashboard_token
     supervise(host, port, workers, settings.log_format, settings.log_level)
 

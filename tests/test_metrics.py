@@ -30,7 +30,7 @@ from receiver.sinkspec import SinkSpec
 from receiver.store import Delivery, Forwarding, Store
 from receiver.worker import Worker
 
-from .database import connect, sqlite_only
+from .database import POSTGRES, connect, sqlite_only
 from .helpers import SECRET_A, TOKEN, RecordingSink, auth, fixture, make_settings, post_callback
 from .servers import ReceiverProcess
 
@@ -393,6 +393,8 @@ def test_serve_with_two_workers_sums_every_process(tmp_path: Path) -> None:
             scrapes.append(samples(response.text))
     pids = {path.stem.rsplit("_", 1)[1] for path in shared.glob("counter_*.db")}
     assert len(pids) == 2  # both processes counted into the shared directory
+    noted = "on SQLite the workers take turns on one write lock" in server.log.read_text()
+    assert noted is not POSTGRES  # a note at start, on SQLite only
     for found in scrapes:  # whichever process answered, the sum over both
         assert value(found, "receiver_callbacks_total", outcome="stored") == posted
         assert value(found, "receiver_callbacks_total", outcome="bad_signature") == 1
