@@ -42,7 +42,8 @@ class Load:
         if not self.count:
             raise SystemExit(f"{bodies}: no lines")
         self.next = 0
-        self.head = f"POST {path} HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\n"
+        head = f"POST {path} HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\n"
+        self.head = head.encode()
         self.open: set[Connection] = set()
         self.started = time.perf_counter()
         self.deadline = self.started + seconds
@@ -56,7 +57,7 @@ class Load:
             b" "
         )
         return b"%sRunflow-Signature: %s\r\nContent-Length: %d\r\n\r\n%s" % (
-            self.head.encode(),
+            self.head,
             signature,
             len(body),
             body,
