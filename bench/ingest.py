@@ -15,7 +15,7 @@ with its WAL warmed up (`postgres`), a fresh database per run.
 
 Load: wrk (Debian package `wrk`) with 32 connections, pinned to its own core; each request is a
 unique ~2 KB callback signed with the secret below. Without wrk (or with `--load python`),
-bench/load.py sends the same load: a Python client whose own ceiling is in
+bench/load.py sends the same load: a Python client, compared with wrk in
 docs/performance.md.
 """
 
@@ -311,9 +311,7 @@ def main(argv: list[str] | None = None) -> None:
     if options.load == "wrk" and shutil.which("wrk") is None:
         raise SystemExit("wrk is not installed: apt-get install -y wrk, or --load python")
     if options.load == "python":
-        print(
-            "load: bench/load.py (no wrk; see docs/performance.md for its ceiling)", file=sys.stderr
-        )
+        print("load: bench/load.py (docs/performance.md compares it with wrk)", file=sys.stderr)
     work = Path(tempfile.mkdtemp(prefix="receiver-bench-"))
     body_file = work / "bodies.txt"
     size = bodies(body_file, options.bodies, options.disorder)
