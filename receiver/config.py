@@ -77,11 +77,16 @@ def _ranged(
             number = minimum - 1
         if not minimum <= number <= maximum:
             raise ConfigError(
-                f"{name} must be {what} from {minimum:g} to {maximum:g}, got {text!r}"
+                f"{name} must be {what} from {_shown(minimum)} to {_shown(maximum)}, got {text!r}"
             )
         return number
 
     return parse
+
+
+def _shown(number: float) -> str:
+    """A bound as it can be written back: 1073741824, not 1.07374e+09; 0.1, not 0.100000."""
+    return str(int(number)) if float(number).is_integer() else repr(number)
 
 
 def _integer(name: str, minimum: int, maximum: int) -> Callable[[str], int]:

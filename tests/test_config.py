@@ -147,6 +147,23 @@ def test_malformed_values_name_their_variable(name: str, value: str) -> None:
     assert "\n" not in message
 
 
+@pytest.mark.parametrize(
+    ("name", "bounds"),
+    [
+        ("RECEIVER_MAX_BODY_BYTES", "from 1024 to 1073741824"),
+        ("RECEIVER_MAX_BACKLOG", "from 1 to 10000000"),
+        ("RECEIVER_BODY_TIMEOUT", "from 0.1 to 3600"),
+        ("RECEIVER_RETRY_BASE", "from 0.01 to 3600"),
+        ("RECEIVER_RECONCILE_AFTER", "from 1 to 2592000"),
+    ],
+)
+def test_a_range_is_shown_as_it_can_be_written(name: str, bounds: str) -> None:
+    with pytest.raises(ConfigError) as caught:
+        from_env({name: "-1"})
+    assert f"{name} must be a " in str(caught.value)
+    assert f" {bounds}, got '-1'" in str(caught.value)
+
+
 def test_receiver_database_is_named_even_when_database_url_is_fine() -> None:
     with pytest.raises(ConfigError, match=r"^RECEIVER_DATABASE"):
         from_env({"RECEIVER_DATABASE": "mysql://db/x", "DATABASE_URL": "sqlite:///x.db"})
