@@ -14,6 +14,7 @@ from receiver.normalize import normalize, parse_body
 from receiver.signing import sign
 from receiver.sinkspec import SinkSpec
 from receiver.store import Delivery, EvaluationFilter, Forwarding, Outcome, Store, rollups
+from receiver.store.ingest import accept
 
 from .database import sqlite_only
 from .helpers import SECRET_A, TOKEN, fixture
@@ -100,6 +101,7 @@ def test_prune_keeps_everything_with_work_left_and_the_stats_follow(tmp_path: Pa
         for number in range(6):
             post(number)
         post(6, status_code="running", completed_at=None)
+        post(7)
         run = fixture("run-completed.json")
         asyncio.run(store.ingest(Delivery(run, normalize(parse_body(run)))))
         asyncio.run(store.quarantine(b"not json", "bad", {}, None))
@@ -116,11 +118,20 @@ def test_prune_keeps_everything_with_work_left_and_the_stats_follow(tmp_path: Pa
         )
         rollups.rebuild(conn)  # rows were backdated by hand
         conn.commit()
-        outcomes = [Outcome(n + 1, "done", old) for n in range(6) if n != 2]
+        outcomes = [Outcome(n, "done", old) for n in (1, 2, 4, 5, 6, 7)]
         asyncio.run(store.finish_forwards(outcomes, old))
         conn.execute("UPDATE evaluations SET refetch_state = 'pending' WHERE id LIKE '%0001'")
         conn.commit()
+        # 7: a callback acknowledged, not applied yet (its delivery must stay, to be applied)
+        later = json.loads(fixture("get-evaluation-embedded.json"))
+        later.update(id="0193a7c2-0000-7000-8000-000000000007", client_ref="ref-7")
+        later["feedback"] = {"is_positive": False, "reason": "blurry"}
+        raw = json.dumps(later).encode()
+        acknowledged = accept(conn, Delivery(raw, normalize(parse_body(raw))))
+        conn.commit()
         counts = asyncio.run(store.prune("2025-01-01T00:00:00.000000Z"))
+        store.catch_up()
+        applied = store.get_evaluation(later["id"])
         kept = {row[0][-1] for row in conn.execute("SELECT id FROM evaluations")}
         stats = store.stats(EvaluationFilter())
         refs = {row[0] for row in conn.execute("SELECT client_ref FROM client_refs")}
@@ -130,11 +141,14 @@ def test_prune_keeps_everything_with_work_left_and_the_stats_follow(tmp_path: Pa
         conn.close()
     finally:
         store.close()
-    # 1: refetch pending; 2: forward pending; 5: touched recently; 6: still being reconciled
-    assert kept == {"1", "2", "5", "6"}
+    # 1: refetch pending; 2: forward pending; 5: touched recently; 6: still being reconciled;
+    # 7: a callback waiting to be applied
+    assert kept == {"1", "2", "5", "6", "7"}
     assert counts == {"evaluations": 3, "deliveries": 4, "forwards": 3, "quarantine": 1}
-    assert stats["total"] == 4
-    assert refs == {"ref-1", "ref-2", "ref-5", "ref-6"}
+    assert stats["total"] == 5
+    assert refs == {"ref-1", "ref-2", "ref-5", "ref-6", "ref-7"}
+    assert applied is not None
+    assert acknowledged.delivery_id in [d["id"] for d in applied["deliveries"]]
     assert leftover_issues == 0
 
 

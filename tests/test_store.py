@@ -14,10 +14,13 @@ from typing import Any
 import pytest
 from sqlite_utils import Database
 
-from receiver.errors import StoreUnavailable
+from receiver.errors import BadRequest, StoreUnavailable
 from receiver.normalize import normalize, parse_body
 from receiver.store import Delivery, EvaluationFilter, Receipt, Store
+from receiver.store.apply import NO_FORWARDING
 from receiver.store.dialect import Later
+from receiver.store.ingest import accept
+from receiver.store.outbox import replay_delivery
 from receiver.store.schema import MIGRATIONS
 
 from .database import connect, database_for, sqlite_only
@@ -650,6 +653,21 @@ async def test_a_bad_operation_alone_changes_nothing(store: Store, path: str) ->
         await store.writer.run(boom)
     assert [r.outcome for r in await ingest_all(store, evaluation("e-1"))] == ["stored"]
     assert [version for (version,) in query(path, "SELECT version FROM migrations")] == VERSIONS
+
+
+@pytest.mark.anyio
+async def test_a_delivery_is_replayed_once_applied(store: Store) -> None:
+    """Replay right after the ack waits for the delivery to be applied; one that is not
+    applied (in the same transaction here) is a clear refusal, not a TypeError."""
+
+    def accept_then_replay(conn: sqlite3.Connection) -> int:
+        receipt = accept(conn, delivery(evaluation("e-1")))
+        return replay_delivery(conn, receipt.delivery_id, NO_FORWARDING, "2026-11-20T09:00:00Z")
+
+    with pytest.raises(BadRequest, match="evaluation e-1 is not stored yet; nothing to replay"):
+        await store.writer.run(accept_then_replay)
+    receipt = await store.accept(delivery(evaluation("e-2")))
+    assert await store.replay_delivery(receipt.delivery_id, "2026-11-20T09:00:00Z") == 0
 
 
 # reads

@@ -428,6 +428,39 @@ async def test_reconcile_recovers_a_verdict_whose_callbacks_were_lost(
     assert sink.received[0]["data"]["refetched"] is True
 
 
+async def test_a_poll_while_running_leaves_the_verdict_to_be_refetched(
+    tmp_path: Path, http: httpx.AsyncClient, runflow: tuple[FakeRunflow, str]
+) -> None:
+    """A poll answers with the embeds, but an evaluation still running has none yet: its
+    verdict, when the callback brings it, is refetched before it is forwarded."""
+    fake, url = runflow
+    fake.faults.clear()
+    fake.add(EVALUATION_ID, status_code="running", completed_at=None, overall_passed=None)
+    sink = RecordingSink(spec("s"))
+    rig = rig_for(
+        tmp_path, http, [sink], runflow_api_key=API_KEY, runflow_api_base=url, reconcile_after=0
+    )
+    try:
+        pending = dict(fake.evaluations[EVALUATION_ID], status_code="pending")
+        await rig.store.record(pending, "submit", "2026-11-20T09:14:02.000000Z")  # receiver submit
+        await rig.drain()
+        polled = await rig.worker.reconcile()
+        after_poll = rig.rows("SELECT status, refetched, refetch_state FROM evaluations")
+        fake.add(EVALUATION_ID)  # completed at Runflow, which calls back
+        asked = len(fake.requests)
+        await rig.post("evaluation-completed-envelope.json")
+        await rig.drain()
+        refetches = len(fake.requests) - asked
+    finally:
+        rig.store.close()
+    assert polled == {"polled": 1, "verdicts": 0, "pending": 1, "errors": 0}
+    assert after_poll == [("running", 0, None)]
+    assert refetches == 1
+    (event,) = sink.received
+    assert event["data"]["refetched"] is True
+    assert event["data"]["issues"]
+
+
 class SlowSink(RecordingSink):
     """Takes `delay` seconds per batch, like a destination that hangs until its timeout."""
 

@@ -270,6 +270,7 @@ class Store:
         return await self.writer.run(partial(outbox.retry_dead, stamp=stamp, sink=sink))
 
     async def replay_delivery(self, delivery_id: int, stamp: str) -> int:
+        await self.acatch_up()  # the delivery may have been acknowledged a moment ago
         return await self.writer.run(
             partial(
                 outbox.replay_delivery,

@@ -179,7 +179,7 @@ def apply_evaluation(
         "updated_at": stamp,
         "data": dumps(merged),
     }
-    if refetched:
+    if refetched and status in TERMINAL:  # a poll of one still running has no verdict yet
         values.update(refetched=1, refetch_state="done", refetch_error=None)
     elif forwarding.refetch and status in TERMINAL and (row is None or row[1] is None):
         values.update(refetch_state="pending", refetch_next_at=stamp)

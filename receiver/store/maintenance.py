@@ -40,15 +40,19 @@ def backup(source: str, target: Path) -> dict[str, int]:
 
 def prune_batch(conn: sqlite3.Connection, cutoff: str, limit: int) -> dict[str, int]:
     """Delete up to `limit` evaluations last touched before `cutoff` with everything that
-    belongs to them, never one that still has work to do: a pending forward, a pending
-    refetch, or a reconciliation poll scheduled. Their client_refs are recomputed."""
+    belongs to them, never one that still has work to do: a callback acknowledged but not yet
+    applied (its delivery would go with the others, and the verdict with it), a pending
+    forward, a pending refetch, or a reconciliation poll scheduled. Their client_refs are
+    recomputed."""
     doomed = [
         row[0]
         for row in conn.execute(
             "SELECT id FROM evaluations e WHERE updated_at < :cutoff"
             " AND next_poll_at IS NULL AND refetch_state IS NOT 'pending'"
             " AND NOT EXISTS (SELECT 1 FROM outbox o WHERE o.evaluation_id = e.id"
-            "  AND o.state = 'pending') LIMIT :limit",
+            "  AND o.state = 'pending')"
+            " AND NOT EXISTS (SELECT 1 FROM deliveries d JOIN apply_queue q"
+            "  ON q.delivery_id = d.id WHERE d.evaluation_id = e.id) LIMIT :limit",
             {"cutoff": cutoff, "limit": limit},
         )
     ]

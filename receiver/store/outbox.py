@@ -258,6 +258,8 @@ def replay_delivery(
     evaluation = conn.execute(
         "SELECT status, passed, task_type, client_ref FROM evaluations WHERE id = ?", (row[0],)
     ).fetchone()
+    if evaluation is None:  # its callback is not applied (yet, or it failed to apply)
+        raise BadRequest(f"evaluation {row[0]} is not stored yet; nothing to replay")
     status, passed, task_type, client_ref = evaluation
     if status not in ("completed", "failed"):
         raise BadRequest(f"evaluation {row[0]} has no verdict yet ({status}); nothing to replay")
