@@ -19,7 +19,7 @@ from .normalize import STATUSES
 from .store import EvaluationFilter
 from .store.outbox import STATES
 from .times import now, parse_moment
-from .web import read_body
+from .web import read_body, whole
 
 FILTERS = ("client_ref", "status", "passed", "task_type", "failure_code", "since", "until", "q")
 MAX_LIMIT = 500
@@ -98,9 +98,10 @@ def evaluation_filter(params: Mapping[str, str]) -> EvaluationFilter:
 
 def _limit(params: Mapping[str, str]) -> int:
     text = params.get("limit", "50")
-    if not text.isdecimal() or not 1 <= int(text) <= MAX_LIMIT:
+    limit = whole(text, MAX_LIMIT)
+    if not limit:
         raise BadRequest(f"limit must be a whole number from 1 to {MAX_LIMIT}, got {text!r}")
-    return int(text)
+    return limit
 
 
 def row_id(request: Request, name: str, what: str) -> int:
@@ -183,16 +184,15 @@ def list_forwards(request: Request) -> Response:
     if state is not None and state not in STATES:
         raise BadRequest(f"state must be one of {', '.join(STATES)}, got {state!r}")
     cursor = _one(params, "cursor")
-    if cursor is not None and not (
-        cursor.isascii() and cursor.isdigit() and int(cursor) <= MAX_ROW_ID
-    ):
+    after = None if cursor is None else whole(cursor, MAX_ROW_ID)
+    if cursor is not None and after is None:
         raise BadRequest("cursor is not valid: pass next_cursor from the previous page unchanged")
     limit = _limit(params)
     items = context(request).store.list_forwards(
         state=state,
         sink=_one(params, "sink"),
         limit=limit,
-        after=None if cursor is None else int(cursor),
+        after=after,
     )
     next_cursor = str(items[-1]["id"]) if len(items) == limit else None
     return JSONResponse({"items": items, "next_cursor": next_cursor})

@@ -9,6 +9,7 @@ import hashlib
 import hmac
 import secrets
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 from starlette.requests import HTTPConnection
@@ -33,7 +34,7 @@ def session_id(cookie: str | None, token: str, now: float | None = None) -> str 
     if not cookie or cookie.count(".") != 2:
         return None
     sid, _, mac = cookie.rpartition(".")
-    if not hmac.compare_digest(mac, _mac(token, "session", sid)):
+    if not _same(mac, _mac(token, "session", sid)):
         return None
     issued = sid.partition(".")[2]
     current = now if now is not None else time.time()
@@ -46,8 +47,29 @@ def csrf_token(token: str, sid: str) -> str:
     return _mac(token, "csrf", sid)
 
 
+def flash(token: str, *, notice: str | None = None, error: str | None = None) -> dict[str, str]:
+    """The query a redirect carries its message to the next page with, signed: a link made
+    elsewhere cannot put its own words ("log in again at …") on the dashboard."""
+    kind, text = ("notice", notice) if notice else ("error", error or "")
+    return {kind: text, "sig": _mac(token, f"flash-{kind}", text)}
+
+
+def flashed(token: str, query: Mapping[str, str], kind: str) -> str | None:
+    """The `kind` message (notice, error) of a redirect made by `flash`, if its signature holds."""
+    text = query.get(kind)
+    if not text or not _same(query.get("sig", ""), _mac(token, f"flash-{kind}", text)):
+        return None
+    return text
+
+
 def token_ok(given: str, token: str) -> bool:
-    return hmac.compare_digest(given.strip().encode(), token.encode())
+    return _same(given.strip(), token)
+
+
+def _same(given: str, expected: str) -> bool:
+    """Constant-time equality of what a client sent and what we expect. As bytes:
+    compare_digest refuses str with non-ASCII characters, which a cookie or header may hold."""
+    return hmac.compare_digest(given.encode(errors="surrogatepass"), expected.encode())
 
 
 def bearer_ok(header: str | None, token: str) -> bool:
@@ -66,9 +88,7 @@ class Identity:
         """Bearer requests cannot be forged cross-site; cookie ones must echo the CSRF token."""
         if self.bearer:
             return True
-        return self.sid is not None and hmac.compare_digest(
-            (given or "").encode(), csrf_token(token, self.sid).encode()
-        )
+        return self.sid is not None and _same(given or "", csrf_token(token, self.sid))
 
 
 def identify(connection: HTTPConnection, token: str) -> Identity | None:

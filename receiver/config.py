@@ -47,7 +47,10 @@ def read_env_file(path: Path) -> dict[str, str]:
             continue
         key, sep, value = line.removeprefix("export ").partition("=")
         if not sep or not key.strip():
-            raise ConfigError(f"{path}:{number}: expected KEY=value, got {line!r}")
+            # Not the line itself: it may be a secret written with `:` or a space for `=`.
+            raise ConfigError(
+                f"{path}:{number}: expected KEY=value (the line has no '=' or no key)"
+            )
         value = value.strip()
         if len(value) >= 2 and value[0] == value[-1] and value[0] in "'\"":
             value = value[1:-1]

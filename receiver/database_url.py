@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import unquote, urlsplit, urlunsplit
 
 SCHEMES = ("postgres://", "postgresql://")
+SECRET_PARAMETERS = ("password", "sslpassword")
 
 
 def is_postgres_url(database: str) -> bool:
@@ -12,12 +13,20 @@ def is_postgres_url(database: str) -> bool:
 
 
 def redact(database: str) -> str:
-    """The setting as it may be shown or logged: a URL's password becomes `***`."""
+    """The setting as it may be shown or logged: a URL's password, in its user part or as a
+    `password`/`sslpassword` query parameter (libpq reads both), becomes `***`."""
     if "://" not in database:
         return database
     parts = urlsplit(database)
-    if parts.password is None:
+    netloc, query = parts.netloc, "&".join(map(_masked, parts.query.split("&")))
+    if parts.password is not None:
+        userinfo, _, host = netloc.rpartition("@")
+        netloc = f"{userinfo.partition(':')[0]}:***@{host}"
+    if (netloc, query) == (parts.netloc, parts.query):
         return database
-    userinfo, _, host = parts.netloc.rpartition("@")
-    user = userinfo.partition(":")[0]
-    return urlunsplit(parts._replace(netloc=f"{user}:***@{host}"))
+    return urlunsplit(parts._replace(netloc=netloc, query=query))
+
+
+def _masked(pair: str) -> str:
+    name, equals, _ = pair.partition("=")
+    return f"{name}=***" if equals and unquote(name).lower() in SECRET_PARAMETERS else pair

@@ -15,6 +15,7 @@ import asyncio
 import json
 import logging
 import logging.config
+import re
 import time
 from typing import Any, TextIO
 
@@ -82,6 +83,11 @@ class TextFormatter(logging.Formatter):
     def __init__(self) -> None:
         super().__init__("%(asctime)s %(levelname)s %(name)s: %(message)s")
 
+    def formatMessage(self, record: logging.LogRecord) -> str:
+        """The line, control characters escaped: a request path with %0A in it must not start
+        a line of its own that reads like ours. (A traceback, added after, keeps its lines.)"""
+        return _CONTROL.sub(_escape, super().formatMessage(record))
+
     def format(self, record: logging.LogRecord) -> str:
         text = super().format(record)
         extras = extra_fields(record)
@@ -90,6 +96,13 @@ class TextFormatter(logging.Formatter):
         pairs = " ".join(f"{key}={_text_value(value)}" for key, value in extras.items())
         head, newline, tail = text.partition("\n")  # keep a traceback below the fields
         return f"{head} {pairs}{newline}{tail}"
+
+
+_CONTROL = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029]")
+
+
+def _escape(match: re.Match[str]) -> str:
+    return match.group().encode("unicode_escape").decode()
 
 
 def _text_value(value: Any) -> str:

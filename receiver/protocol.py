@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Iterable
 from functools import partial
 from typing import Any, cast
 
@@ -32,7 +33,7 @@ from .logs import WEBHOOK_PATH
 from .normalize import normalize, parse_body
 from .signing import SIGNATURE_HEADER, verify
 from .store import Receipt
-from .web import BODY_WAITED, acknowledged, kept_headers, received
+from .web import BODY_WAITED, acknowledged, kept_headers, received, whole
 
 # After uvicorn's date and server headers: what Response and SecurityHeaders add, in order.
 _HEAD = b"HTTP/1.1 200 OK\r\n"
@@ -51,6 +52,14 @@ def response(default_headers: list[tuple[bytes, bytes]], body: bytes, keep_alive
         parts.append(b"connection: close\r\n")
     parts += [b"\r\n", body]
     return b"".join(parts)
+
+
+def _declared_within(headers: Iterable[tuple[bytes, bytes]], most: int) -> bool:
+    """Whether the Content-Length, if any (a chunked body has none), is a number up to `most`."""
+    for name, value in headers:
+        if name == b"content-length":
+            return whole(value.decode("latin-1"), most) is not None
+    return True
 
 
 class WebhookProtocol(HttpToolsProtocol):
@@ -116,17 +125,22 @@ class WebhookProtocol(HttpToolsProtocol):
             super()._start_asgi_task(cycle, app)
         elif not cycle.more_body:
             self._accept(ctx, cycle)
+        elif not _declared_within(scope["headers"], self._holds_at_most(ctx)):
+            super()._start_asgi_task(cycle, app)  # the app refuses it before it is sent (413)
         else:  # most clients write the body after the headers: wait for it, as the app would
             self._held, self._held_since = cycle, self.loop.time()
             self._deadline = self.loop.call_later(ctx.settings.body_timeout, self._release)
 
+    def _holds_at_most(self, ctx: Context) -> int:
+        """The most body a callback is held for here; a larger one the app streams (and
+        refuses when too large)."""
+        return min(HIGH_WATER_LIMIT, ctx.settings.max_body_bytes)
+
     def on_body(self, body: bytes) -> None:
         super().on_body(body)
         held = self._held
-        if held is not None and len(held.body) > min(
-            HIGH_WATER_LIMIT, self.app_state[STATE_KEY].settings.max_body_bytes
-        ):
-            self._release()  # a large body: the app streams it (and refuses it when too large)
+        if held is not None and len(held.body) > self._holds_at_most(self.app_state[STATE_KEY]):
+            self._release()
 
     def on_message_complete(self) -> None:
         super().on_message_complete()

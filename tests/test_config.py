@@ -180,10 +180,24 @@ def test_a_database_password_is_never_shown(value: str) -> None:
     assert "user:***@" in str(caught.value)
 
 
-def test_the_database_is_shown_without_its_password() -> None:
-    settings = from_env({"RECEIVER_DATABASE": "postgresql://app:s3cret@db/receiver"})
-    assert settings.database_shown == "postgresql://app:***@db/receiver"
-    assert from_env({"RECEIVER_DATABASE": "r.db"}).database_shown == "r.db"
+@pytest.mark.parametrize(
+    ("database", "shown"),
+    [
+        ("postgresql://app:s3cret@db/receiver", "postgresql://app:***@db/receiver"),
+        (
+            "postgresql://app@db/receiver?password=s3cret",
+            "postgresql://app@db/receiver?password=***",
+        ),
+        (
+            "postgresql://app:s3cret@db/r?sslmode=require&sslpassword=s3cret",
+            "postgresql://app:***@db/r?sslmode=require&sslpassword=***",
+        ),
+        ("postgresql://db/receiver?sslmode=require", "postgresql://db/receiver?sslmode=require"),
+        ("r.db", "r.db"),
+    ],
+)
+def test_the_database_is_shown_without_its_password(database: str, shown: str) -> None:
+    assert from_env({"RECEIVER_DATABASE": database}).database_shown == shown
 
 
 def test_a_token_is_generated_when_unset() -> None:
@@ -275,6 +289,15 @@ def test_a_malformed_line_names_file_and_line(tmp_path: Path, content: str, line
     with pytest.raises(ConfigError) as caught:
         from_env({}, env_file=path)
     assert str(caught.value).startswith(f"{path}:{line}: expected KEY=value")
+
+
+def test_a_malformed_line_is_not_echoed(tmp_path: Path) -> None:
+    """It may be a secret written with the wrong separator."""
+    path = tmp_path / ".env"
+    path.write_text("RUNFLOW_WEBHOOK_SECRET: whsec_S3cr3tValue\n")
+    with pytest.raises(ConfigError) as caught:
+        from_env({}, env_file=path)
+    assert "S3cr3t" not in str(caught.value)
 
 
 def test_a_malformed_value_in_the_file_names_the_variable(tmp_path: Path) -> None:

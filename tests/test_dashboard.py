@@ -183,3 +183,75 @@ def test_logout_ends_the_session(browser: TestClient) -> None:
     csrf = csrf_of(browser.get("/").text)
     browser.post("/logout", data={"csrf": csrf})
     assert browser.get("/", follow_redirects=False).status_code == 303
+
+
+@pytest.mark.parametrize(
+    "judged",
+    [
+        {"judges": 5},
+        {"gate_failures": 5},
+        {"judges": [{"name": "j", "issues": 5}]},
+        {"judges": [{"name": "j", "evidence": 5}]},
+        {"judges": [{"name": "j", "issues": [5, {"category": "c"}], "evidence": "one"}]},
+    ],
+)
+def test_the_detail_page_shows_a_body_of_any_shape(browser: TestClient, judged: dict) -> None:
+    """A signed body is stored as Runflow sent it; its page must still open."""
+    body = json.loads(fixture("evaluation-completed.json"))
+    body.update(id="0193a7c2-0000-7000-8000-000000000077", **judged)
+    post_callback(browser, json.dumps(body).encode())
+    assert browser.get(f"/evaluations/{body['id']}").status_code == 200
+
+
+@pytest.mark.parametrize(
+    ("client_ref", "link"),
+    [
+        ("x/../victim", "/client-refs/x%2F..%2Fvictim"),
+        ("batch/42", "/client-refs/batch%2F42"),
+        ("..", "/evaluations?client_ref=.."),
+        (".", "/evaluations?client_ref=."),
+    ],
+)
+def test_a_client_ref_links_to_its_own_page(
+    browser: TestClient, client_ref: str, link: str
+) -> None:
+    """Jinja's urlencode keeps `/`, and a browser resolves dot segments: `x/../victim` linked
+    to the page of `victim`."""
+    body = json.loads(fixture("evaluation-completed.json"))
+    body.update(id="0193a7c2-0000-7000-8000-000000000078", client_ref=client_ref)
+    post_callback(browser, json.dumps(body).encode())
+    assert f'href="{link}"' in browser.get("/evaluations").text
+    page = browser.get(link)
+    assert page.status_code == 200
+    assert body["id"] in page.text
+
+
+def test_an_evaluation_id_with_a_slash_has_a_page(browser: TestClient) -> None:
+    body = json.loads(fixture("evaluation-completed.json"))
+    body["id"] = "batch/7"
+    post_callback(browser, json.dumps(body).encode())
+    assert 'href="/evaluations/batch%2F7"' in browser.get("/evaluations").text
+    assert browser.get("/evaluations/batch%2F7").status_code == 200
+
+
+def test_a_message_in_a_link_made_elsewhere_is_not_shown(browser: TestClient) -> None:
+    """Only the dashboard's own redirects carry a message (signed); a crafted
+    `?error=Log in again at …` shows nothing."""
+    text = "Your session expired. Log in again at https://receiver-login.example"
+    for kind in ("error", "notice"):
+        for forged in ("", "&sig=" + "0" * 64):
+            assert text not in browser.get(f"/?{kind}={text}{forged}").text
+    login = browser.post("/logout", data={"csrf": csrf_of(browser.get("/").text)})
+    assert "Logged out." in login.text
+
+
+@pytest.mark.parametrize(
+    "path",
+    [
+        "/forwards?after=99999999999999999999",
+        "/forwards?after=" + "9" * 5000,
+        "/partials/rows?limit=" + "9" * 5000,
+    ],
+)
+def test_a_huge_number_in_the_query_is_not_an_error(browser: TestClient, path: str) -> None:
+    assert browser.get(path).status_code == 200

@@ -665,6 +665,10 @@ def test_a_callback_nested_64_levels_is_accepted(fuzz_client: TestClient) -> Non
         ("GET", "/api/stats", {"until": "3000000d"}, 400),
         ("GET", "/api/evaluations", {"q": "a\x00b"}, 400),
         ("GET", "/api/forwards", {"cursor": str(2**64)}, 400),
+        ("GET", "/api/forwards", {"cursor": "9" * 5000}, 400),
+        ("GET", "/api/forwards", {"limit": "9" * 5000}, 400),
+        ("GET", "/api/evaluations", {"limit": "9" * 5000}, 400),
+        ("GET", "/api/evaluations", {"cursor": "WyJcdWQ4MDAiLCJ4Il0"}, 400),  # ["\ud800","x"]
         ("POST", f"/api/forwards/{2**64}/retry", {}, 404),
         ("POST", f"/api/deliveries/{2**64}/replay", {}, 404),
     ],

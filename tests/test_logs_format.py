@@ -101,6 +101,23 @@ def test_text_lines_append_the_fields() -> None:
     assert line.endswith('request_id="req 1" outcome=stored status=200')
 
 
+def test_a_text_line_cannot_be_split_by_what_a_client_sent() -> None:
+    """A request path with %0A in it must not start a line that reads like one of ours; a
+    traceback keeps its lines."""
+    forged = "/nope\n2026-11-24 09:00:00,000 WARNING receiver.web: callback refused\r\x1b[31m\u2028"
+    entry = logging.LogRecord("receiver.access", logging.INFO, "", 0, "GET %s 404", (forged,), None)
+    line = logs.TextFormatter().format(entry)
+    assert not any(control in line for control in "\n\r\x1b\u2028")
+    assert "GET /nope\\n2026-11-24 09:00:00,000 WARNING" in line
+    try:
+        raise ValueError("boom")
+    except ValueError:
+        failed = logging.LogRecord("receiver", logging.ERROR, "", 0, "failed", (), sys.exc_info())
+    assert (
+        logs.TextFormatter().format(failed).splitlines()[1] == "Traceback (most recent call last):"
+    )
+
+
 @pytest.mark.parametrize(
     ("given", "tty", "expected"),
     [

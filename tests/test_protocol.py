@@ -13,6 +13,7 @@ from collections.abc import Callable, Iterator
 from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -67,9 +68,10 @@ def serve(
     directory: Path,
     http: type[asyncio.Protocol] | str,
     store: Callable[[Settings], Store] | None = None,
+    **changes: Any,
 ) -> Server:
     directory.mkdir()
-    settings = make_settings(directory, max_body_bytes=MAX_BODY, worker=False)
+    settings = make_settings(directory, max_body_bytes=MAX_BODY, worker=False, **changes)
     reached = Reached(create_app(settings, store=store(settings) if store else None))
     return Server(stack.enter_context(serve_in_thread(reached, http=http)), settings, reached)
 
@@ -239,6 +241,40 @@ def test_a_body_slower_than_its_budget_gets_the_apps_408_in_time(tmp_path: Path)
     assert reached.webhooks == 1
     [waited] = reached.waited  # the app's timer ran for the budget less this
     assert waited >= 0.45
+
+
+def test_a_body_declared_too_large_is_refused_before_it_is_sent(tmp_path: Path) -> None:
+    """As uvicorn's protocol would: the app answers 413 from the headers, not after
+    RECEIVER_BODY_TIMEOUT (here longer than the client waits)."""
+    with ExitStack() as stack:
+        plain, fast = (
+            serve(stack, tmp_path / name, http, body_timeout=60)
+            for name, http in (("plain", "httptools"), ("fast", WebhookProtocol))
+        )
+        answers = []
+        for server in (plain, fast):
+            with connect(server) as sock:
+                sock.settimeout(5)
+                sock.sendall(head(b"x" * (MAX_BODY + 1)))
+                [(status, answered)] = read_responses(sock, 1)
+            answers.append((status.split(b"\r\n")[0], answered))
+    assert answers[0] == answers[1]
+    assert answers[0][0] == b"HTTP/1.1 413 Request Entity Too Large"
+
+
+def test_a_content_length_padded_with_zeros_is_read_as_its_number(
+    servers: tuple[Server, Server],
+) -> None:
+    """httptools lets 5,000 leading zeros by; Python's int() refuses that many digits."""
+    answers = []
+    for server, number in zip(servers, (30, 31), strict=True):
+        body = callback(number)
+        padded = head(body).replace(b"Content-Length: ", b"Content-Length: " + b"0" * 5000)
+        with connect(server) as sock:
+            sock.sendall(padded + body)
+            [(status, answered)] = read_responses(sock, 1)
+        answers.append((status.split(b"\r\n")[0], answered["outcome"]))
+    assert answers == [(b"HTTP/1.1 200 OK", "stored")] * 2
 
 
 def test_expect_100_continue_is_left_to_the_app(servers: tuple[Server, Server]) -> None:

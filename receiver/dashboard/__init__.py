@@ -18,8 +18,10 @@ def routes() -> list[BaseRoute]:
         Route("/logout", act(actions.logout), methods=["POST"]),
         Route("/", protected(pages.overview), methods=["GET"]),
         Route("/evaluations", protected(pages.evaluations), methods=["GET"]),
-        Route("/evaluations/{evaluation_id}/feedback", act(actions.feedback), methods=["POST"]),
-        Route("/evaluations/{evaluation_id}", protected(pages.evaluation), methods=["GET"]),
+        Route(
+            "/evaluations/{evaluation_id:path}/feedback", act(actions.feedback), methods=["POST"]
+        ),
+        Route("/evaluations/{evaluation_id:path}", protected(pages.evaluation), methods=["GET"]),
         Route("/client-refs/{client_ref:path}", protected(pages.client_ref), methods=["GET"]),
         Route("/forwards", protected(pages.forwards), methods=["GET"]),
         Route("/forwards/retry-dead", act(actions.retry_dead), methods=["POST"]),

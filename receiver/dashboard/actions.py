@@ -11,7 +11,7 @@ from starlette.requests import Request
 from starlette.responses import RedirectResponse, Response
 
 from ..api import row_id
-from ..auth import COOKIE, SESSION_SECONDS, identify, new_session, token_ok
+from ..auth import COOKIE, SESSION_SECONDS, flash, identify, new_session, token_ok
 from ..context import context
 from ..errors import BadRequest, Forbidden, NotFound, ReceiverError
 from ..feedback import RATINGS, send_feedback
@@ -21,8 +21,10 @@ from .safety import form, local_path
 log = logging.getLogger("receiver.dashboard")
 
 
-def back(path: str, *, notice: str | None = None, error: str | None = None) -> Response:
-    message = {"notice": notice} if notice else {"error": error or ""}
+def back(
+    request: Request, path: str, *, notice: str | None = None, error: str | None = None
+) -> Response:
+    message = flash(context(request).settings.dashboard_token, notice=notice, error=error)
     joiner = "&" if "?" in path else "?"
     return RedirectResponse(f"{path}{joiner}{urlencode(message)}", status_code=303)
 
@@ -46,9 +48,8 @@ async def login(request: Request) -> Response:
     given = fields.get("token", "")
     if not token_ok(given, ctx.settings.dashboard_token):
         log.warning("dashboard login refused")
-        return RedirectResponse(
-            "/login?" + urlencode({"next": target, "error": "That token is not right."}),
-            status_code=303,
+        return back(
+            request, "/login?" + urlencode({"next": target}), error="That token is not right."
         )
     response = RedirectResponse(target, status_code=303)
     secure = request.url.scheme == "https" or (ctx.settings.public_url or "").startswith("https:")
@@ -66,7 +67,7 @@ async def login(request: Request) -> Response:
 
 async def logout(request: Request) -> Response:
     await checked_form(request)
-    response = RedirectResponse("/login?" + urlencode({"notice": "Logged out."}), status_code=303)
+    response = back(request, "/login", notice="Logged out.")
     response.delete_cookie(COOKIE, path="/", httponly=True, samesite="strict")
     return response
 
@@ -78,7 +79,7 @@ async def feedback(request: Request) -> Response:
     page = f"/evaluations/{quote(evaluation_id, safe='')}"
     rating = fields.get("rating", "")
     if rating not in RATINGS:
-        return back(page, error="Choose 👍, 👎 or clear.")
+        return back(request, page, error="Choose 👍, 👎 or clear.")
     reason = fields.get("reason") or None
     try:
         await send_feedback(
@@ -87,8 +88,9 @@ async def feedback(request: Request) -> Response:
     except NotFound:
         raise
     except ReceiverError as exc:  # a bad reason, no API key, or Runflow's own refusal
-        return back(page, error=f"Feedback not saved: {exc}")
+        return back(request, page, error=f"Feedback not saved: {exc}")
     return back(
+        request,
         page,
         notice={
             "up": "Thanks: 👍 sent to Runflow.",
@@ -106,9 +108,9 @@ async def retry(request: Request) -> Response:
         forward_id = row_id(request, "forward_id", "forward")
         await ctx.store.retry_forward(forward_id, now())
     except (BadRequest, NotFound) as exc:
-        return back(target, error=str(exc))
+        return back(request, target, error=str(exc))
     ctx.notify()
-    return back(target, notice=f"Forward {forward_id} will be sent again.")
+    return back(request, target, notice=f"Forward {forward_id} will be sent again.")
 
 
 async def retry_dead(request: Request) -> Response:
@@ -117,4 +119,6 @@ async def retry_dead(request: Request) -> Response:
     sink = fields.get("sink") or None
     count = await ctx.store.retry_dead(now(), sink)
     ctx.notify()
-    return back("/forwards?state=dead", notice=f"{count} dead forward(s) will be sent again.")
+    return back(
+        request, "/forwards?state=dead", notice=f"{count} dead forward(s) will be sent again."
+    )

@@ -12,13 +12,14 @@ from starlette.requests import Request
 from starlette.responses import RedirectResponse, Response
 
 from .. import charts
-from ..api import FILTERS, evaluation_filter
+from ..api import FILTERS, MAX_ROW_ID, evaluation_filter
 from ..auth import identify
 from ..context import context
 from ..errors import BadRequest, NotFound
 from ..normalize import STATUSES
 from ..store import EvaluationFilter
 from ..store.outbox import STATES
+from ..web import whole
 from .render import Endpoint, html_errors, render, templates
 from .safety import local_path
 
@@ -116,7 +117,7 @@ def evaluations(request: Request) -> Response:
 def rows(request: Request) -> Response:
     """New rows for live updates: the same filters, `since` = newest shown."""
     params = {k: v for k, v in request.query_params.items() if v != ""}
-    limit = min(int(params.get("limit", "10")) if params.get("limit", "").isdecimal() else 10, 100)
+    limit = min(whole(params.get("limit", ""), MAX_ROW_ID) or 10, 100)
     where = evaluation_filter({k: v for k, v in params.items() if k in FILTERS})
     items, _ = context(request).store.list_evaluations(where, limit)
     return templates().TemplateResponse(request, "_rows.html", {"items": items})
@@ -125,6 +126,8 @@ def rows(request: Request) -> Response:
 def evaluation(request: Request) -> Response:
     store = context(request).store
     evaluation_id = request.path_params["evaluation_id"]
+    if not evaluation_id:  # `/evaluations/` (the route takes any path: an id may hold `/`)
+        return RedirectResponse("/evaluations", status_code=307)
     detail = store.get_evaluation(evaluation_id)
     if detail is None:
         raise NotFound(f"no evaluation {evaluation_id!r}")
@@ -144,11 +147,28 @@ def evaluation(request: Request) -> Response:
             "failure_summary": action.get("failure_summary"),
             "improved_prompt": action.get("improved_prompt"),
         },
-        judges=[j for j in runflow.get("judges") or [] if isinstance(j, dict)],
-        gate_failures=[g for g in runflow.get("gate_failures") or [] if isinstance(g, dict)],
+        judges=[
+            {
+                **judge,
+                "issues": _dicts(judge.get("issues")),
+                "evidence": _list(judge.get("evidence")),
+            }
+            for judge in _dicts(runflow.get("judges"))
+        ],
+        gate_failures=_dicts(runflow.get("gate_failures")),
         lineage=store.lineage(evaluation_id),
         image_url=image if image and image.startswith(("https://", "http://")) else None,
     )
+
+
+def _dicts(value: Any) -> list[dict[str, Any]]:
+    """The objects of a stored list. A signed body is stored as Runflow sent it, so its shape
+    is checked where it is shown: a page must not fail on an unexpected one."""
+    return [item for item in value if isinstance(item, dict)] if isinstance(value, list) else []
+
+
+def _list(value: Any) -> list[Any]:
+    return value if isinstance(value, list) else [] if value is None else [value]
 
 
 def client_ref(request: Request) -> Response:
@@ -169,7 +189,7 @@ def forwards(request: Request) -> Response:
         state=state,
         sink=sink,
         limit=PAGE + 1,
-        after=int(after) if after and after.isdecimal() else None,
+        after=whole(after, MAX_ROW_ID) if after else None,
     )
     more = len(items) > PAGE
     items = items[:PAGE]

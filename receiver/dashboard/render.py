@@ -6,12 +6,13 @@ import functools
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote, urlencode
 
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.templating import Jinja2Templates
 
-from ..auth import csrf_token
+from ..auth import csrf_token, flashed
 from ..context import context
 from ..errors import ReceiverError
 
@@ -21,16 +22,35 @@ Endpoint = Callable[[Request], Awaitable[Response]]
 
 @functools.cache
 def templates() -> Jinja2Templates:
-    return Jinja2Templates(directory=HERE / "templates")
+    found = Jinja2Templates(directory=HERE / "templates")
+    found.env.filters["segment"] = segment
+    found.env.globals["client_ref_url"] = client_ref_url
+    return found
+
+
+def segment(value: str) -> str:
+    """`value` as one path segment. Jinja's urlencode keeps `/`, so a client_ref `x/../y`
+    would link to the page of `y`."""
+    return quote(value, safe="")
+
+
+def client_ref_url(client_ref: str) -> str:
+    """Its page; for `.` and `..`, which a browser resolves as dot segments even encoded, its
+    evaluations."""
+    if client_ref in (".", ".."):
+        return "/evaluations?" + urlencode({"client_ref": client_ref})
+    return "/client-refs/" + segment(client_ref)
 
 
 def render(request: Request, name: str, status: int = 200, **values: Any) -> Response:
     """`csrf` is the session's token for forms ("" under bearer auth, None when logged out)."""
+    token = context(request).settings.dashboard_token
     if "csrf" not in values:
         sid = getattr(request.state, "sid", None)
-        values["csrf"] = csrf_token(context(request).settings.dashboard_token, sid) if sid else ""
-    values.setdefault("error", request.query_params.get("error"))
-    values.setdefault("notice", request.query_params.get("notice"))
+        values["csrf"] = csrf_token(token, sid) if sid else ""
+    for kind in ("error", "notice"):
+        if kind not in values:
+            values[kind] = flashed(token, request.query_params, kind)
     return templates().TemplateResponse(request, name, values, status_code=status)
 
 

@@ -51,6 +51,7 @@ def decode_cursor(cursor: str) -> tuple[str, str]:
         raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4))
         received_at, evaluation_id = json.loads(raw)
         if isinstance(received_at, str) and isinstance(evaluation_id, str):
+            received_at.encode(), evaluation_id.encode()  # a lone surrogate cannot be bound
             return received_at, evaluation_id
     except (binascii.Error, ValueError, TypeError):
         pass
