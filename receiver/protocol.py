@@ -125,8 +125,10 @@ class WebhookProtocol(HttpToolsProtocol):
             super()._start_asgi_task(cycle, app)
         elif not cycle.more_body:
             self._accept(ctx, cycle)
-        elif not _declared_within(scope["headers"], self._holds_at_most(ctx)):
-            super()._start_asgi_task(cycle, app)  # the app refuses it before it is sent (413)
+        elif not _declared_within(scope["headers"], HIGH_WATER_LIMIT):
+            # More than is ever held here: the app streams it, or refuses it before it is sent
+            # (413). A smaller one is read first, so the answer never races a reset.
+            super()._start_asgi_task(cycle, app)
         else:  # most clients write the body after the headers: wait for it, as the app would
             self._held, self._held_since = cycle, self.loop.time()
             self._deadline = self.loop.call_later(ctx.settings.body_timeout, self._release)
