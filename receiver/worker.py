@@ -12,6 +12,7 @@ import contextlib
 import json
 import logging
 from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 
 import httpx
@@ -23,7 +24,7 @@ from .metrics import Metrics
 from .normalize import TERMINAL, normalize, parse_body
 from .retry import backoff
 from .runflow import RunflowClient, RunflowError, client_for
-from .sinks import Sink, SinkError, build_sink
+from .sinks import Event, NotSent, OneByOne, Sink, SinkError, build_sink
 from .store import Claim, Delivery, Outcome, Store
 from .times import format_time
 
@@ -34,6 +35,16 @@ POLLS_PER_SECOND = 5.0  # reconciliation's bound on Runflow API requests
 
 def utcnow() -> datetime:
     return datetime.now(UTC)
+
+
+@dataclass
+class Batch:
+    """One sink's forwards claimed in one round, and what became of each."""
+
+    sending: list[tuple[Claim, Event]]  # the claims the sink wants, with their events
+    lease: str  # until when they are this worker's (renewed while they are sent)
+    outcomes: list[Outcome]  # the ones skipped, then how each attempt ended
+    sent: dict[int, SinkError | None] = field(default_factory=dict)  # index → result, as done
 
 
 class Worker:
@@ -118,7 +129,8 @@ class Worker:
             self._tasks.append(asyncio.create_task(self._reconcile_loop()))
 
     async def stop(self, timeout: float = 30.0) -> None:
-        """Let in-flight deliveries finish (bounded by `timeout`), then close the sinks."""
+        """Let in-flight deliveries finish (bounded by `timeout`; a batch sent one by one
+        sends no more, and gives the rest back), then close the sinks."""
         self._stopping = True
         self._active = False
         self._stopped.set()
@@ -164,17 +176,18 @@ class Worker:
         name = sink.spec.name
         if not self.store.has_due(name, format_time(now)):
             return 0
+        lease = format_time(now + self.lease)
         claims = await self.store.claim_forwards(
             name,
             now=format_time(now),
-            lease_until=format_time(now + self.lease),
+            lease_until=lease,
             refetch_cutoff=format_time(now - timedelta(seconds=self.settings.refetch_budget)),
             limit=self.batch_size,
         )
         if not claims:
             return 0
         outcomes: list[Outcome] = []
-        sending: list[tuple[Claim, dict[str, object]]] = []
+        sending: list[tuple[Claim, Event]] = []
         for claim in claims:
             event = build_event(
                 claim.fields,
@@ -194,26 +207,65 @@ class Worker:
                 sending.append((claim, event))
             else:  # known only now, after refetch: the sink does not want it
                 outcomes.append(Outcome(claim.outbox_id, "skipped", format_time(now)))
+        batch = Batch(sending, lease, outcomes)
         if sending:
-            results = await self._deliver(sink, [event for _, event in sending])
-            finished = self.clock()
-            for (claim, _), error in zip(sending, results, strict=True):
-                outcomes.append(self._outcome(sink, claim, error, finished))
-        await self.store.finish_forwards(outcomes, format_time(self.clock()))
-        counters = self.metrics.forward_results(name)
-        for outcome in outcomes:
-            counters[outcome.state].inc()
+            try:
+                await self._send(sink, batch)
+            except asyncio.CancelledError:  # stopped past its timeout: keep what is known
+                await self._finish(sink, batch)
+                raise
+        await self._finish(sink, batch)
         return len(claims)
 
-    async def _deliver(self, sink: Sink, events: list[dict[str, object]]) -> list[SinkError | None]:
+    async def _send(self, sink: Sink, batch: Batch) -> None:
+        """Deliver the batch, renewing its lease while it is sent: a slow one (a chat sink
+        posts one event at a time) must not be claimed and sent again by another worker."""
+        ids = [claim.outbox_id for claim, _ in batch.sending]
+        events = [event for _, event in batch.sending]
+        delivering = asyncio.create_task(self._deliver(sink, events, batch.sent))
+        try:
+            while not (await asyncio.wait({delivering}, timeout=self.lease.total_seconds() / 3))[0]:
+                renewed = format_time(self.clock() + self.lease)
+                await self.store.lease_forwards(ids, batch.lease, renewed)
+                batch.lease = renewed
+        finally:
+            delivering.cancel()  # done already, unless this round is being cancelled
+        delivering.result()  # a sink's own bug: the round fails, and its claims run out
+
+    async def _finish(self, sink: Sink, batch: Batch) -> None:
+        """Record how each attempt ended; give back what was not sent (not an attempt)."""
+        finished = self.clock()
+        unsent = []
+        for index, (claim, _) in enumerate(batch.sending):
+            error = batch.sent.get(index, NotSent())
+            if isinstance(error, NotSent):
+                unsent.append(claim.outbox_id)
+            else:
+                batch.outcomes.append(self._outcome(sink, claim, error, finished))
+        stamp = format_time(self.clock())
+        await self.store.finish_forwards(batch.outcomes, stamp)
+        await self.store.lease_forwards(unsent, batch.lease, stamp)
+        counters = self.metrics.forward_results(sink.spec.name)
+        for outcome in batch.outcomes:
+            counters[outcome.state].inc()
+
+    async def _deliver(
+        self, sink: Sink, events: list[Event], sent: dict[int, SinkError | None]
+    ) -> None:
+        """Fill `sent` with each event's result: as each is done for a sink that sends them
+        one by one, at once for one that sends the batch in one go."""
         if sink.spec.name not in self._started:
             try:
                 await sink.start()
             except Exception as exc:
                 error = exc if isinstance(exc, SinkError) else SinkError(f"cannot start: {exc}")
-                return [error] * len(events)
+                sent.update(dict.fromkeys(range(len(events)), error))
+                return
             self._started.add(sink.spec.name)
-        return await sink.deliver(events)
+        if isinstance(sink, OneByOne):
+            await sink.deliver(events, sent.__setitem__, lambda: self._stopping)
+        else:
+            sent.update(enumerate(await sink.deliver(events)))
 
     def _outcome(self, sink: Sink, claim: Claim, error: SinkError | None, now: datetime) -> Outcome:
         if error is None:

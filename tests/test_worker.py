@@ -6,6 +6,7 @@ import asyncio
 import json
 from collections.abc import AsyncIterator, Iterator, Sequence
 from dataclasses import replace
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +19,7 @@ from receiver.fakes.runflow import FakeRunflow
 from receiver.fakes.server import serve_in_thread
 from receiver.normalize import normalize, parse_body
 from receiver.runflow import RunflowClient
-from receiver.sinks import Event, SinkError
+from receiver.sinks import Event, OneByOne, SinkError
 from receiver.sinkspec import SinkSpec
 from receiver.store import Delivery, Forwarding, Store
 from receiver.worker import Worker
@@ -469,6 +470,82 @@ class SlowSink(RecordingSink):
     async def deliver(self, events: Sequence[Event]) -> list[SinkError | None]:
         await asyncio.sleep(self.delay)
         return await super().deliver(events)
+
+
+async def test_a_slow_batch_keeps_its_lease(tmp_path: Path, http: httpx.AsyncClient) -> None:
+    """A batch that takes longer than the lease (a chat sink posting one event at a time) is
+    not claimed and sent again by another worker meanwhile."""
+    slow, other = SlowSink(spec("s")), RecordingSink(spec("s"))
+    settings = make_settings(tmp_path)
+    first, second = Rig(settings, [slow], http), Rig(settings, [other], http)
+    for rig in (first, second):
+        rig.store.open()
+        rig.worker.lease = timedelta(seconds=0.3)
+    try:
+        await first.post("evaluation-completed.json")
+
+        async def later() -> int:
+            await asyncio.sleep(0.5)  # past the first lease, while the batch is still sent
+            return await second.worker.run_once()
+
+        await asyncio.gather(first.worker.run_once(), later())
+        states = first.rows("SELECT state, attempts FROM outbox")
+    finally:
+        for rig in (first, second):
+            rig.store.close()
+    assert len(slow.received) == 1
+    assert other.received == []
+    assert states == [("done", 1)]
+
+
+class OneAtATime(OneByOne):
+    """A chat sink: one post per event, `delay` seconds each; `hang_after` posts, it hangs."""
+
+    concurrency = 1
+
+    def __init__(self, spec: SinkSpec, delay: float, hang_after: int | None = None) -> None:
+        super().__init__(spec)
+        self.delay, self.hang_after = delay, hang_after
+        self.received: list[str] = []
+
+    async def send(self, event: Event) -> None:
+        if self.hang_after is not None and len(self.received) >= self.hang_after:
+            await asyncio.Event().wait()
+        await asyncio.sleep(self.delay)
+        self.received.append(event["id"])
+
+
+@pytest.mark.parametrize("hangs", [False, True], ids=["halted", "cancelled"])
+async def test_a_stop_mid_batch_sends_nothing_twice(
+    tmp_path: Path, http: httpx.AsyncClient, hangs: bool
+) -> None:
+    """Stopping (a deploy) while a chat backlog drains: what went out is recorded, the rest
+    is given back at once, not an attempt, and the next process sends only that. Whether the
+    post in flight finishes (halted) or hangs past stop's timeout (cancelled)."""
+    chat = OneAtATime(spec("chat"), delay=0.02, hang_after=5 if hangs else None)
+    rig = rig_for(tmp_path, http, [chat])  # type: ignore[list-item]
+    template = json.loads(fixture("evaluation-completed.json"))
+    try:
+        for n in range(40):
+            await rig.post(
+                json.dumps({**template, "id": f"0193a7c2-0000-7000-8000-{n:012d}"}).encode()
+            )
+        await rig.worker.start()
+        while len(chat.received) < 5:
+            await asyncio.sleep(0.01)
+        await rig.worker.stop(timeout=0.3)
+        first = list(chat.received)
+        states = dict(rig.rows("SELECT state, count(*) FROM outbox GROUP BY state"))
+        given_back = rig.rows("SELECT DISTINCT attempts FROM outbox WHERE state = 'pending'")
+        chat.hang_after = None
+        restarted = Worker(rig.settings, rig.store, [chat], None)  # the next process
+        while await restarted.run_once():
+            pass
+    finally:
+        rig.store.close()
+    assert states == {"done": len(first), "pending": 40 - len(first)}
+    assert given_back == [(0,)]
+    assert len(chat.received) == len(set(chat.received)) == 40
 
 
 async def test_a_slow_sink_never_delays_the_others(tmp_path: Path, http: httpx.AsyncClient) -> None:

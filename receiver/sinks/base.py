@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, Protocol
 
 from ..sinkspec import SinkSpec
@@ -23,6 +23,17 @@ class SinkError(Exception):
         self.permanent = permanent
 
 
+class NotSent(SinkError):
+    """The worker stopped before this event was sent: give it back, it was not an attempt."""
+
+    def __init__(self) -> None:
+        super().__init__("not sent: the worker is stopping")
+
+
+# Called as each event of a batch is done: its index in the batch, its result.
+Progress = Callable[[int, SinkError | None], object]
+
+
 class Sink(Protocol):
     spec: SinkSpec
 
@@ -37,7 +48,12 @@ class Sink(Protocol):
 
 class OneByOne:
     """For destinations that take one request per event: `deliver` runs `send` concurrently
-    (bounded) and turns any failure into a SinkError for that event alone."""
+    (bounded) and turns any failure into a SinkError for that event alone.
+
+    A batch of them can take minutes (a chat sink posts one at a time), so `deliver` tells
+    `progress` of each event as it is done, and once `halted()` it sends no more (the rest
+    are NotSent): a worker that stops mid-batch records what went out and gives back the
+    rest, and a restart sends nothing twice."""
 
     concurrency = 8
 
@@ -53,17 +69,28 @@ class OneByOne:
     async def send(self, event: Event) -> None:
         raise NotImplementedError
 
-    async def deliver(self, events: Sequence[Event]) -> list[SinkError | None]:
+    async def deliver(
+        self,
+        events: Sequence[Event],
+        progress: Progress | None = None,
+        halted: Callable[[], bool] = lambda: False,
+    ) -> list[SinkError | None]:
         gate = asyncio.Semaphore(self.concurrency)
 
-        async def one(event: Event) -> SinkError | None:
+        async def one(index: int, event: Event) -> SinkError | None:
             async with gate:
-                try:
-                    await self.send(event)
-                except SinkError as exc:
-                    return exc
-                except Exception as exc:  # a destination library's own error
-                    return SinkError(f"{type(exc).__name__}: {exc}")
-                return None
+                result = NotSent() if halted() else await self._send(event)
+            if progress is not None:
+                progress(index, result)
+            return result
 
-        return list(await asyncio.gather(*(one(event) for event in events)))
+        return list(await asyncio.gather(*(one(n, event) for n, event in enumerate(events))))
+
+    async def _send(self, event: Event) -> SinkError | None:
+        try:
+            await self.send(event)
+        except SinkError as exc:
+            return exc
+        except Exception as exc:  # a destination library's own error
+            return SinkError(f"{type(exc).__name__}: {exc}")
+        return None

@@ -201,6 +201,9 @@ class Store:
     async def finish_forwards(self, outcomes: list[Outcome], stamp: str) -> None:
         await self.writer.run(partial(outbox.finish_forwards, outcomes=outcomes, stamp=stamp))
 
+    async def lease_forwards(self, ids: list[int], held: str, until: str) -> None:
+        await self.writer.run(partial(outbox.lease_forwards, ids=ids, held=held, until=until))
+
     async def claim_refetches(
         self, *, now: str, lease_until: str, limit: int
     ) -> list[tuple[str, int]]:

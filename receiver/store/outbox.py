@@ -102,6 +102,19 @@ def finish_forwards(conn: sqlite3.Connection, outcomes: list[Outcome], stamp: st
     )
 
 
+def lease_forwards(conn: sqlite3.Connection, ids: list[int], held: str, until: str) -> None:
+    """Move the lease of claimed rows still pending and still held (their lease is `held`: not
+    run out and claimed by another worker meanwhile) to `until`: later, while a slow batch
+    is still being sent; now, to give back rows a stopping worker did not send."""
+    if ids:
+        marks = ", ".join("?" * len(ids))
+        conn.execute(
+            f"UPDATE outbox SET next_attempt_at = ? WHERE id IN ({marks})"
+            " AND state = 'pending' AND next_attempt_at = ?",
+            (until, *ids, held),
+        )
+
+
 def claim_refetches(
     conn: sqlite3.Connection, *, now: str, lease_until: str, limit: int
 ) -> list[tuple[str, int]]:
