@@ -25,9 +25,15 @@ from ..database_url import redact
 CONNECT_TIMEOUT = 10
 
 
+# What libpq's messages name in quotes: a server, a user, a database.
+_NAMED = re.compile(r'((?:server (?:at|on socket)|user|database) )"[^"]*"')
+
+
 def describe(exc: BaseException) -> str:
-    """A psycopg error as one line for a reason or a log: a URL's password never shown."""
-    return redact(str(exc).strip()) or type(exc).__name__
+    """A psycopg error as one line for a reason or a log, with no password, host, user or
+    database name in it: a reason also reaches callers who proved nothing (/readyz, the
+    webhook's 503), and RECEIVER_DATABASE, shown at start, already says which server."""
+    return _NAMED.sub(r'\1"…"', " ".join(redact(str(exc)).split())) or type(exc).__name__
 
 
 # (pattern, replacement) in order; each turns an SQLite idiom of the store's SQL into its
