@@ -14,6 +14,7 @@ import httpx
 
 from .cliutil import echo_json, first_secret, load_settings, writing_store
 from .feedback import RATINGS, send_feedback
+from .normalize import normalize
 from .signing import sign
 from .store import Store
 from .times import now
@@ -89,9 +90,7 @@ def refetch(evaluation_id: str) -> None:
         async with http_client() as http:
             client = client_for(settings, http)
             found = await client.get_evaluation(evaluation_id, settings.refetch_embeds)
-        if not isinstance(found, dict) or found.get("id") != evaluation_id:
-            raise click.ClickException("Runflow answered with a different or malformed evaluation")
-        await store.refetched(found, now())
+        await store.refetched(normalize(found).fields, now())
 
     with writing_store(settings) as store:
         asyncio.run(run(store))

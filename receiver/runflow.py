@@ -21,6 +21,7 @@ import httpx
 
 from .config import Settings
 from .errors import BadRequest, NotConfigured, ReceiverError
+from .normalize import parse_body
 from .retry import backoff, parse_retry_after
 from .runflow_requests import (
     SubmitRequest,
@@ -113,7 +114,7 @@ class RunflowClient:
 
     async def _request(
         self, method: str, path: str, headers: Mapping[str, str] | None = None, **kwargs: Any
-    ) -> Any:
+    ) -> dict[str, Any]:
         url = self._base + path
         sent = {**self._headers, **(headers or {})}
         try:
@@ -127,18 +128,23 @@ class RunflowClient:
                 f"Runflow {method} {path} failed: {type(exc).__name__}", retryable=True
             ) from None
         if response.is_success:
-            try:
-                return response.json()
-            except ValueError:
+            try:  # as strict as a callback: what Runflow answers is stored the same way
+                return parse_body(response.content)
+            except BadRequest as exc:
                 raise RunflowError(
-                    f"Runflow {method} {path} answered {response.status_code} with no JSON",
+                    f"Runflow {method} {path} answered {response.status_code}: {exc}",
                     retryable=True,
                 ) from None
         raise _error(method, path, response)
 
-    async def get_evaluation(self, evaluation_id: str, embeds: Sequence[str] = ()) -> Any:
+    async def get_evaluation(
+        self, evaluation_id: str, embeds: Sequence[str] = ()
+    ) -> dict[str, Any]:
         params = {"embed": ",".join(embeds)} if embeds else None
-        return await self._request("GET", evaluation_path(evaluation_id), params=params)
+        found = await self._request("GET", evaluation_path(evaluation_id), params=params)
+        if found.get("id") != evaluation_id:
+            raise RunflowError("Runflow answered with a different or malformed evaluation")
+        return found
 
     async def _retrying(self, method: str, path: str, **kwargs: Any) -> Any:
         """`_request`, tried again after retryable failures (safe: every call that uses this

@@ -24,6 +24,7 @@ REFERENCE_IMAGES_MAX = 4
 CALLBACK_URL_MAX = 2048
 REASON_MAX = 2000
 IDEMPOTENCY_KEY_MAX = 255
+JOB_CLASSES = ("standard",)  # the contract's one class
 OPTIONAL_TEXT = ("task_description", "generation_prompt", "evaluation_instructions", "job_class")
 
 
@@ -130,6 +131,8 @@ def submit_problems(
     run_id = body.get("run_id")
     if run_id is not None and not is_uuid(run_id):
         add("run_id", "must be a UUID")
+    if isinstance(body.get("job_class"), str) and body["job_class"] not in JOB_CLASSES:
+        add("job_class", f"must be one of {', '.join(JOB_CLASSES)}")
     client_ref = body.get("client_ref")
     if client_ref is not None:
         if not isinstance(client_ref, str):

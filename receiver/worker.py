@@ -21,7 +21,7 @@ from .config import Settings
 from .errors import ReceiverError
 from .events import build_event
 from .metrics import Metrics
-from .normalize import TERMINAL, normalize, parse_body
+from .normalize import TERMINAL, normalize
 from .retry import backoff
 from .runflow import RunflowClient, RunflowError, client_for
 from .sinks import Event, NotSent, OneByOne, Sink, SinkError, build_sink
@@ -31,6 +31,7 @@ from .times import format_time
 log = logging.getLogger("receiver.worker")
 
 POLLS_PER_SECOND = 5.0  # reconciliation's bound on Runflow API requests
+LIMITED = "limited"  # a poll Runflow answered 429: the pass stops there
 
 
 def utcnow() -> datetime:
@@ -297,12 +298,20 @@ class Worker:
         assert self.runflow is not None
         try:
             found = await self.runflow.get_evaluation(evaluation_id, self.settings.refetch_embeds)
-            if not isinstance(found, dict) or found.get("id") != evaluation_id:
-                raise RunflowError("Runflow answered with a different or malformed evaluation")
-        except RunflowError as exc:
+            fields = normalize(found).fields
+            status = fields.get("status_code")
+            if status not in TERMINAL:  # only verdicts are refetched; Runflow's GET can lag
+                raise RunflowError(
+                    f"Runflow still answers {status}: no verdict yet", retryable=True
+                )
+        except (RunflowError, ReceiverError) as exc:
             attempt = attempts + 1
             retry_at = None
-            if exc.retryable and attempt < self.settings.max_attempts:
+            if (
+                isinstance(exc, RunflowError)
+                and exc.retryable
+                and attempt < self.settings.max_attempts
+            ):
                 delay = backoff(
                     attempt, self.settings.retry_base, self.settings.retry_max, exc.retry_after
                 )
@@ -312,7 +321,7 @@ class Worker:
             )
             self.metrics.refetch_results["failed" if retry_at is None else "retry"].inc()
             return
-        await self.store.refetched(found, format_time(self.clock()))
+        await self.store.refetched(fields, format_time(self.clock()))
         self.metrics.refetch_results["ok"].inc()
 
     async def _reconcile_loop(self) -> None:
@@ -343,8 +352,10 @@ class Worker:
                 await asyncio.sleep(1 / POLLS_PER_SECOND)
             counts["polled"] += 1
             outcome = await self._poll(evaluation_id, polls)
-            counts[outcome] += 1
-            self.metrics.reconcile_results[outcome].inc()
+            counts["errors" if outcome == LIMITED else outcome] += 1
+            self.metrics.reconcile_results["errors" if outcome == LIMITED else outcome].inc()
+            if outcome == LIMITED:  # the rest of the pass waits out its lease
+                break
         if counts["verdicts"]:
             self.notify()
         return counts
@@ -355,20 +366,27 @@ class Worker:
         after = self.settings.reconcile_after
         try:
             found = await self.client.get_evaluation(evaluation_id, embeds)
-            if not isinstance(found, dict) or found.get("id") != evaluation_id:
-                raise RunflowError("Runflow answered with a different or malformed evaluation")
             body = json.dumps(found, separators=(",", ":")).encode()
-            callback = normalize(parse_body(body))
+            callback = normalize(found)
         except (RunflowError, ReceiverError) as exc:
-            retryable = isinstance(exc, RunflowError) and exc.retryable
-            next_at = self.clock() + timedelta(seconds=min(after * 2**polls, 86400))
+            # Polling stops only where asking again cannot help: Runflow does not know the
+            # evaluation (404), or answers something that is not it. A refused key (401/403)
+            # or a rate limit waits for the next poll (a 429's Retry-After at least).
+            runflow = exc if isinstance(exc, RunflowError) else None
+            gone = (
+                runflow is None
+                or runflow.http_status == 404
+                or (runflow.http_status is None and not runflow.retryable)
+            )
+            wait = max(after * 2**polls, (runflow and runflow.retry_after) or 0)
+            next_at = self.clock() + timedelta(seconds=min(wait, 86400))
             await self.store.polled(
                 evaluation_id,
                 str(exc)[:500],
-                format_time(next_at) if retryable else None,
+                None if gone else format_time(next_at),
                 format_time(self.clock()),
             )
-            return "errors"
+            return LIMITED if runflow is not None and runflow.http_status == 429 else "errors"
         await self.store.ingest(
             Delivery(body=body, callback=callback, source="poll", refetched=bool(embeds))
         )

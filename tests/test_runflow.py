@@ -175,6 +175,8 @@ INVALID_SUBMITS: dict[str, tuple[dict[str, Any], str]] = {
     "run-id": ({"run_id": "run-7"}, "run_id must be a UUID"),
     "attributes": ({"input_attributes": ["style"]}, "input_attributes must be an object"),
     "typo": ({"client_reference": "x"}, "unknown field 'client_reference'"),
+    "job-class": ({"job_class": "turbo"}, "job_class must be one of standard"),
+    "empty-job-class": ({"job_class": ""}, "job_class must be one of standard"),
 }
 
 

@@ -12,6 +12,10 @@ from typing import Any
 
 import httpx
 import pytest
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import Route
 
 from receiver.config import Settings
 from receiver.events import event_id
@@ -22,6 +26,7 @@ from receiver.runflow import RunflowClient
 from receiver.sinks import Event, OneByOne, SinkError
 from receiver.sinkspec import SinkSpec
 from receiver.store import Delivery, Forwarding, Store
+from receiver.times import format_time
 from receiver.worker import Worker
 
 from .database import connect
@@ -460,6 +465,118 @@ async def test_a_poll_while_running_leaves_the_verdict_to_be_refetched(
     (event,) = sink.received
     assert event["data"]["refetched"] is True
     assert event["data"]["issues"]
+
+
+STUCK = [f"0193a7c2-5b1e-7c3d-9f10-2a4b6c8d0e{n:02d}" for n in (41, 42, 43)]
+
+
+async def stuck_rig(
+    tmp_path: Path, http: httpx.AsyncClient, runflow: tuple[FakeRunflow, str]
+) -> tuple[Rig, FakeRunflow]:
+    """Three evaluations completed at Runflow whose callbacks were lost after `running`."""
+    fake, url = runflow
+    fake.faults.clear()
+    rig = rig_for(
+        tmp_path, http, [], runflow_api_key=API_KEY, runflow_api_base=url, reconcile_after=0
+    )
+    for evaluation_id in STUCK:
+        fake.add(evaluation_id)
+        await rig.post(
+            "evaluation-completed.json", id=evaluation_id, status_code="running", completed_at=None
+        )
+    return rig, fake
+
+
+@pytest.mark.parametrize("status", [401, 403])
+async def test_a_refused_key_does_not_end_reconciliation(
+    tmp_path: Path, http: httpx.AsyncClient, runflow: tuple[FakeRunflow, str], status: int
+) -> None:
+    """A key rotated or short of a scope for a while: polling goes on as scheduled (only a
+    404, or an answer that is not the evaluation, ends it)."""
+    rig, fake = await stuck_rig(tmp_path, http, runflow)
+    try:
+        fake.fail_next(status, count=len(STUCK))
+        refused = await rig.worker.reconcile()
+        later = await rig.worker.reconcile()
+        states = rig.rows("SELECT status, next_poll_at FROM evaluations ORDER BY id")
+    finally:
+        rig.store.close()
+    assert refused == {"polled": 3, "verdicts": 0, "pending": 0, "errors": 3}
+    assert later == {"polled": 3, "verdicts": 3, "pending": 0, "errors": 0}
+    assert states == [("completed", None)] * 3
+
+
+async def test_a_429_ends_the_pass_and_its_retry_after_is_honoured(
+    tmp_path: Path, http: httpx.AsyncClient, runflow: tuple[FakeRunflow, str]
+) -> None:
+    rig, fake = await stuck_rig(tmp_path, http, runflow)
+    try:
+        fake.fail_next(429, retry_after=3600)
+        asked = len(fake.requests)
+        counts = await rig.worker.reconcile()
+        sent = len(fake.requests) - asked
+        ((next_poll,),) = rig.rows(
+            "SELECT next_poll_at FROM evaluations WHERE poll_error IS NOT NULL"
+        )
+        hour_less_a_bit = format_time(rig.worker.clock() + timedelta(seconds=3500))
+    finally:
+        rig.store.close()
+    assert counts == {"polled": 1, "verdicts": 0, "pending": 0, "errors": 1}
+    assert sent == 1  # the others wait for their lease to run out
+    assert next_poll > hour_less_a_bit
+
+
+async def test_a_refetch_behind_the_callback_is_tried_again(
+    tmp_path: Path, http: httpx.AsyncClient, runflow: tuple[FakeRunflow, str]
+) -> None:
+    """Runflow's GET can lag its callback: an answer still `running` is no verdict to store
+    as refetched; the refetch is tried again, and the event carries the judges once it has
+    them."""
+    fake, url = runflow
+    fake.faults.clear()
+    fake.add(EVALUATION_ID, status_code="running", completed_at=None, overall_passed=None)
+    sink = RecordingSink(spec("s"))
+    rig = rig_for(tmp_path, http, [sink], runflow_api_key=API_KEY, runflow_api_base=url)
+    try:
+        await rig.post("evaluation-completed-envelope.json")
+        await rig.worker.run_once()
+        lagging = rig.rows("SELECT refetched, refetch_state, refetch_attempts FROM evaluations")
+        fake.add(EVALUATION_ID)  # now Runflow's GET has the verdict
+        await asyncio.sleep(0.01)  # past the retry's backoff
+        await rig.drain()
+    finally:
+        rig.store.close()
+    assert lagging == [(0, "pending", 1)]
+    (event,) = sink.received
+    assert event["data"]["refetched"] is True
+    assert event["data"]["issues"]
+
+
+async def test_a_refetched_lone_surrogate_is_cleaned_as_in_a_callback(
+    tmp_path: Path, http: httpx.AsyncClient
+) -> None:
+    """An emoji cut in half (`\\ud83d`) in Runflow's answer is stored as U+FFFD, as it would be
+    in a callback: not a refetch failing on every round, unseen."""
+    body = json.loads(fixture("get-evaluation-embedded.json"))
+    body["judges"][0]["reasoning"] = "six fingers \ud83d"
+    answer = json.dumps(body).encode()
+
+    async def get(request: Request) -> Response:
+        return Response(answer, media_type="application/json")
+
+    sink = RecordingSink(spec("s"))
+    with serve_in_thread(Starlette(routes=[Route("/v1/evaluations/{id}", get)])) as url:
+        rig = rig_for(tmp_path, http, [sink], runflow_api_key=API_KEY, runflow_api_base=url)
+        try:
+            await rig.post("evaluation-completed.json")
+            await rig.drain()
+            found = rig.store.get_evaluation(EVALUATION_ID)
+        finally:
+            rig.store.close()
+    assert found is not None
+    assert found["evaluation"]["refetched"] is True
+    assert found["evaluation"]["runflow"]["judges"][0]["reasoning"] == "six fingers \ufffd"
+    assert len(sink.received) == 1
 
 
 class SlowSink(RecordingSink):

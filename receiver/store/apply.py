@@ -179,7 +179,9 @@ def apply_evaluation(
         "updated_at": stamp,
         "data": dumps(merged),
     }
-    if refetched and status in TERMINAL:  # a poll of one still running has no verdict yet
+    # A verdict's full object; not a poll of one still running, nor a GET that lags behind
+    # the callback (the merged status is the callback's then).
+    if refetched and fields.get("status_code") in TERMINAL:
         values.update(refetched=1, refetch_state="done", refetch_error=None)
     elif forwarding.refetch and status in TERMINAL and (row is None or row[1] is None):
         values.update(refetch_state="pending", refetch_next_at=stamp)
