@@ -160,6 +160,13 @@ def _float(value: Any) -> float | None:
         return None
 
 
+def _rate(value: Any) -> float | None:
+    """A pass rate (0.0 to 1.0, the contract); anything else stays in the stored body only: a
+    score of 1e308 overflowed PostgreSQL's sums and stopped applying."""
+    rate = _float(value)
+    return rate if rate is not None and 0.0 <= rate <= 1.0 else None
+
+
 def _str(value: Any) -> str | None:
     return value if isinstance(value, str) and value else None
 
@@ -176,7 +183,7 @@ def columns(fields: dict[str, Any]) -> dict[str, Any]:
         "client_ref": _str(fields.get("client_ref")),
         "status": _str(fields.get("status_code")),
         "passed": None if not isinstance(passed, bool) else int(passed),
-        "score": _float(fields.get("weighted_pass_rate")),
+        "score": _rate(fields.get("weighted_pass_rate")),
         "task_type": _str(fields.get("task_type")),
         "failure_code": _str(fields.get("failure_code")),
         "top_issues": _labels(fields.get("top_issues")),

@@ -9,6 +9,7 @@ import threading
 from pathlib import Path
 
 import httpx
+import pytest
 
 from receiver.normalize import normalize, parse_body
 from receiver.signing import sign
@@ -16,7 +17,7 @@ from receiver.sinkspec import SinkSpec
 from receiver.store import Delivery, EvaluationFilter, Forwarding, Outcome, Store, rollups
 from receiver.store.ingest import accept
 
-from .database import sqlite_only
+from .database import POSTGRES, connect, database_for, sqlite_only
 from .helpers import SECRET_A, TOKEN, fixture
 from .servers import ReceiverProcess, run_cli
 
@@ -165,3 +166,43 @@ def test_prune_command(tmp_path: Path) -> None:
     bad = run_cli("prune", "--older-than", "soon", cwd=tmp_path, env=env)
     assert bad.returncode == 1
     assert "--older-than" in bad.stderr
+
+
+@pytest.mark.skipif(not POSTGRES, reason="SQLite writes one transaction at a time")
+def test_prune_keeps_a_callback_another_server_acknowledges_meanwhile(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Another server acknowledges a new callback of an evaluation prune has chosen, after it
+    chose: the delivery stays, and is applied."""
+    url = database_for(tmp_path / "r.db")
+    store = Store(url)
+    store.open()
+    old = "2020-01-01T00:00:00.000000Z"
+    try:
+        asyncio.run(store.ingest(Delivery(callback(1), normalize(parse_body(callback(1))))))
+        conn = connect(url)
+        conn.execute("UPDATE evaluations SET updated_at = ?, next_poll_at = NULL", (old,))
+        later = json.loads(callback(1))
+        later["feedback"] = {"is_positive": False, "reason": "blurry"}
+        raw = json.dumps(later).encode()
+        forget = rollups.forget
+        acked = []
+
+        def forget_while_another_server_acks(c: sqlite3.Connection, ids: list[str]) -> None:
+            forget(c, ids)
+            other = connect(url)
+            other.execute("BEGIN")
+            acked.append(accept(other, Delivery(raw, normalize(parse_body(raw)))))
+            other.execute("COMMIT")
+
+        monkeypatch.setattr(rollups, "forget", forget_while_another_server_acks)
+        asyncio.run(store.prune("2025-01-01T00:00:00.000000Z"))
+        monkeypatch.setattr(rollups, "forget", forget)
+        store.catch_up()
+        found = store.get_evaluation(later["id"])
+    finally:
+        store.close()
+    (receipt,) = acked
+    assert receipt.outcome == "stored"
+    assert found is not None
+    assert [d["id"] for d in found["deliveries"]] == [receipt.delivery_id]

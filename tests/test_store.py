@@ -8,6 +8,7 @@ import os
 import sqlite3
 import threading
 from collections.abc import Callable, Iterator
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -17,13 +18,14 @@ from sqlite_utils import Database
 from receiver.errors import BadRequest, StoreUnavailable
 from receiver.normalize import normalize, parse_body
 from receiver.store import Delivery, EvaluationFilter, Receipt, Store
+from receiver.store import apply as apply_module
 from receiver.store.apply import NO_FORWARDING
 from receiver.store.dialect import Later
 from receiver.store.ingest import accept
 from receiver.store.outbox import replay_delivery
 from receiver.store.schema import MIGRATIONS
 
-from .database import connect, database_for, sqlite_only
+from .database import POSTGRES, connect, database_for, sqlite_only
 from .helpers import fixture
 
 COMPLETED_ID = "0193a7c2-5b1e-7c3d-9f10-2a4b6c8d0e11"
@@ -668,6 +670,85 @@ async def test_a_delivery_is_replayed_once_applied(store: Store) -> None:
         await store.writer.run(accept_then_replay)
     receipt = await store.accept(delivery(evaluation("e-2")))
     assert await store.replay_delivery(receipt.delivery_id, "2026-11-20T09:00:00Z") == 0
+
+
+@pytest.mark.anyio
+async def test_a_verdict_without_completed_at_does_not_shadow_newer_ones(
+    store: Store, path: str
+) -> None:
+    """A thin body of an older attempt (no completed_at), then a newer verdict of the same
+    client_ref: the newer one is current and latest on both backends (PostgreSQL sorts NULL
+    first in DESC)."""
+    old = evaluation("e-1", client_ref="job-1", completed_at=None)
+    await ingest_all(store, old, evaluation("e-2", client_ref="job-1", second=30))
+    assert pointers(path, "job-1") == ("e-2", "e-2", "completed", 2)
+
+
+@pytest.mark.anyio
+async def test_lineage_starts_at_the_root_when_its_body_has_no_attempt_number(
+    store: Store,
+) -> None:
+    retry = evaluation("g-2", client_ref="job-5", parent_evaluation_id="g-1", attempt_number=2)
+    await ingest_all(store, evaluation("g-1", client_ref="job-5"), retry)
+    assert [item["id"] for item in store.lineage("g-2")] == ["g-1", "g-2"]
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("rate", [1e308, -0.5, 1.5, 10**30])
+async def test_a_score_that_is_no_pass_rate_is_kept_only_in_the_body(
+    store: Store, path: str, rate: float
+) -> None:
+    """weighted_pass_rate is 0.0 to 1.0 (the contract). Two of 1e308 overflowed PostgreSQL's
+    rollup sums, and the writer retried that chunk forever, applying nothing after it."""
+    bodies = [evaluation(f"h-{n}", weighted_pass_rate=rate) for n in range(2)]
+    for body in [*bodies, evaluation("h-ok", client_ref="ok")]:
+        assert (await store.accept(delivery(body))).outcome == "stored"
+    store.catch_up()
+    scores = query(path, "SELECT id, score FROM evaluations ORDER BY id")
+    assert [tuple(row) for row in scores] == [("h-0", None), ("h-1", None), ("h-ok", None)]
+    assert store.stats(EvaluationFilter())["total"] == 3
+    found = store.get_evaluation("h-0")
+    assert found is not None
+    assert found["evaluation"]["runflow"]["weighted_pass_rate"] == rate
+
+
+@pytest.mark.anyio
+@pytest.mark.skipif(not POSTGRES, reason="SQLite writes one transaction at a time")
+async def test_superseded_stays_superseded_when_another_server_marked_it_meanwhile(
+    store: Store, path: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Server B applies a callback of the parent, having read its row, while server A applies
+    its newer attempt and marks it superseded: B's write must not undo A's mark. (Interleaved
+    here on one store by applying A's callback between B's read and B's write.)"""
+    await ingest_all(store, evaluation("p-1", client_ref="job-2"))
+    merge = apply_module.merge
+    child = evaluation("p-2", "running", client_ref="job-2", parent_evaluation_id="p-1")
+
+    def child_applied_meanwhile(existing: Any, incoming: Any) -> Any:
+        monkeypatch.setattr(apply_module, "merge", merge)
+        conn = connect(path)
+        try:
+            conn.execute("BEGIN")
+            apply_module.apply_evaluation(
+                conn, child, source="webhook", stamp="2026-11-20T09:01:00.000000Z"
+            )
+            conn.execute("COMMIT")
+        finally:
+            conn.close()
+        return merge(existing, incoming)
+
+    monkeypatch.setattr(apply_module, "merge", child_applied_meanwhile)
+    parent_again = evaluation("p-1", client_ref="job-2", second=5, feedback_is_positive=False)
+    await store.writer.run(
+        partial(
+            apply_module.apply_evaluation,
+            fields=normalize(parse_body(body_of(parent_again))).fields,
+            source="webhook",
+            stamp="2026-11-20T09:01:00.500000Z",
+        )
+    )
+    superseded = query(path, "SELECT id, superseded FROM evaluations ORDER BY id")
+    assert [tuple(row) for row in superseded] == [("p-1", 1), ("p-2", 0)]
 
 
 # reads

@@ -101,6 +101,8 @@ def apply_queued(
                     rollup_changes=changes,
                     known=known,
                 )
+                if isolate:  # in its savepoint: a rollup that cannot be written fails it alone
+                    write(conn, changes)
             except Exception:
                 if not isolate or not conn.in_transaction:
                     raise  # the chunk fails (SQLite may have rolled it back already)
@@ -109,7 +111,8 @@ def apply_queued(
                 failed.append(delivery_id)
             else:
                 applied.append(delivery_id)
-                add(rolled_up, changes)
+                if not isolate:
+                    add(rolled_up, changes)
             if isolate:
                 conn.execute("RELEASE apply")
         write(conn, rolled_up)
@@ -201,7 +204,15 @@ def apply_evaluation(
             (rowid,) = conn.execute(f"{insert} RETURNING rowid", values).fetchone()
     else:
         rowid = row[2]
-        assignments = ", ".join(f"{name} = :{name}" for name in values if name != "id")
+        # Superseded stays superseded: a newer attempt applied meanwhile by another server
+        # (PostgreSQL) marked it after this row was read.
+        assignments = ", ".join(
+            "superseded = CASE WHEN superseded = 1 THEN 1 ELSE :superseded END"
+            if name == "superseded"
+            else f"{name} = :{name}"
+            for name in values
+            if name != "id"
+        )
         conn.execute(f"UPDATE evaluations SET {assignments} WHERE id = :id", values)
     issues = None
     if "judges" in fields:

@@ -24,7 +24,7 @@ def lineage(conn: sqlite3.Connection, evaluation_id: str) -> list[dict[str, Any]
         "  FROM evaluations e JOIN down ON e.parent_evaluation_id = down.id"
         "  WHERE down.depth < :max)"
         f" SELECT {ITEM_COLUMNS} FROM evaluations WHERE id IN (SELECT id FROM down)"
-        " ORDER BY attempt_number, received_at",
+        " ORDER BY attempt_number NULLS FIRST, received_at",  # SQLite's order, on PostgreSQL too
         {"id": evaluation_id, "max": MAX_DEPTH},
     ).fetchall()
     return [item(row) for row in rows]

@@ -9,6 +9,7 @@ from ..errors import BadRequest
 from ..times import now
 from . import rollups
 from .client_refs import refresh_client_ref
+from .dialect import is_postgres, serialize
 
 
 def backup(source: str, target: Path) -> dict[str, int]:
@@ -44,18 +45,10 @@ def prune_batch(conn: sqlite3.Connection, cutoff: str, limit: int) -> dict[str, 
     applied (its delivery would go with the others, and the verdict with it), a pending
     forward, a pending refetch, or a reconciliation poll scheduled. Their client_refs are
     recomputed."""
-    doomed = [
-        row[0]
-        for row in conn.execute(
-            "SELECT id FROM evaluations e WHERE updated_at < :cutoff"
-            " AND next_poll_at IS NULL AND refetch_state IS NOT 'pending'"
-            " AND NOT EXISTS (SELECT 1 FROM outbox o WHERE o.evaluation_id = e.id"
-            "  AND o.state = 'pending')"
-            " AND NOT EXISTS (SELECT 1 FROM deliveries d JOIN apply_queue q"
-            "  ON q.delivery_id = d.id WHERE d.evaluation_id = e.id) LIMIT :limit",
-            {"cutoff": cutoff, "limit": limit},
-        )
-    ]
+    doomed = _prunable(conn, cutoff, limit)
+    if doomed and is_postgres(conn):  # other servers write meanwhile: lock, as applying does,
+        serialize(conn, *(f"evaluation:{evaluation_id}" for evaluation_id in sorted(doomed)))
+        doomed = _prunable(conn, cutoff, limit, among=doomed)  # then look again
     counts = {"evaluations": len(doomed), "deliveries": 0, "forwards": 0}
     if not doomed:
         return counts
@@ -69,8 +62,10 @@ def prune_batch(conn: sqlite3.Connection, cutoff: str, limit: int) -> dict[str, 
         )
     }
     rollups.forget(conn, doomed)  # statistics and the text index follow the rows
-    counts["deliveries"] = conn.execute(
-        f"DELETE FROM deliveries WHERE evaluation_id IN ({marks})", doomed
+    counts["deliveries"] = conn.execute(  # not one acknowledged since (it stays, and applies)
+        f"DELETE FROM deliveries WHERE evaluation_id IN ({marks})"
+        " AND id NOT IN (SELECT delivery_id FROM apply_queue)",
+        doomed,
     ).rowcount
     counts["forwards"] = conn.execute(
         f"DELETE FROM outbox WHERE evaluation_id IN ({marks})", doomed
@@ -81,6 +76,24 @@ def prune_batch(conn: sqlite3.Connection, cutoff: str, limit: int) -> dict[str, 
     for client_ref in refs:
         refresh_client_ref(conn, client_ref, stamp)
     return counts
+
+
+def _prunable(
+    conn: sqlite3.Connection, cutoff: str, limit: int, among: list[str] | None = None
+) -> list[str]:
+    only = "" if among is None else f" AND id IN ({', '.join('?' * len(among))})"
+    return [
+        row[0]
+        for row in conn.execute(
+            "SELECT id FROM evaluations e WHERE updated_at < ?"
+            " AND next_poll_at IS NULL AND refetch_state IS NOT 'pending'"
+            " AND NOT EXISTS (SELECT 1 FROM outbox o WHERE o.evaluation_id = e.id"
+            "  AND o.state = 'pending')"
+            " AND NOT EXISTS (SELECT 1 FROM deliveries d JOIN apply_queue q"
+            f"  ON q.delivery_id = d.id WHERE d.evaluation_id = e.id){only} LIMIT ?",
+            (cutoff, *(among or ()), limit),
+        )
+    ]
 
 
 def prune_loose(conn: sqlite3.Connection, cutoff: str) -> dict[str, int]:
