@@ -25,6 +25,7 @@ from .errors import ReceiverError
 from .headers import SecurityHeaders
 from .logs import AccessLog, lean_records
 from .metrics import Metrics
+from .sinks import build_sink
 from .store import Forwarding, Store
 from .worker import Worker
 
@@ -85,6 +86,18 @@ def forwarding(settings: Settings) -> Forwarding:
     return Forwarding(
         sinks=settings.sinks, refetch=settings.refetch, reconcile_after=settings.reconcile_after
     )
+
+
+def check_sinks(settings: Settings) -> None:
+    """Make every sink once, as the server would: a sink that cannot work (a bad secret, a
+    client library missing) raises its ConfigError now."""
+
+    async def make() -> None:
+        async with http_client() as http:
+            for spec in settings.sinks:
+                build_sink(spec, http)
+
+    asyncio.run(make())
 
 
 def create_app(

@@ -59,7 +59,7 @@ def serve(host: str, port: int | None, workers: int) -> None:
     """Run the HTTP server: webhook, API and dashboard."""
     import uvicorn
 
-    from .app import create_app
+    from .app import check_sinks, create_app
 
     settings = load_settings()
     log_config = logs.configure(settings.log_format, settings.log_level, sys.stderr)
@@ -96,6 +96,7 @@ def serve(host: str, port: int | None, workers: int) -> None:
             "receiver: note          on SQLite the workers take turns on one write lock:"
             " one process answers more callbacks per second (docs/performance.md)"
         )
+    check_sinks(settings)  # else each worker process would fail on it, and be started again
     os.environ["RECEIVER_DASHBOARD_TOKEN"] = settings.dashboard_token
     supervise(host, port, workers, settings.log_format, settings.log_level)
 

@@ -69,12 +69,16 @@ def send_test(url: str | None, event: str, client_ref: str, secret: str | None) 
     }
     try:
         response = httpx.post(url, content=body, headers=headers, timeout=10)
-    except httpx.HTTPError as exc:
+    except (httpx.HTTPError, httpx.InvalidURL) as exc:
         raise click.ClickException(f"cannot reach {url}: {exc}") from None
     click.echo(f"{response.status_code} {response.text}")
     if response.status_code != 200:
         raise click.ClickException(f"{url} refused the callback")
-    click.echo(f"see it: receiver show {response.json()['evaluation_id']}")
+    try:
+        evaluation_id = response.json()["evaluation_id"]
+    except (ValueError, TypeError, KeyError):
+        raise click.ClickException(f"{url} answered 200, but not as a receiver does") from None
+    click.echo(f"see it: receiver show {evaluation_id}")
 
 
 @click.command()

@@ -5,9 +5,10 @@ A mistake names the sink and the key, e.g. `sink 'ops-slack': url: ...`.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
+from urllib.parse import urlsplit
 
 from .errors import ConfigError
 
@@ -90,6 +91,55 @@ def _strings(value: Any, where: str) -> frozenset[str]:
     return frozenset(value)
 
 
+def _check_url(url: str, where: str) -> None:
+    parts = urlsplit(url)
+    try:
+        port = parts.port  # None when not given
+    except ValueError:  # not a number, or past 65535
+        port = 0
+    if port == 0:
+        raise ConfigError(f"{where}: url's port must be a number from 1 to 65535")
+    if not parts.hostname and parts.scheme != "unix":
+        raise ConfigError(f"{where}: url has no host")
+
+
+def _any(value: Any) -> str | None:
+    return None
+
+
+def _count(value: Any) -> str | None:
+    ok = isinstance(value, int) and not isinstance(value, bool) and value >= 0
+    return None if ok else "must be a whole number, 0 or more"
+
+
+def _name(value: Any) -> str | None:
+    ok = isinstance(value, str) and value != "" and not any(c.isspace() for c in value)
+    return None if ok else "must be a non-empty string without spaces"
+
+
+def _subject(value: Any) -> str | None:
+    if problem := _name(value):
+        return problem
+    return "must name subjects, without the wildcards * and >" if set("*>") & set(value) else None
+
+
+def _stream(value: Any) -> str | None:  # a JetStream name: none, or no dots and no wildcards
+    if value is None or (not (problem := _name(value)) and not set(".*>") & set(value)):
+        return None
+    return problem or "must not contain . * or >"
+
+
+# (type, option) → what is wrong with a value, if anything; checked when the file is read, so
+# a mistake stops the start instead of failing every delivery.
+OPTION_CHECKS: dict[tuple[str, str], Callable[[Any], str | None]] = {
+    ("redis", "stream"): _name,
+    ("redis", "maxlen"): _count,
+    ("rabbitmq", "exchange"): _name,
+    ("nats", "subject"): _subject,
+    ("nats", "stream"): _stream,
+}
+
+
 def parse_sink(raw: Mapping[str, Any], env: Mapping[str, str], index: int) -> SinkSpec:
     name = raw.get("name")
     if not isinstance(name, str) or not name.strip():
@@ -106,9 +156,14 @@ def parse_sink(raw: Mapping[str, Any], env: Mapping[str, str], index: int) -> Si
     url = _resolve(raw.get("url"), f"{where}: url", env)
     if not isinstance(url, str) or not url.startswith(schemes):
         raise ConfigError(f"{where}: url must start with {' or '.join(schemes)}")
+    _check_url(url, where)  # never quoted: it may hold a password or a webhook's secret path
     options = {
         key: _resolve(raw.get(key, default), f"{where}: {key}", env) for key, default in own.items()
     }
+    for key, value in options.items():
+        problem = OPTION_CHECKS.get((kind, key), _any)(value)
+        if problem:
+            raise ConfigError(f"{where}: {key} {problem}")
     events = _strings(raw.get("events", list(EVENTS)), f"{where}: events")
     if not events <= set(EVENTS):
         raise ConfigError(f"{where}: events may contain only {', '.join(EVENTS)}")

@@ -111,6 +111,12 @@ MISTAKES = {
         {},
         "cannot reach",
     ),
+    "send-test-bad-url": (["send-test", "http://[::1"], {}, "cannot reach"),
+    "serve-workers-bad-sink": (
+        ["serve", "--workers", "2", "--port", str(free_port())],
+        {"RECEIVER_CONFIG": "bad-sink.toml"},
+        "sink 'billing': secret must start with whsec_",
+    ),
 }
 
 
@@ -119,6 +125,10 @@ def test_user_mistakes_exit_1_with_one_line(
     tmp_path: Path, args: list[str], env: dict[str, str], message: str
 ) -> None:
     (tmp_path / "body.json").write_bytes(b"{}")
+    (tmp_path / "bad-sink.toml").write_text(
+        '[[sinks]]\nname = "billing"\ntype = "http"\nurl = "https://billing.example.com/hooks"\n'
+        'secret = "not-a-whsec"\n'
+    )
     environ = {
         "PATH": "/usr/bin:/bin",
         "RECEIVER_DATABASE": str(tmp_path / "r.db"),

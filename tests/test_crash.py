@@ -28,7 +28,8 @@ import redis
 from receiver.events import build_event, event_id
 from receiver.signing import sign
 from receiver.sinks import SinkError
-from receiver.sinks.redis import DEDUPE_SECONDS, RedisSink
+from receiver.sinks._queues import DEDUPE_SECONDS
+from receiver.sinks.redis import RedisSink
 from receiver.sinkspec import SinkSpec
 from receiver.times import format_time
 

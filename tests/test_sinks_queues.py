@@ -25,7 +25,7 @@ from redis.asyncio import Redis
 
 from receiver.events import build_event
 from receiver.sinks import Sink, SinkError, build_sink
-from receiver.sinks._queues import reason, where
+from receiver.sinks._queues import DEDUPE_SECONDS, reason, where
 from receiver.sinks.nats import NatsSink, stream_name
 from receiver.sinkspec import SinkSpec
 
@@ -285,6 +285,26 @@ async def test_nats_creates_its_stream_over_the_subject(nats_server: Service, cu
     finally:
         await client.close()
     assert info.config.subjects == [f"{harness.subject}.>"]
+    # it drops a second copy for as long as Redis does (JetStream's default is 2 minutes;
+    # a crashed worker's events come again only after their lease, 5 minutes)
+    assert info.config.duplicate_window == DEDUPE_SECONDS
+
+
+async def test_nats_makes_its_stream_again_when_the_server_lost_it(nats_server: Service) -> None:
+    """A server restarted without its JetStream data: the publish finds no stream; the sink
+    makes it again and the event arrives, instead of every forward going dead."""
+    harness = NatsHarness(nats_server)
+    first, second = make_event(evaluation_id="eval-1"), make_event(evaluation_id="eval-2")
+    async with running_sink(harness) as sink:
+        assert await sink.deliver([first]) == [None]
+        client = await nats.connect(nats_server.url)
+        try:
+            await client.jetstream().delete_stream(harness.stream)
+        finally:
+            await client.close()
+        assert await sink.deliver([second, second]) == [None, None]
+    [got] = await harness.read(1)
+    assert_arrived(harness, got, second)
 
 
 @pytest.mark.parametrize(

@@ -57,6 +57,39 @@ MISTAKES = {
         {"name": "a", "type": "slack", "url": "https://x", "max_attempts": 0},
         "sink 'a': max_attempts must be a whole number",
     ),
+    "bad-port": (
+        {"name": "a", "type": "redis", "url": "redis://127.0.0.1:notaport/0"},
+        "sink 'a': url's port must be a number from 1 to 65535",
+    ),
+    "port-out-of-range": (
+        {"name": "a", "type": "nats", "url": "nats://127.0.0.1:99999"},
+        "sink 'a': url's port must be a number from 1 to 65535",
+    ),
+    "no-host": ({"name": "a", "type": "http", "url": "https://"}, "sink 'a': url has no host"),
+    "maxlen-text": (
+        {"name": "a", "type": "redis", "url": "redis://r", "maxlen": "100k"},
+        "sink 'a': maxlen must be a whole number, 0 or more",
+    ),
+    "maxlen-negative": (
+        {"name": "a", "type": "redis", "url": "redis://r", "maxlen": -5},
+        "sink 'a': maxlen must be a whole number, 0 or more",
+    ),
+    "empty-subject": (
+        {"name": "a", "type": "nats", "url": "nats://n", "subject": ""},
+        "sink 'a': subject must be a non-empty string",
+    ),
+    "wildcard-subject": (
+        {"name": "a", "type": "nats", "url": "nats://n", "subject": "runflow.>"},
+        "sink 'a': subject must name subjects, without the wildcards",
+    ),
+    "dotted-stream": (
+        {"name": "a", "type": "nats", "url": "nats://n", "stream": "a.b"},
+        "sink 'a': stream must not contain",
+    ),
+    "exchange-list": (
+        {"name": "a", "type": "rabbitmq", "url": "amqp://q", "exchange": ["x"]},
+        "sink 'a': exchange must be a non-empty string",
+    ),
 }
 
 

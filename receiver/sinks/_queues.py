@@ -8,6 +8,10 @@ from urllib.parse import unquote, urlsplit
 
 from ..sinkspec import TYPES, SinkSpec
 
+# How long a queue remembers an event id to drop its second copy: far beyond any redelivery
+# (a crashed worker's lease, RECEIVER_LEASE; a retry's wait, RECEIVER_RETRY_MAX).
+DEDUPE_SECONDS = 86400
+
 
 def option(spec: SinkSpec, key: str) -> Any:
     """A sink's own option; its documented default when the spec was made without it."""

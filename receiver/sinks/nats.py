@@ -3,15 +3,16 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections.abc import Sequence
 
 from nats.aio.client import Client
 from nats.js.client import JetStreamContext
-from nats.js.errors import NotFoundError
+from nats.js.errors import NoStreamResponseError, NotFoundError
 
 from ..sinkspec import SinkSpec
-from ._queues import body, option, reason, where
+from ._queues import DEDUPE_SECONDS, body, option, reason, where
 from .base import Event, SinkError
 
 log = logging.getLogger("receiver.sinks")
@@ -38,6 +39,7 @@ class NatsSink:
         self._js: JetStreamContext | None = None
         self._last_error: BaseException | None = None
         self._closing = False
+        self._ensuring = asyncio.Lock()
 
     async def start(self) -> None:
         self._closing = False
@@ -56,7 +58,8 @@ class NatsSink:
                     reconnected_cb=self._on_reconnected,
                 )
         except Exception as exc:
-            await client.close()
+            with contextlib.suppress(Exception):  # never connected: close() has nothing to do
+                await client.close()
             cause = self._last_error or exc
             raise SinkError(
                 f"nats at {where(self.spec.url)} is unreachable: {reason(cause, self.spec.url)}"
@@ -70,11 +73,18 @@ class NatsSink:
         self._client, self._js = client, js
 
     async def _ensure_stream(self, js: JetStreamContext) -> None:
-        """Create the stream if missing; an existing one is left as its owner configured it."""
-        try:
-            await js.stream_info(self.stream)
-        except NotFoundError:
-            await js.add_stream(name=self.stream, subjects=[f"{self.subject}.>"])
+        """Create the stream if missing; an existing one is left as its owner configured it.
+        Ours remembers message ids for DEDUPE_SECONDS (JetStream's default is 2 minutes): a
+        crashed worker's events are sent again only when their lease runs out."""
+        async with self._ensuring:
+            try:
+                await js.stream_info(self.stream)
+            except NotFoundError:
+                await js.add_stream(
+                    name=self.stream,
+                    subjects=[f"{self.subject}.>"],
+                    duplicate_window=DEDUPE_SECONDS,
+                )
 
     async def deliver(self, events: Sequence[Event]) -> list[SinkError | None]:
         if self._client is None or self._js is None:
@@ -88,17 +98,29 @@ class NatsSink:
 
     async def _publish(self, js: JetStreamContext, event: Event) -> SinkError | None:
         verdict = str(event["type"]).rsplit(".", 1)[-1]  # completed | failed
-        try:
-            await js.publish(
-                f"{self.subject}.{verdict}",
-                body(event),
-                timeout=self.timeout,
-                stream=self.stream,
-                headers={"Nats-Msg-Id": event["id"]},
-            )
-        except Exception as exc:  # timeout, no stream, connection lost
-            return SinkError(f"nats publish: {reason(exc, self.spec.url)}")
-        return None
+        for last in (False, True):
+            try:
+                await js.publish(
+                    f"{self.subject}.{verdict}",
+                    body(event),
+                    timeout=self.timeout,
+                    stream=self.stream,
+                    headers={"Nats-Msg-Id": event["id"]},
+                )
+            except NoStreamResponseError as exc:  # the server lost it (restarted without it)
+                if last:
+                    return SinkError(f"nats publish: {reason(exc, self.spec.url)}")
+                try:
+                    await self._ensure_stream(js)
+                except Exception as failed:
+                    return SinkError(
+                        f"nats stream {self.stream!r}: {reason(failed, self.spec.url)}"
+                    )
+            except Exception as exc:  # timeout, connection lost
+                return SinkError(f"nats publish: {reason(exc, self.spec.url)}")
+            else:
+                return None
+        raise AssertionError("unreachable")  # pragma: no cover
 
     async def close(self) -> None:
         self._closing = True

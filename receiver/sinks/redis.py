@@ -13,7 +13,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.typing import EncodableT
 
 from ..sinkspec import SinkSpec
-from ._queues import body, option, reason, where
+from ._queues import DEDUPE_SECONDS, body, option, reason, where
 from .base import Event, SinkError
 
 # XADD unless this event id was added within DEDUPE_SECONDS, as one atomic step (a script
@@ -26,7 +26,6 @@ local entry = redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[2], '*', unpack(AR
 redis.call('SET', KEYS[2], entry, 'EX', ARGV[1])
 return entry
 """
-DEDUPE_SECONDS = 86400  # far beyond any redelivery: the worker's lease, RECEIVER_RETRY_MAX
 
 
 class RedisSink:
