@@ -17,6 +17,7 @@ import logging
 import logging.config
 import re
 import time
+from collections.abc import Iterator
 from typing import Any, TextIO
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -111,8 +112,29 @@ def _text_value(value: Any) -> str:
     return json.dumps(value, default=str)
 
 
+# A write to a pipe of at most this many bytes is never split by another process's: the lines
+# of `serve --workers N`, on one stderr, stay whole however much is written at once.
+PIPE_BUF = 4096
+
+
+def _pieces(lines: list[str]) -> Iterator[str]:
+    """Whole lines, joined into pieces of at most PIPE_BUF bytes (a longer line alone)."""
+    piece: list[str] = []
+    size = 0
+    for line in lines:
+        length = len(line) if line.isascii() else len(line.encode())
+        if piece and size + length > PIPE_BUF:
+            yield "".join(piece)
+            piece, size = [], 0
+        piece.append(line)
+        size += length
+    if piece:
+        yield "".join(piece)
+
+
 class BatchingStreamHandler(logging.StreamHandler[TextIO]):
-    """A StreamHandler that writes the webhook's lines of one event loop turn with one write.
+    """A StreamHandler that writes the webhook's lines of one event loop turn together: in
+    writes of up to PIPE_BUF bytes, whole lines each.
 
     Why: under load the webhook logs a line per callback, and a write per line (the GIL let go
     and taken back around each) cost more than making the line (docs/performance.md). A line
@@ -152,10 +174,10 @@ class BatchingStreamHandler(logging.StreamHandler[TextIO]):
     def flush(self) -> None:
         self.acquire()
         try:
-            if self._pending:
-                text = "".join(self._pending)
-                self._pending.clear()
-                self.stream.write(text)
+            pending, self._pending = self._pending, []
+            for piece in _pieces(pending):
+                self.stream.write(piece)
+                self.stream.flush()
             super().flush()
         except Exception:  # as StreamHandler would: report it, and carry on
             self.handleError(logging.makeLogRecord({"msg": "(the lines waiting)"}))

@@ -204,6 +204,23 @@ def test_the_webhook_lines_of_one_loop_turn_are_written_in_one_write() -> None:
         asyncio.run(main())
 
 
+def test_a_turn_of_many_lines_is_written_in_pieces_a_pipe_keeps_whole() -> None:
+    """`serve --workers N` processes share one stderr pipe: a write over PIPE_BUF bytes can be
+    split by another process's, which left half lines. Each write is whole lines, within it."""
+    with handling() as (stream, logger):
+
+        async def main() -> None:
+            for number in range(60):
+                logs.info(logger, f"callback {number} ✓", {"request_id": "r" * 200})
+            await asyncio.sleep(0)
+
+        asyncio.run(main())
+    assert len(stream.writes) > 1
+    assert all(len(write.encode()) <= logs.PIPE_BUF for write in stream.writes)
+    assert all(write.endswith("\n") for write in stream.writes)
+    assert stream.messages() == [f"callback {number} ✓" for number in range(60)]
+
+
 def test_any_other_line_is_written_at_once_after_those_waiting() -> None:
     with handling() as (stream, logger):
 

@@ -7,6 +7,7 @@ import json
 import os
 import sqlite3
 import threading
+import time
 from collections.abc import Callable, Iterator
 from functools import partial
 from pathlib import Path
@@ -640,6 +641,42 @@ async def test_acks_in_one_batch_each_get_their_own_answer(
             await failed
     receipts = query(path, "SELECT evaluation_id, receipts FROM deliveries ORDER BY id")
     assert [tuple(row) for row in receipts] == [("e-0", 2), ("e-1", 2)]
+
+
+class Stop(BaseException):
+    """Not an Exception: what a bug in an operation could raise."""
+
+
+@pytest.mark.anyio
+async def test_an_operation_raising_a_base_exception_fails_alone(store: Store, path: str) -> None:
+    """The one writer must not die, nor leave the transaction open: the caller is answered,
+    nothing of it stays, and the next operation runs."""
+
+    def stops(conn: sqlite3.Connection) -> None:
+        conn.execute("INSERT INTO migrations (version, name, applied_at) VALUES (98, 'x', 'y')")
+        raise Stop
+
+    with pytest.raises(StoreUnavailable):
+        await store.writer.run(stops)
+    assert [r.outcome for r in await ingest_all(store, evaluation("e-1"))] == ["stored"]
+    assert [version for (version,) in query(path, "SELECT version FROM migrations")] == VERSIONS
+
+
+def test_an_operation_queued_while_closing_is_refused(path: str) -> None:
+    store = Store(path)
+    store.open()
+    release = threading.Event()
+    busy = store.writer.submit(lambda conn: release.wait(5))
+    closing = threading.Thread(target=store.close)
+    closing.start()
+    while store.writer.running:  # until close() has begun
+        time.sleep(0.001)
+    late = store.writer.submit(lambda conn: "ran")
+    release.set()
+    closing.join(5)
+    assert busy.result(1) is True
+    with pytest.raises(StoreUnavailable, match="closed"):
+        late.result(1)
 
 
 @pytest.mark.anyio

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import sqlite3
 import threading
 import time
@@ -34,6 +35,8 @@ from .queries import (
 )
 from .schema import migrate
 from .writer import Writer, connect
+
+log = logging.getLogger("receiver.store")
 
 if TYPE_CHECKING:
     from .pg_backend import PgReaders
@@ -166,8 +169,11 @@ class Store:
         while head is not None and (left := deadline - time.monotonic()) > 0:
             try:
                 applied = self.writer.submit(partial(self.backlog.apply, through=head)).result(left)
-            except (TimeoutError, StoreUnavailable):
-                return  # read what is there; the writer's own error is logged
+            except TimeoutError:
+                return  # read what is there: a huge backlog, still being applied
+            except StoreUnavailable as exc:
+                log.warning("reading without what is still queued: %s", exc)
+                return
             if applied.count:
                 self.backlog.notify()
             if not applied.more:

@@ -62,12 +62,21 @@ def apply_queued(
     skip it instead of retrying forever. Without, the first that raises fails the whole chunk
     (the caller rolls it back): a savepoint pair is two round trips per callback on
     PostgreSQL, for a failure that almost never comes."""
-    skipped = f" AND q.delivery_id NOT IN ({', '.join('?' * len(skip))})" if skip else ""
+    upto = MAX_ID if through is None else through
+    chosen, params = "q.delivery_id <= ?", [upto]
+    if skip:  # the ids first: a parameter per skipped id would, past 32,766, fail every chunk
+        queued = conn.execute(
+            "SELECT delivery_id FROM apply_queue WHERE delivery_id <= ?"
+            " ORDER BY delivery_id LIMIT ?",
+            (upto, most + len(skip)),
+        ).fetchall()
+        wanted = [row[0] for row in queued if row[0] not in skip][:most] or [0]
+        chosen, params = f"q.delivery_id IN ({', '.join('?' * len(wanted))})", wanted
     rows = conn.execute(
         "SELECT q.delivery_id, d.body, d.source, d.received_at"
         " FROM apply_queue q LEFT JOIN deliveries d ON d.id = q.delivery_id"
-        f" WHERE q.delivery_id <= ?{skipped} ORDER BY q.delivery_id LIMIT ?",
-        (MAX_ID if through is None else through, *sorted(skip), most),
+        f" WHERE {chosen} ORDER BY q.delivery_id LIMIT ?",
+        (*params, most),
     ).fetchall()
     # Unisolated, any failure fails the chunk: PostgreSQL may then pipeline its statements,
     # and read the chunk's stored rows at once instead of waiting for one answer per callback.

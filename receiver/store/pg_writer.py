@@ -71,7 +71,7 @@ class PgWriter(Batches):
                 log.info("store write retried (%s), attempt %d", type(exc).__name__, attempt + 1)
                 time.sleep(random.uniform(0, 0.005 * 2**attempt))
                 continue
-            except Exception as exc:  # never let the one writer die: fail the batch
+            except BaseException as exc:  # never let the one writer die: fail the batch
                 self._rollback()
                 reason = describe(exc)
                 log.error("store write failed, nothing acknowledged: %s", reason)

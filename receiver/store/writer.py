@@ -82,11 +82,18 @@ class Batches:
         self._thread.start()
 
     def close(self) -> None:
-        """Finish every queued operation, then stop."""
-        if self._thread is not None:
+        """Finish every queued operation, then stop; one queued meanwhile is refused."""
+        thread, self._thread = self._thread, None  # from now on, submit and schedule refuse
+        if thread is not None:
             self._queue.put(None)
-            self._thread.join()
-            self._thread = None
+            thread.join()
+        while True:  # queued after the stop marker, in the moment before: refused, not lost
+            try:
+                item = self._queue.get_nowait()
+            except queue.Empty:
+                break
+            if item is not None and _begin(item[1]):
+                settle([(item[1], False, StoreUnavailable("the store is closed"))])
 
     def submit(self, operation: Callable[[sqlite3.Connection], T]) -> Future[T]:
         future: Future[T] = Future()
@@ -202,7 +209,7 @@ class Writer(Batches):
                 try:
                     with _turn(turns):
                         self._commit(conn, batch, durable)
-                except Exception as exc:  # never let the one writer die: fail the batch
+                except BaseException as exc:  # never let the one writer die: fail the batch
                     log.exception("store write failed, nothing acknowledged")
                     failure = StoreUnavailable(f"the store failed: {exc}")
                     settle([(waiter, False, failure) for _, waiter in batch])
@@ -247,13 +254,20 @@ class Writer(Batches):
                 conn.execute("COMMIT")
         except sqlite3.Error as exc:
             log.error("store write failed, nothing acknowledged: %s", exc)
-            if conn.in_transaction:
-                with contextlib.suppress(sqlite3.Error):  # a failing ROLLBACK must not kill us
-                    conn.execute("ROLLBACK")
+            _roll_back(conn)
             failure = StoreUnavailable(f"the store cannot write: {exc}")
             settle([(waiter, False, failure) for _, waiter in batch])
             return
+        except BaseException:  # not an Exception: nothing of it may stay, nor the transaction
+            _roll_back(conn)
+            raise
         settle(results)
+
+
+def _roll_back(conn: sqlite3.Connection) -> None:
+    if conn.in_transaction:
+        with contextlib.suppress(sqlite3.Error):  # a failing ROLLBACK must not kill us
+            conn.execute("ROLLBACK")
 
 
 def _turns(path: str) -> int | None:
