@@ -21,8 +21,9 @@ run: $(STAMP) .env
 	$(BIN)/receiver serve
 
 # The whole flow without a Runflow account: emulator + receiver + a consumer, a batch submitted.
+DEMO_PORT ?= 8000
 demo: $(STAMP)
-	$(BIN)/python -m receiver.fakes.demo
+	$(BIN)/python -m receiver.fakes.demo --port $(DEMO_PORT)
 
 # Ingest throughput: bare app vs naive durable receiver vs receiver (wrk, apt-get install wrk;
 # without it bench/load.py sends the same load).

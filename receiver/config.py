@@ -135,7 +135,9 @@ def _postgres(name: str, text: str) -> str:
             f" got {redact(text)!r}"
         )
     if importlib.util.find_spec("psycopg") is None:
-        raise ConfigError(f"{name}: PostgreSQL needs psycopg: pip install 'receiver[postgres]'")
+        raise ConfigError(
+            f"{name}: PostgreSQL needs psycopg: pip install '.[postgres]' in receiver's checkout"
+        )
     return "postgresql://" + text.partition("://")[2]
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import signal
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -112,3 +113,32 @@ def test_make_demo_runs_the_whole_flow(tmp_path: Path) -> None:
     forwarded = done.stdout.split("forwarded to the consumer:")[1].split("\n\n")[0]
     assert len(forwarded.strip().splitlines()) == 6
     assert "refetched=True" in forwarded
+
+
+def test_make_demo_says_when_its_port_is_taken(tmp_path: Path) -> None:
+    """With `make run` on 8000, the demo's receiver could not listen and its callbacks went to
+    the other one, refused for their secret; it now stops at once and says what to do."""
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        done = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "receiver.fakes.demo",
+                "--once",
+                "--port",
+                str(port),
+                "--workdir",
+                str(tmp_path / "demo"),
+            ],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+    assert done.returncode == 1
+    assert done.stderr.strip() == (
+        f"port {port} is taken (is `make run` going?): make demo DEMO_PORT=8100"
+    )

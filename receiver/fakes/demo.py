@@ -7,6 +7,7 @@ import argparse
 import json
 import os
 import secrets
+import socket
 import subprocess
 import sys
 import time
@@ -44,12 +45,26 @@ def run(*args: str, env: dict[str, str]) -> str:
     return done.stdout.strip()
 
 
+def _answers(url: str) -> bool:
+    try:
+        return httpx.get(f"{url}/healthz", timeout=1).status_code == 200
+    except httpx.HTTPError:
+        return False
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--port", type=int, default=8000, help="receiver port")
     parser.add_argument("--workdir", type=Path, default=Path(".demo"))
     parser.add_argument("--once", action="store_true", help="exit when every verdict is in")
     options = parser.parse_args(argv)
+    with socket.socket() as probe:  # the demo's receiver must be the one answering there
+        try:
+            probe.bind(("127.0.0.1", options.port))
+        except OSError:
+            raise SystemExit(
+                f"port {options.port} is taken (is `make run` going?): make demo DEMO_PORT=8100"
+            ) from None
     workdir = options.workdir.resolve()
     workdir.mkdir(parents=True, exist_ok=True)
     for stale in workdir.glob("receiver.db*"):
@@ -84,12 +99,10 @@ def main(argv: list[str] | None = None) -> None:
         stack.callback(server.wait, 20)
         stack.callback(server.terminate)
         for _ in range(200):
-            try:
-                if httpx.get(f"{url}/healthz", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                time.sleep(0.05)
-        else:
+            if server.poll() is not None or _answers(url):
+                break
+            time.sleep(0.05)
+        if server.poll() is not None or not _answers(url):
             raise SystemExit(f"receiver did not start; see {workdir / 'server.log'}")
         print(f"receiver on {url}, emulated Runflow on {runflow_url}")
         for number, (image, task_type) in enumerate(IMAGES, start=1):

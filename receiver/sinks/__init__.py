@@ -32,7 +32,7 @@ def build_sink(spec: SinkSpec, http: httpx.AsyncClient) -> Sink:
     except ModuleNotFoundError as exc:
         raise ConfigError(
             f"sink {spec.name!r}: type {spec.type} needs {exc.name}: "
-            f"pip install 'receiver[{extra}]'"
+            f"pip install '.[{extra}]' in receiver's checkout"
         ) from None
     cls = getattr(module, class_name)
     sink: Sink = cls(spec, http) if extra is None else cls(spec)
