@@ -64,9 +64,11 @@ def serve(host: str, port: int | None, workers: int) -> None:
     settings = load_settings()
     log_config = logs.configure(settings.log_format, settings.log_level, sys.stderr)
     settings.check_ingest()
+    check_sinks(settings)  # a sink that cannot work stops the start here, before any worker
     Store(settings.database).migrate()
     port = port or settings.port
     shown = "127.0.0.1" if host in ("0.0.0.0", "::") else host  # noqa: S104
+    shown = f"[{shown}]" if ":" in shown else shown  # an IPv6 address, in a URL
     base = f"http://{shown}:{port}"
     click.echo(f"receiver: callback URL  {settings.public_url or base}/webhooks/runflow")
     click.echo(f"receiver: dashboard     {base}/")
@@ -96,7 +98,6 @@ def serve(host: str, port: int | None, workers: int) -> None:
             "receiver: note          on SQLite the workers take turns on one write lock:"
             " one process answers more callbacks per second (docs/performance.md)"
         )
-    check_sinks(settings)  # else each worker process would fail on it, and be started again
     os.environ["RECEIVER_DASHBOARD_TOKEN"] = settings.dashboard_token
     supervise(host, port, workers, settings.log_format, settings.log_level)
 
@@ -104,7 +105,7 @@ def serve(host: str, port: int | None, workers: int) -> None:
 @cli.command()
 def migrate() -> None:
     """Create the database or bring its schema up to date (safe to run again)."""
-    settings = load_settings()
+    settings = load_settings(sinks=False)
     applied = Store(settings.database).migrate()
     if applied:
         shown = settings.database_shown
@@ -157,7 +158,7 @@ def backup(path: Path) -> None:
     """Write a consistent copy of the database to PATH while the receiver keeps running."""
     from .store.maintenance import backup as copy
 
-    settings = load_settings()
+    settings = load_settings(sinks=False)
     if settings.postgres:
         raise click.ClickException(
             "receiver backup copies a SQLite file; on PostgreSQL use pg_dump (see deploy/README.md)"
@@ -181,7 +182,7 @@ def prune(age: str) -> None:
         cutoff = format_time(datetime.now(UTC) - parse_duration(age))
     except ValueError as exc:
         raise click.BadParameter(str(exc), param_hint="--older-than") from None
-    with writing_store(load_settings()) as store:
+    with writing_store(load_settings(sinks=False)) as store:
         counts = asyncio.run(store.prune(cutoff))
     click.echo(
         f"pruned before {cutoff}: {counts['evaluations']} evaluations, "

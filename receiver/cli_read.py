@@ -27,7 +27,9 @@ from .times import now
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 def query(as_json: bool, limit: int, **filters: Any) -> None:
     """List evaluations, newest first."""
-    items, _ = reading_store(load_settings()).list_evaluations(EvaluationFilter(**filters), limit)
+    items, _ = reading_store(load_settings(sinks=False)).list_evaluations(
+        EvaluationFilter(**filters), limit
+    )
     if as_json:
         echo_json(items)
         return
@@ -49,7 +51,7 @@ def query(as_json: bool, limit: int, **filters: Any) -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print the API's JSON.")
 def show(evaluation_id: str, as_json: bool) -> None:
     """Everything about one evaluation: verdict, issues, deliveries, forwards."""
-    found = reading_store(load_settings()).get_evaluation(evaluation_id)
+    found = reading_store(load_settings(sinks=False)).get_evaluation(evaluation_id)
     if found is None:
         raise click.ClickException(f"no evaluation {evaluation_id!r}")
     if as_json:
@@ -93,7 +95,7 @@ def show(evaluation_id: str, as_json: bool) -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 def stats(since: str | None, task_type: str | None, as_json: bool) -> None:
     """Counts, pass rate and top issues."""
-    result = reading_store(load_settings()).stats(
+    result = reading_store(load_settings(sinks=False)).stats(
         EvaluationFilter(since=since, task_type=task_type)
     )
     if as_json:
@@ -129,7 +131,7 @@ def forwards(
     as_json: bool,
 ) -> None:
     """List forwards (the outbox), or send dead ones again."""
-    settings = load_settings()
+    settings = load_settings(sinks=False)
     if retry_id is not None or retry_all_dead:
         with writing_store(settings) as store:
             if retry_id is not None:

@@ -59,7 +59,7 @@ def sample_callback(event: str, client_ref: str) -> dict[str, Any]:
 @click.option("--secret", help="Signing secret (default: first of RUNFLOW_WEBHOOK_SECRET).")
 def send_test(url: str | None, event: str, client_ref: str, secret: str | None) -> None:
     """POST a signed sample callback to URL (default: this machine's receiver)."""
-    settings = load_settings()
+    settings = load_settings(sinks=False)
     url = url or f"http://127.0.0.1:{settings.port}/webhooks/runflow"
     body = json.dumps(sample_callback(event, client_ref)).encode()
     headers = {

@@ -16,15 +16,17 @@ from .store import Store
 from .times import parse_moment
 
 
-def load_settings() -> Settings:
-    return Settings.from_env()
+def load_settings(*, sinks: bool = True) -> Settings:
+    """The settings; `sinks=False` for a command that forwards nothing (query, show, backup…),
+    so it runs without the sinks' secrets in the shell."""
+    return Settings.from_env(sinks=sinks)
 
 
 def reading_store(settings: Settings) -> Store:
     if not settings.postgres and not Path(settings.database).exists():
         raise click.ClickException(
-            f"no database at {settings.database!r} (RECEIVER_DATABASE); "
-            "run `receiver serve` or `receiver migrate` first"
+            f"no database at {settings.database!r}: set RECEIVER_DATABASE to the server's "
+            "(or make one with `receiver migrate`)"
         )
     store = Store(settings.database, pool_size=settings.database_pool_size)
     store.migrate()
@@ -53,7 +55,7 @@ def cell(value: Any) -> str:
 def first_secret(secret: str | None) -> str:
     if secret:
         return secret
-    secrets = load_settings().webhook_secrets
+    secrets = load_settings(sinks=False).webhook_secrets
     if not secrets:
         raise click.ClickException(
             "no secret: pass --secret or set RUNFLOW_WEBHOOK_SECRET (whsec_...)"

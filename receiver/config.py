@@ -34,6 +34,7 @@ EMBEDS = (
     "run",
 )
 DEFAULT_EMBEDS = ("judges", "action", "gate_failures")
+PLACEHOLDER_SECRET = "whsec_replace_me"  # noqa: S105 (.env.example's, refused as a secret)
 
 
 def read_env_file(path: Path) -> dict[str, str]:
@@ -241,9 +242,14 @@ class Settings:
 
     @classmethod
     def from_env(
-        cls, environ: Mapping[str, str] | None = None, env_file: Path | None = Path(".env")
+        cls,
+        environ: Mapping[str, str] | None = None,
+        env_file: Path | None = Path(".env"),
+        *,
+        sinks: bool = True,
     ) -> Settings:
-        """Read settings; the process environment wins over `env_file`."""
+        """Read settings; the process environment wins over `env_file`. Without `sinks`, the
+        sinks file is not read (a command that forwards nothing needs none of its secrets)."""
         given = os.environ if environ is None else environ
         env = {**(read_env_file(env_file) if env_file else {}), **given}
         secrets_text = _get(env, "RUNFLOW_WEBHOOK_SECRET") or ""
@@ -295,7 +301,7 @@ class Settings:
             refetch_budget=_parsed(
                 env, "RECEIVER_REFETCH_BUDGET", _number("RECEIVER_REFETCH_BUDGET", 0, 86400), 120.0
             ),
-            sinks=load_sinks(env),
+            sinks=load_sinks(env) if sinks else (),
             worker=_parsed(env, "RECEIVER_WORKER", _boolean("RECEIVER_WORKER"), True),
             max_attempts=_parsed(
                 env, "RECEIVER_MAX_ATTEMPTS", _integer("RECEIVER_MAX_ATTEMPTS", 1, 1000), 10
@@ -334,4 +340,9 @@ class Settings:
             raise ConfigError(
                 "RUNFLOW_WEBHOOK_SECRET is not set: expected the signing secret Runflow gave "
                 "you (whsec_...); separate two with a comma while rotating"
+            )
+        if PLACEHOLDER_SECRET in self.webhook_secrets:  # every real callback would get 401
+            raise ConfigError(
+                f"RUNFLOW_WEBHOOK_SECRET is still {PLACEHOLDER_SECRET!r} from .env.example: "
+                "set the signing secret Runflow gave you (whsec_...)"
             )

@@ -78,11 +78,19 @@ def _entry(
     return entry
 
 
+def _utc(seconds: float | None) -> time.struct_time:
+    return time.gmtime(seconds)
+
+
 class TextFormatter(logging.Formatter):
-    """`time LEVEL logger: message key=value …` for people reading a terminal."""
+    """`time LEVEL logger: message key=value …` for people reading a terminal; the time in
+    UTC, as in the JSON lines."""
 
     def __init__(self) -> None:
-        super().__init__("%(asctime)s %(levelname)s %(name)s: %(message)s")
+        super().__init__(
+            "%(asctime)s.%(msecs)03dZ %(levelname)s %(name)s: %(message)s", "%Y-%m-%dT%H:%M:%S"
+        )
+        self.converter = _utc
 
     def formatMessage(self, record: logging.LogRecord) -> str:
         """The line, control characters escaped: a request path with %0A in it must not start

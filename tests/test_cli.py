@@ -144,3 +144,24 @@ def test_user_mistakes_exit_1_with_one_line(
     assert lines == [lines[0]], result.stderr
     assert lines[0].startswith("Error:")
     assert message in lines[0]
+
+
+@pytest.mark.parametrize("command", [["query"], ["stats"], ["forwards"], ["backup", "copy.db"]])
+def test_commands_that_forward_nothing_need_no_sink_secrets(
+    tmp_path: Path, command: list[str]
+) -> None:
+    """An operator without the chat webhooks' secrets in the shell can still look at data."""
+    (tmp_path / "receiver.toml").write_text(
+        '[[sinks]]\nname = "ops"\ntype = "slack"\nurl = "env:SLACK_WEBHOOK_URL"\n'
+    )
+    environ = {
+        "PATH": "/usr/bin:/bin",
+        "RECEIVER_DATABASE": str(tmp_path / "r.db"),
+        "RUNFLOW_WEBHOOK_SECRET": SECRET_A,
+    }
+    assert run_cli("migrate", cwd=tmp_path, env=environ).returncode == 0
+    done = run_cli(*command, cwd=tmp_path, env=environ)
+    assert done.returncode == 0, done.stderr
+    refused = run_cli("worker", cwd=tmp_path, env=environ)
+    assert refused.returncode == 1
+    assert "SLACK_WEBHOOK_URL is not set" in refused.stderr

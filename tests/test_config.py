@@ -324,6 +324,13 @@ def test_check_ingest_wants_a_secret(settings: Settings) -> None:
     assert caught.value.status == 500
 
 
+def test_the_placeholder_of_env_example_is_no_secret() -> None:
+    """Copied unchanged, it would start a receiver that refuses every real callback (401)."""
+    settings = from_env({"RUNFLOW_WEBHOOK_SECRET": "whsec_replace_me"})
+    with pytest.raises(ConfigError, match=r"^RUNFLOW_WEBHOOK_SECRET is still 'whsec_replace_me'"):
+        settings.check_ingest()
+
+
 @pytest.mark.parametrize(
     "settings",
     [

@@ -10,6 +10,7 @@ import json
 import logging
 import sys
 import threading
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -99,6 +100,19 @@ def test_text_lines_append_the_fields() -> None:
     line = logs.TextFormatter().format(record(request_id="req 1", outcome="stored", status=200))
     assert "INFO receiver.test: hello world" in line
     assert line.endswith('request_id="req 1" outcome=stored status=200')
+
+
+def test_text_lines_tell_the_time_in_utc(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("TZ", "America/New_York")
+    time.tzset()
+    try:
+        entry = record()
+        entry.created, entry.msecs = 1_800_000_000.25, 250.0
+        line = logs.TextFormatter().format(entry)
+    finally:
+        monkeypatch.undo()
+        time.tzset()
+    assert line.startswith("2027-01-15T08:00:00.250Z INFO receiver.test: hello world")
 
 
 def test_a_text_line_cannot_be_split_by_what_a_client_sent() -> None:
