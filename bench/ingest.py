@@ -51,8 +51,9 @@ SECRET = "whsec_bench_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLa"
 TEMPLATE = json.loads((ROOT / "tests/fixtures/runflow/evaluation-completed.json").read_text())
 
 
-def bodies(path: Path, count: int, disorder: int, size: int = 2048) -> int:
-    """`count` unique signed callbacks of about `size` bytes; returns the body size.
+def bodies(path: Path, count: int, disorder: int, size: int = 2048) -> tuple[int, list[str]]:
+    """`count` unique signed callbacks of about `size` bytes; returns the body size and the
+    evaluation ids in the file's order (the order they are sent in).
 
     Ids are UUIDv7 like Runflow's, minted in submission order, 5 per millisecond; evaluations
     finish out of order, so each callback arrives up to `disorder` places after its id's.
@@ -61,6 +62,7 @@ def bodies(path: Path, count: int, disorder: int, size: int = 2048) -> int:
     start = datetime(2026, 11, 23, tzinfo=UTC)
     minted = [uuid7(rng, start + timedelta(milliseconds=n / 5)) for n in range(count)]
     arrival = sorted(range(count), key=lambda n: n + rng.random() * disorder)
+    order = []
     with path.open("w") as out:
         for number, minted_at in enumerate(arrival):
             body = {
@@ -68,13 +70,14 @@ def bodies(path: Path, count: int, disorder: int, size: int = 2048) -> int:
                 "id": minted[minted_at],
                 "client_ref": f"bench-{number % 5000}",
             }
+            order.append(body["id"])
             text = json.dumps(body, separators=(",", ":"))
             body["evaluation_instructions"] = "x" * max(0, size - len(text) - 30)
             raw = json.dumps(body, separators=(",", ":"))
             out.write(f"{sign(raw.encode(), SECRET)} {raw}\n")
         out.flush()
         os.fsync(out.fileno())  # else the kernel writes its ~300 MB back during a later run
-    return len(raw)
+    return len(raw), order
 
 
 def free_port() -> int:
@@ -111,7 +114,9 @@ def load(
             f"--connections={connections}",
         ]
     else:
-        command = ["wrk", "-t1", f"-c{connections}", f"-d{seconds}s", "--latency", "-s"]
+        # A 30 s timeout: with wrk's 2 s, a slower answer would leave the latencies unseen.
+        command = ["wrk", "-t1", f"-c{connections}", f"-d{seconds}s", "--timeout", "30s"]
+        command += ["--latency", "-s"]
         command += [str(ROOT / "bench/wrk_post.lua"), url]
     done = subprocess.run(
         ["taskset", "-c", cpus, *command], capture_output=True, text=True, check=False, env=env
@@ -128,16 +133,29 @@ def load(
 
     requests = int(re.search(r"(\d+) requests in", out).group(1))  # type: ignore[union-attr]
     bad = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
+    failed = re.search(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", out)
     return {
         "requests_per_s": float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1)),  # type: ignore[union-attr]
         "p50_ms": ms("50%"),
         "p99_ms": ms("99%"),
         "responses": requests,
         "non_2xx": int(bad.group(1)) if bad else 0,
+        "socket_errors": sum(map(int, failed.groups())) if failed else 0,
     }
 
 
-Count = Callable[[str], int]  # the answer of a count(*) query on the system's database
+Query = Callable[[str], list[tuple[Any, ...]]]  # the rows of a query on the system's database
+
+
+def every_200_stored(stored: set[str], order: list[str], oks: int, connections: int) -> bool:
+    """Whether no acknowledged callback is missing, by id. Bodies go out in the file's order,
+    each connection waiting for its answer, so when the load stops at most `connections`
+    are in flight: every body before position `oks - connections` got its 200 and must be
+    stored (a count would let up to `connections` lost ones by), and none after position
+    `oks + connections` was sent. A run that went round the file must have stored all."""
+    answered = set(order[: max(0, oks - connections)])
+    sent = set(order[: oks + connections])
+    return answered <= stored <= sent
 
 
 def run_system(
@@ -150,9 +168,9 @@ def run_system(
     load_cpus: str,
     seconds: int,
     connections: int,
-    count: Count | None,
+    query: Query | None,
     applies: bool,
-    distinct: int,
+    order: list[str],
 ) -> dict[str, Any]:
     """One system under load. For receiver (`applies`), also how many callbacks were still
     queued to be applied when the load stopped, how long applying them took, and the
@@ -161,6 +179,7 @@ def run_system(
     server = subprocess.Popen(
         ["taskset", "-c", cpus, *command],
         env=env,
+        cwd=Path(env["BENCH_BODIES"]).parent,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
         text=True,
@@ -174,8 +193,15 @@ def run_system(
             except httpx.HTTPError:
                 time.sleep(0.05)
         result = load(generator, url, seconds, connections, load_cpus, env)
+        # The same signed load for every system: any refusal or lost answer fails the run.
+        result["clean"] = result["non_2xx"] == 0 and result.get("socket_errors", 0) == 0
         oks = result["responses"] - result["non_2xx"]
-        if count is not None and applies:
+
+        def count(sql: str) -> int:
+            assert query is not None
+            return int(query(sql)[0][0])
+
+        if query is not None and applies:
             stopped = time.monotonic()
             result["queued_at_end"] = count("SELECT count(*) FROM apply_queue")
             while count("SELECT count(*) FROM apply_queue") and time.monotonic() < stopped + 900:
@@ -187,13 +213,17 @@ def run_system(
     finally:
         server.terminate()
         server.wait(30)
-    if count is not None:
-        result["stored"] = stored = count("SELECT count(*) FROM deliveries")
-        # wrk drops requests still in flight when time is up; the server may still store those.
-        # Past `distinct` requests wrk starts the bodies again: those 200s are duplicates.
-        result["all_200s_stored"] = min(oks, distinct) <= stored <= min(oks + connections, distinct)
+    if query is not None:
+        stored = {row[0] for row in query("SELECT evaluation_id FROM deliveries")}
+        result["stored"] = len(stored)
+        # wrk calls the script's request() once before the load, to check it: the first body
+        # is not sent, and the file goes round from the second.
+        sent = order[1:] + order[:1] if generator == "wrk" else order
+        result["all_200s_stored"] = result["clean"] and every_200_stored(
+            stored, sent, oks, connections
+        )
         if applies:  # every body is a distinct evaluation
-            result["all_applied"] = count("SELECT count(*) FROM evaluations") == stored
+            result["all_applied"] = count("SELECT count(*) FROM evaluations") == len(stored)
     result["system"] = name
     return result
 
@@ -204,26 +234,25 @@ def summary(runs: list[dict[str, Any]]) -> dict[str, Any]:
     median = dict(sorted(runs, key=lambda r: r["requests_per_s"])[len(runs) // 2])
     median["p99_range_ms"] = (min(r["p99_ms"] for r in runs), max(r["p99_ms"] for r in runs))
     median["peak_rss_mb"] = max(r["peak_rss_mb"] for r in runs)
-    for verdict in ("all_200s_stored", "all_applied"):
+    for verdict in ("clean", "all_200s_stored", "all_applied"):
         if verdict in median:
             median[verdict] = all(r[verdict] for r in runs)
     return median
 
 
-def count_sqlite(database: Path, sql: str) -> int:
+def query_sqlite(database: Path, sql: str) -> list[tuple[Any, ...]]:
     conn = sqlite3.connect(database)
     try:
-        return int(conn.execute(sql).fetchone()[0])
+        return conn.execute(sql).fetchall()
     finally:
         conn.close()
 
 
-def count_postgres(url: str, sql: str) -> int:
+def query_postgres(url: str, sql: str) -> list[tuple[Any, ...]]:
     import psycopg
 
     with psycopg.connect(url) as conn:
-        row = conn.execute(sql).fetchone()
-        return int(row[0]) if row else 0
+        return conn.execute(sql).fetchall()
 
 
 # WAL segments (16 MB each) a warmed-up server keeps to recycle: see `postgres`.
@@ -314,9 +343,11 @@ def main(argv: list[str] | None = None) -> None:
         print("load: bench/load.py (docs/performance.md compares it with wrk)", file=sys.stderr)
     work = Path(tempfile.mkdtemp(prefix="receiver-bench-"))
     body_file = work / "bodies.txt"
-    size = bodies(body_file, options.bodies, options.disorder)
+    size, order = bodies(body_file, options.bodies, options.disorder)
+    # Default settings: none of this shell's RECEIVER_*/RUNFLOW_*, and servers start in `work`,
+    # away from any .env (a RUNFLOW_API_KEY there would turn refetching on).
     base_env = {
-        **os.environ,
+        **{k: v for k, v in os.environ.items() if not k.startswith(("RECEIVER_", "RUNFLOW_"))},
         "BENCH_BODIES": str(body_file),
         "RUNFLOW_WEBHOOK_SECRET": SECRET,
         "RECEIVER_DASHBOARD_TOKEN": "bench",
@@ -346,15 +377,15 @@ def main(argv: list[str] | None = None) -> None:
                 command, cpus, store = systems[name]
                 run = f"{name} {turn}"
                 database = ""
-                count: Count | None = None
+                query: Query | None = None
                 if store == "sqlite":
                     path = work / f"{run.replace(' ', '_')}.db"
-                    database, count = str(path), partial(count_sqlite, path)
+                    database, query = str(path), partial(query_sqlite, path)
                 elif store == "postgresql":
                     if create is None:
                         raise SystemExit(f"{name!r} needs --postgres")
                     database = create(run)
-                    count = partial(count_postgres, database)
+                    query = partial(query_postgres, database)
                 port = free_port()
                 env = {
                     **base_env,
@@ -374,9 +405,9 @@ def main(argv: list[str] | None = None) -> None:
                         "1",
                         options.seconds,
                         options.connections,
-                        count,
+                        query,
                         command[: len(serve)] == serve,  # receiver: it applies after acking
-                        options.bodies,
+                        order,
                     )
                 )
     results = [summary(runs[name]) for name in wanted]
@@ -390,7 +421,7 @@ def main(argv: list[str] | None = None) -> None:
     header = (
         f"{'system':<22}{'req/s':>9}{'p50 ms':>9}{'p99 ms':>9}{'p99 range':>14}{'RSS MB':>9}"
         f"{'x bare':>8}{'x naive':>9}{'x floor':>9}{'queued':>8}{'apply s':>9}{'sustained':>10}"
-        "  stored=200s applied"
+        "  clean stored=200s applied"
     )
     print(
         f"\n{options.load}: {options.connections} connections, {options.seconds}s each,"
@@ -405,7 +436,7 @@ def main(argv: list[str] | None = None) -> None:
             f"{r.get('x_bare', 0):>8.2f}{r.get('x_naive', 0):>9.2f}{r.get('x_floor', 0):>9.2f}"
             f"{r.get('queued_at_end', '-'):>8}{r.get('apply_after_s', '-'):>9}"
             f"{r.get('sustained_per_s', '-'):>10}"
-            f"  {r.get('all_200s_stored', '-')!s:<11} {r.get('all_applied', '-')}"
+            f"  {r['clean']!s:<5} {r.get('all_200s_stored', '-')!s:<11} {r.get('all_applied', '-')}"
         )
     output.parent.mkdir(parents=True, exist_ok=True)
     output.write_text(

@@ -19,7 +19,6 @@ import sys
 import time
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
-from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -92,12 +91,21 @@ def cases(store: Store, now: datetime) -> dict[str, Callable[[], int]]:
     oldest, _ = store.list_evaluations(F(), 1, newest_first=False)
     first = parse(oldest[0]["received_at"]) if oldest else now
 
-    def page(where: EvaluationFilter, deep: bool = False, newest_first: bool = True) -> int:
-        low = parse(where.since) if where.since else first
-        middle = format_time(low + ((parse(where.until) if where.until else now) - low) / 2)
-        cursor = deep_cursor(store, where, middle, newest_first) if deep else None
-        items, _ = store.list_evaluations(where, 50, cursor, newest_first=newest_first)
-        return len(items)
+    def page(
+        where: EvaluationFilter, deep: bool = False, newest_first: bool = True
+    ) -> Callable[[], int]:
+        """One page of the list; deep, from a cursor found once, before it is timed."""
+        cursor = None
+        if deep:
+            low = parse(where.since) if where.since else first
+            middle = format_time(low + ((parse(where.until) if where.until else now) - low) / 2)
+            cursor = deep_cursor(store, where, middle, newest_first)
+
+        def timed() -> int:
+            items, _ = store.list_evaluations(where, 50, cursor, newest_first=newest_first)
+            return len(items)
+
+        return timed
 
     def overview(where: EvaluationFilter) -> int:
         result = store.stats(where)
@@ -136,11 +144,11 @@ def cases(store: Store, now: datetime) -> dict[str, Callable[[], int]]:
         "overview q=client_ref (text index)": lambda: overview(F(q=ref)),
     }
     for name, where in lists.items():
-        found[f"list {name}"] = partial(page, where)
-        found[f"list {name}, deep"] = partial(page, where, deep=True)
-    found["list oldest first"] = lambda: page(F(), newest_first=False)
-    found["list oldest first, deep"] = lambda: page(F(), deep=True, newest_first=False)
-    found["list oldest status=failed, deep"] = lambda: page(
+        found[f"list {name}"] = page(where)
+        found[f"list {name}, deep"] = page(where, deep=True)
+    found["list oldest first"] = page(F(), newest_first=False)
+    found["list oldest first, deep"] = page(F(), deep=True, newest_first=False)
+    found["list oldest status=failed, deep"] = page(
         F(status="failed"), deep=True, newest_first=False
     )
     for name, text in {
@@ -152,9 +160,9 @@ def cases(store: Store, now: datetime) -> dict[str, Callable[[], int]]:
         "no match": "zzzq",
         "two characters (no index)": "zq",
     }.items():
-        found[f"search q={name}"] = partial(page, F(q=text))
-    found["search q=label word + status"] = partial(page, F(q="Collar", status="completed"))
-    found["search q=label word + disjoint status"] = partial(page, F(q="Collar", status="failed"))
+        found[f"search q={name}"] = page(F(q=text))
+    found["search q=label word + status"] = page(F(q="Collar", status="completed"))
+    found["search q=label word + disjoint status"] = page(F(q="Collar", status="failed"))
     found["detail get_evaluation"] = lambda: 1 if store.get_evaluation(sample["id"]) else 0
     found["detail lineage"] = lambda: len(store.lineage(sample["id"]))
     found["client_ref page"] = lambda: len((store.get_client_ref(ref) or {})["evaluations"])
