@@ -29,7 +29,7 @@ def reading_store(settings: Settings) -> Store:
             "(or make one with `receiver migrate`)"
         )
     store = Store(settings.database, pool_size=settings.database_pool_size)
-    store.migrate()
+    store.check_schema()
     return store
 
 

@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 from sqlite_utils import Database
 
-from receiver.errors import BadRequest, StoreUnavailable
+from receiver.errors import BadRequest, ConfigError, StoreUnavailable
 from receiver.normalize import normalize, parse_body
 from receiver.store import Delivery, EvaluationFilter, Receipt, Store
 from receiver.store import apply as apply_module
@@ -126,6 +126,35 @@ def row(path: str, evaluation_id: str) -> dict[str, Any]:
 
 
 # schema and migrations
+
+
+def test_a_schema_newer_than_this_receiver_is_refused(path: str) -> None:
+    """An older receiver on a database a newer one migrated: refused, not run on it."""
+    store = Store(path)
+    store.migrate()
+    conn = connect(path)
+    conn.execute("INSERT INTO migrations (version, name, applied_at) VALUES (99, 'x', 'y')")
+    conn.commit()
+    conn.close()
+    for attempt in (store.migrate, store.check_schema):
+        with pytest.raises(ConfigError, match=r"a newer receiver migrated it \(schema version 99;"):
+            attempt()
+
+
+def test_reading_does_not_migrate(path: str) -> None:
+    """A read-only command must not upgrade a database under a server of the version before."""
+    store = Store(path)
+    store.migrate()
+    conn = connect(path)
+    conn.execute("DELETE FROM migrations WHERE version = ?", (VERSIONS[-1],))
+    conn.commit()
+    conn.close()
+    with pytest.raises(ConfigError, match=r"run `receiver migrate`"):
+        store.check_schema()
+    assert (
+        max(version for (version,) in query(path, "SELECT version FROM migrations"))
+        == (VERSIONS[-2])
+    )
 
 
 @sqlite_only

@@ -33,7 +33,7 @@ from .queries import (
     list_evaluations,
     stats,
 )
-from .schema import migrate
+from .schema import MIGRATIONS, migrate, refuse_newer
 from .writer import Writer, connect
 
 log = logging.getLogger("receiver.store")
@@ -45,6 +45,7 @@ if TYPE_CHECKING:
 __all__ = ["Claim", "Delivery", "EvaluationFilter", "Forwarding", "Outcome", "Receipt", "Store"]
 
 MAX_BACKLOG = 100_000
+MIGRATION_WAIT = 600.0  # seconds a starter waits for another's migration (SQLite)
 CATCH_UP_TIMEOUT = 5.0  # seconds a read waits for callbacks accepted before it
 
 
@@ -89,7 +90,8 @@ class Store:
             return migrate_url(self.path)
         try:
             Path(self.path).parent.mkdir(parents=True, exist_ok=True)
-            conn = connect(self.path)
+            # Another starter may be migrating a big database: wait for it, as on PostgreSQL.
+            conn = connect(self.path, busy_timeout=MIGRATION_WAIT)
         except (OSError, sqlite3.Error) as exc:
             raise ConfigError(f"RECEIVER_DATABASE: cannot open {self.path!r}: {exc}") from None
         try:
@@ -98,6 +100,33 @@ class Store:
             raise ConfigError(f"RECEIVER_DATABASE: cannot migrate {self.path!r}: {exc}") from None
         finally:
             conn.close()
+
+    def check_schema(self) -> None:
+        """For a command that only reads: the database must be at this receiver's schema. It is
+        not migrated from here, under a server still running the version before (that is
+        `receiver migrate`, or the server's next start)."""
+        if self.postgres:
+            from .pg_backend import schema_version
+            from .pg_schema import MIGRATIONS as PG_MIGRATIONS
+
+            found, known = schema_version(self.path), PG_MIGRATIONS[-1][0]
+        else:
+            conn = connect(self.path, readonly=True)
+            try:
+                (found,) = conn.execute(
+                    "SELECT coalesce(max(version), 0) FROM migrations"
+                ).fetchone()
+            except sqlite3.OperationalError:  # no migrations table: nothing applied
+                found = 0
+            finally:
+                conn.close()
+            known = MIGRATIONS[-1][0]
+        refuse_newer({found}, known)
+        if found < known:
+            raise ConfigError(
+                f"RECEIVER_DATABASE is at schema version {found}, this receiver needs {known}:"
+                " run `receiver migrate` (or start the server, which does)"
+            )
 
     def open(self) -> None:
         self.migrate()

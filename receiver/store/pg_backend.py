@@ -22,6 +22,24 @@ from .pg_schema import migrate
 POOL_TIMEOUT = 10.0  # seconds a read waits for a free connection before it is a 503
 
 
+def schema_version(url: str) -> int:
+    """The newest migration applied (0 for a database without any)."""
+    try:
+        conn = connect(url)
+    except psycopg.Error as exc:
+        raise ConfigError(
+            f"RECEIVER_DATABASE: cannot open {redact(url)}: {describe(exc)}"
+        ) from None
+    try:
+        exists = conn.raw.execute("SELECT to_regclass('migrations') IS NOT NULL").fetchone()
+        if not exists or not exists[0]:
+            return 0
+        row = conn.raw.execute("SELECT coalesce(max(version), 0) FROM migrations").fetchone()
+        return int(row[0]) if row else 0
+    finally:
+        conn.close()
+
+
 def migrate_url(url: str) -> list[int]:
     """Apply pending migrations (idempotent; concurrent starters take turns)."""
     try:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from ..times import now
 from .pg_connection import PgConnection
-from .schema import DELIVERY_KEY
+from .schema import DELIVERY_KEY, refuse_newer
 
 LOCK = 0x72656376  # "recv": the advisory lock key of migrations
 T = 'text COLLATE "C"'
@@ -164,6 +164,7 @@ def migrate(conn: PgConnection) -> list[int]:
             f" name {T} NOT NULL, applied_at {T} NOT NULL)"
         )
         done = {row[0] for row in raw.execute("SELECT version FROM migrations")}
+        refuse_newer(done, MIGRATIONS[-1][0])
         applied = []
         for version, name, statements in MIGRATIONS:
             if version in done:

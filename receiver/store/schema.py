@@ -7,6 +7,7 @@ from collections.abc import Callable
 
 from sqlite_utils import Database
 
+from ..errors import ConfigError
 from ..times import now
 from . import rollups, search
 
@@ -231,6 +232,16 @@ MIGRATIONS: list[tuple[int, str, Callable[[Database], None]]] = [
 ]
 
 
+def refuse_newer(done: set[int], known: int) -> None:
+    """An older receiver must not run on a schema a newer one made: its queries may be wrong
+    there, or slow (a lookup its indexes no longer serve)."""
+    if done and max(done) > known:
+        raise ConfigError(
+            f"RECEIVER_DATABASE: a newer receiver migrated it (schema version {max(done)};"
+            f" this one knows up to {known}): run that one, or restore a backup"
+        )
+
+
 def migrate(conn: sqlite3.Connection) -> list[int]:
     """Apply the missing migrations; returns the versions applied (empty when up to date).
 
@@ -244,6 +255,7 @@ def migrate(conn: sqlite3.Connection) -> list[int]:
             "(version INTEGER PRIMARY KEY, name TEXT NOT NULL, applied_at TEXT NOT NULL)"
         )
         done = {row[0] for row in conn.execute("SELECT version FROM migrations")}
+        refuse_newer(done, MIGRATIONS[-1][0])
         applied = []
         for version, name, step in MIGRATIONS:
             if version in done:
