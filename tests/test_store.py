@@ -18,7 +18,7 @@ from sqlite_utils import Database
 
 from receiver.errors import BadRequest, ConfigError, StoreUnavailable
 from receiver.normalize import normalize, parse_body
-from receiver.store import Delivery, EvaluationFilter, Receipt, Store
+from receiver.store import Delivery, EvaluationFilter, Receipt, Store, rollups
 from receiver.store import apply as apply_module
 from receiver.store.apply import NO_FORWARDING
 from receiver.store.dialect import Later
@@ -126,6 +126,38 @@ def row(path: str, evaluation_id: str) -> dict[str, Any]:
 
 
 # schema and migrations
+
+
+@sqlite_only
+@pytest.mark.anyio
+async def test_migration_10_repairs_what_earlier_versions_wrote(path: str) -> None:
+    """An evaluation stuck before migration 3 (its poll column added empty) gets its first
+    reconciliation poll; a score that is no pass rate leaves the score column and the
+    rollups."""
+    store = Store(path)
+    store.open()
+    try:
+        await ingest_all(
+            store,
+            evaluation("stuck", "running"),
+            evaluation("rated", weighted_pass_rate=0.5),
+            evaluation("odd", weighted_pass_rate=0.5),
+        )
+    finally:
+        store.close()
+    conn = connect(path)
+    conn.execute("UPDATE evaluations SET next_poll_at = NULL WHERE id = 'stuck'")
+    conn.execute("UPDATE evaluations SET score = 62.0 WHERE id = 'odd'")
+    rollups.rebuild(conn)  # as the version before counted it
+    conn.execute("DELETE FROM migrations WHERE version = 10")
+    conn.commit()
+    conn.close()
+    assert Store(path).migrate() == [10]
+    assert [
+        tuple(r) for r in query(path, "SELECT id, next_poll_at FROM evaluations WHERE id = 'stuck'")
+    ] == [("stuck", row(path, "stuck")["updated_at"])]
+    assert row(path, "odd")["score"] is None
+    assert Store(path).stats(EvaluationFilter())["mean_score"] == 0.5
 
 
 def test_a_schema_newer_than_this_receiver_is_refused(path: str) -> None:
@@ -316,7 +348,7 @@ async def test_a_body_stored_before_migration_9_is_still_a_duplicate(path: str) 
     conn.commit()
     conn.close()
     store = Store(path)
-    assert store.migrate() == [9]
+    assert store.migrate() == [9, 10]
     store.open()
     try:
         assert await ingest_all(store, body) == [Receipt("duplicate", 1, COMPLETED_ID)]

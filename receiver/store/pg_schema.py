@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from ..times import now
 from .pg_connection import PgConnection
-from .schema import DELIVERY_KEY, refuse_newer
+from .schema import DELIVERY_KEY, REPAIRS, refuse_newer
 
 LOCK = 0x72656376  # "recv": the advisory lock key of migrations
 T = 'text COLLATE "C"'
@@ -151,6 +151,7 @@ MIGRATIONS: list[tuple[int, str, tuple[str, ...]]] = [
     (7, "text search", V7_SEARCH),
     (8, "apply queue", V8_APPLY_QUEUE),
     (9, "delivery key in arrival order", DELIVERY_KEY),
+    (10, "repairs: first polls, scores", REPAIRS),
 ]
 
 

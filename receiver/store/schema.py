@@ -219,6 +219,23 @@ def _v9_delivery_key(db: Database) -> None:
         db.execute(statement)
 
 
+# Rows that later code writes otherwise, made as it would: an evaluation stuck before migration
+# 3 gets its first reconciliation poll (3 added the column empty, so it was never polled); a
+# score that is no pass rate (session 12) leaves the score column (the body keeps it).
+REPAIRS = (
+    "UPDATE evaluations SET next_poll_at = updated_at WHERE next_poll_at IS NULL"
+    " AND poll_attempts = 0 AND status NOT IN ('completed', 'failed')",
+    "UPDATE evaluations SET score = NULL WHERE score < 0 OR score > 1",
+)
+
+
+def _v10_repairs(db: Database) -> None:
+    first_polls, scores = REPAIRS
+    db.execute(first_polls)
+    if db.execute(scores).rowcount:  # the rollups counted those scores
+        rollups.rebuild(db.conn)
+
+
 MIGRATIONS: list[tuple[int, str, Callable[[Database], None]]] = [
     (1, "core tables", _v1_core),
     (2, "refetch state and outbox claiming", _v2_forwarding),
@@ -229,6 +246,7 @@ MIGRATIONS: list[tuple[int, str, Callable[[Database], None]]] = [
     (7, "text search", _v7_search),
     (8, "apply queue", _v8_apply_queue),
     (9, "delivery key in arrival order", _v9_delivery_key),
+    (10, "repairs: first polls, scores", _v10_repairs),
 ]
 
 
