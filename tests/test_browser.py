@@ -295,3 +295,30 @@ def test_new_evaluations_appear_live_without_a_reload(
         assert "1 new just now" in page.locator("#live-status").inner_text()
     listing.close()
     assert tab_list.problems == []
+
+
+def test_a_burst_larger_than_a_poll_leaves_no_row_out(tab: Watched, world: World) -> None:
+    """More callbacks between two polls than a poll brings: the page asks again from the last
+    it got (before, the ones in between never appeared); the overview keeps its 10."""
+    page = tab.page
+    log_in(page, world.url)
+    page.evaluate("window.sameDocument = true")
+    burst = [world.post(f"burst-{n}", PASSED, f"order-30{n:02d}") for n in range(15)]
+    newest = [item["id"] for item in world.api("/evaluations?limit=10")["items"]]
+    page.wait_for_function(
+        "ids => ids.every(id => document.querySelector(`#recent tr[data-id='${id}']`))",
+        arg=newest,
+        timeout=TIMEOUT_MS,
+    )
+    assert ids_shown(page, "recent") == newest
+    assert set(newest) <= set(burst)
+    assert page.evaluate("window.sameDocument") is True
+
+
+def test_live_updates_stop_and_say_so_when_the_session_ends(
+    tab: Watched, world: World, browser: BrowserContext
+) -> None:
+    page = tab.page
+    log_in(page, world.url)
+    browser.clear_cookies()  # logged out elsewhere, or the session expired
+    page.locator("#live-status", has_text="Logged out").wait_for(timeout=TIMEOUT_MS)

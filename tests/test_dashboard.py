@@ -255,3 +255,26 @@ def test_a_message_in_a_link_made_elsewhere_is_not_shown(browser: TestClient) ->
 )
 def test_a_huge_number_in_the_query_is_not_an_error(browser: TestClient, path: str) -> None:
     assert browser.get(path).status_code == 200
+
+
+def test_a_reason_as_long_as_the_form_allows_is_read(browser: TestClient) -> None:
+    """2,000 characters (the form's maxlength, Runflow's limit) in any script: 9 bytes each,
+    URL-encoded, went past the form limit (a 400 page, the text lost)."""
+    page = browser.get(f"/evaluations/{EVALUATION_ID}").text
+    response = browser.post(
+        f"/evaluations/{EVALUATION_ID}/feedback",
+        data={"csrf": csrf_of(page), "rating": "down", "reason": "手" * 2000},
+    )
+    assert response.status_code == 200
+    assert "Feedback not saved: RUNFLOW_API_KEY is not set" in response.text
+
+
+def test_retrying_all_dead_letters_of_a_sink_stays_on_that_sink(browser: TestClient) -> None:
+    page = browser.get("/forwards?state=dead&sink=consumer").text
+    assert 'href="/forwards?state=done&amp;sink=consumer"' in page
+    answer = browser.post(
+        "/forwards/retry-dead",
+        data={"csrf": csrf_of(page), "sink": "consumer"},
+        follow_redirects=False,
+    )
+    assert answer.headers["location"].startswith("/forwards?state=dead&sink=consumer&")

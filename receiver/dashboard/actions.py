@@ -119,6 +119,5 @@ async def retry_dead(request: Request) -> Response:
     sink = fields.get("sink") or None
     count = await ctx.store.retry_dead(now(), sink)
     ctx.notify()
-    return back(
-        request, "/forwards?state=dead", notice=f"{count} dead forward(s) will be sent again."
-    )
+    page = "/forwards?" + urlencode({"state": "dead", **({"sink": sink} if sink else {})})
+    return back(request, page, notice=f"{count} dead forward(s) will be sent again.")

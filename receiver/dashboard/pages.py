@@ -115,11 +115,14 @@ def evaluations(request: Request) -> Response:
 
 
 def rows(request: Request) -> Response:
-    """New rows for live updates: the same filters, `since` = newest shown."""
+    """New rows for live updates: the same filters, `since` = newest shown; the oldest of them
+    first, so that when more came than `limit` the page asks again from the last it got
+    (newest first, the ones in between were never fetched)."""
     params = {k: v for k, v in request.query_params.items() if v != ""}
     limit = min(whole(params.get("limit", ""), MAX_ROW_ID) or 10, 100)
     where = evaluation_filter({k: v for k, v in params.items() if k in FILTERS})
-    items, _ = context(request).store.list_evaluations(where, limit)
+    newest_first = "since" not in params
+    items, _ = context(request).store.list_evaluations(where, limit, newest_first=newest_first)
     return templates().TemplateResponse(request, "_rows.html", {"items": items})
 
 
@@ -207,5 +210,6 @@ def forwards(request: Request) -> Response:
         states=STATES,
         items=items,
         more=more,
+        here=request.url.path + (f"?{request.url.query}" if request.url.query else ""),
         next_url=next_url,
     )
