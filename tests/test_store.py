@@ -849,6 +849,16 @@ async def test_superseded_stays_superseded_when_another_server_marked_it_meanwhi
     assert [tuple(row) for row in superseded] == [("p-1", 1), ("p-2", 0)]
 
 
+@pytest.mark.anyio
+async def test_ties_in_the_top_lists_order_alike_on_both_backends(store: Store) -> None:
+    """Twenty-one task types counting one each, one of them none: which twenty are shown
+    must not depend on where the database sorts NULL."""
+    bodies = [evaluation(f"t-{n:02d}", task_type=f"t{n:02d}") for n in range(20)]
+    await ingest_all(store, *bodies, evaluation("t-none", task_type=None))
+    shown = [row["task_type"] for row in store.stats(EvaluationFilter())["per_task_type"]]
+    assert shown == [None, *(f"t{n:02d}" for n in range(19))]
+
+
 # reads
 
 

@@ -194,7 +194,7 @@ def stats(
             "categories",
             "category, subcategory, sum(count) AS count",
             "category, subcategory",
-            "count DESC, category, subcategory",
+            "count DESC, category NULLS FIRST, subcategory NULLS FIRST",  # as SQLite, everywhere
             20,
         ),
         "top_issues": grouped(
@@ -202,6 +202,6 @@ def stats(
         ),
         "per_day": grouped("daily", f"day, {VERDICT}", "day", "day DESC", 90),
         "per_task_type": grouped(
-            "daily", f"task_type, {VERDICT}", "task_type", "total DESC, task_type", 20
+            "daily", f"task_type, {VERDICT}", "task_type", "total DESC, task_type NULLS FIRST", 20
         ),
     }
