@@ -47,19 +47,32 @@ def csrf_token(token: str, sid: str) -> str:
     return _mac(token, "csrf", sid)
 
 
-def flash(token: str, *, notice: str | None = None, error: str | None = None) -> dict[str, str]:
+# Form fields a redirect may carry back to the form (signed with its message): what was typed
+# is not lost when the action is refused.
+KEPT = ("reason",)
+
+
+def flash(
+    token: str, *, notice: str | None = None, error: str | None = None, **kept: str
+) -> dict[str, str]:
     """The query a redirect carries its message to the next page with, signed: a link made
-    elsewhere cannot put its own words ("log in again at …") on the dashboard."""
+    elsewhere cannot put its own words ("log in again at …") on the dashboard, nor in a form."""
     kind, text = ("notice", notice) if notice else ("error", error or "")
-    return {kind: text, "sig": _mac(token, f"flash-{kind}", text)}
+    carried = {key: kept[key] for key in KEPT if kept.get(key)}
+    return {kind: text, **carried, "sig": _mac(token, f"flash-{kind}", _signed(text, carried))}
 
 
 def flashed(token: str, query: Mapping[str, str], kind: str) -> str | None:
     """The `kind` message (notice, error) of a redirect made by `flash`, if its signature holds."""
     text = query.get(kind)
-    if not text or not _same(query.get("sig", ""), _mac(token, f"flash-{kind}", text)):
+    signed = _signed(text or "", query)
+    if not text or not _same(query.get("sig", ""), _mac(token, f"flash-{kind}", signed)):
         return None
     return text
+
+
+def _signed(text: str, carried: Mapping[str, str]) -> str:
+    return "\x00".join([text, *(carried.get(key, "") for key in KEPT)])
 
 
 def token_ok(given: str, token: str) -> bool:

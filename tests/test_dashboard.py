@@ -278,3 +278,15 @@ def test_retrying_all_dead_letters_of_a_sink_stays_on_that_sink(browser: TestCli
         follow_redirects=False,
     )
     assert answer.headers["location"].startswith("/forwards?state=dead&sink=consumer&")
+
+
+def test_a_refused_feedback_keeps_the_reason_typed(browser: TestClient) -> None:
+    page = browser.get(f"/evaluations/{EVALUATION_ID}").text
+    response = browser.post(
+        f"/evaluations/{EVALUATION_ID}/feedback",
+        data={"csrf": csrf_of(page), "rating": "down", "reason": 'the hands are "wrong"'},
+    )
+    assert "Feedback not saved" in response.text
+    assert 'value="the hands are &#34;wrong&#34;"' in response.text
+    forged = browser.get(f"/evaluations/{EVALUATION_ID}?error=x&reason=typed+elsewhere").text
+    assert "typed elsewhere" not in forged

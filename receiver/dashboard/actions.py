@@ -19,12 +19,18 @@ from ..times import now
 from .safety import form, local_path
 
 log = logging.getLogger("receiver.dashboard")
+KEPT_URL_BYTES = 4000
 
 
 def back(
-    request: Request, path: str, *, notice: str | None = None, error: str | None = None
+    request: Request,
+    path: str,
+    *,
+    notice: str | None = None,
+    error: str | None = None,
+    **kept: str,
 ) -> Response:
-    message = flash(context(request).settings.dashboard_token, notice=notice, error=error)
+    message = flash(context(request).settings.dashboard_token, notice=notice, error=error, **kept)
     joiner = "&" if "?" in path else "?"
     return RedirectResponse(f"{path}{joiner}{urlencode(message)}", status_code=303)
 
@@ -88,7 +94,9 @@ async def feedback(request: Request) -> Response:
     except NotFound:
         raise
     except ReceiverError as exc:  # a bad reason, no API key, or Runflow's own refusal
-        return back(request, page, error=f"Feedback not saved: {exc}")
+        # The reason back in the form, when the URL stays short enough for any proxy (8 KiB).
+        kept = reason if reason and len(urlencode({"reason": reason})) <= KEPT_URL_BYTES else ""
+        return back(request, page, error=f"Feedback not saved: {exc}", reason=kept)
     return back(
         request,
         page,

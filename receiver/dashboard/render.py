@@ -12,7 +12,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.templating import Jinja2Templates
 
-from ..auth import csrf_token, flashed
+from ..auth import KEPT, csrf_token, flashed
 from ..context import context
 from ..errors import ReceiverError
 
@@ -51,6 +51,10 @@ def render(request: Request, name: str, status: int = 200, **values: Any) -> Res
     for kind in ("error", "notice"):
         if kind not in values:
             values[kind] = flashed(token, request.query_params, kind)
+    signed = any(flashed(token, request.query_params, kind) for kind in ("error", "notice"))
+    values.setdefault(
+        "kept", {key: request.query_params.get(key) for key in KEPT} if signed else {}
+    )
     return templates().TemplateResponse(request, name, values, status_code=status)
 
 
