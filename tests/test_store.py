@@ -859,6 +859,36 @@ async def test_ties_in_the_top_lists_order_alike_on_both_backends(store: Store) 
     assert shown == [None, *(f"t{n:02d}" for n in range(19))]
 
 
+@pytest.mark.anyio
+@pytest.mark.skipif(not POSTGRES, reason="a PostgreSQL database's collation")
+async def test_labels_order_alike_whatever_the_database_collation() -> None:
+    """On a database made with an ICU collation, labels read from the rows (a client_ref's
+    stats) sorted otherwise than the rollups (bytewise, COLLATE "C")."""
+    from . import database
+
+    assert database._server is not None
+    name = "icu_labels"
+    database._server.admin(
+        f"DROP DATABASE IF EXISTS {name}",
+        f"CREATE DATABASE {name} TEMPLATE template0 LOCALE_PROVIDER icu ICU_LOCALE 'en-US'"
+        " LOCALE 'C.UTF-8'",
+    )
+    store = Store(database._server.url_for(name))
+    store.migrate()
+    store.open()
+    try:
+        for n, label in enumerate("bBa"):
+            await store.ingest(delivery(evaluation(f"l-{n}", client_ref="r", top_issues=[label])))
+        orders = [
+            [row["label"] for row in store.stats(where)["top_issues"]]
+            for where in (EvaluationFilter(), EvaluationFilter(client_ref="r"))
+        ]
+    finally:
+        store.close()
+        database._server.admin(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+    assert orders == [["B", "a", "b"]] * 2
+
+
 # reads
 
 

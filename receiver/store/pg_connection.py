@@ -51,10 +51,11 @@ RULES: tuple[tuple[re.Pattern[str], str], ...] = (
     (re.compile(r"\btotal\("), "receiver_total("),
     # round(double precision, int) does not exist in PostgreSQL
     (re.compile(r"\bround\("), "receiver_round("),
-    # the labels of a top_issues JSON array
+    # the labels of a top_issues JSON array, ordered bytewise as the columns are (COLLATE "C")
     (
         re.compile(r"json_each\(([\w.]+)\) (\w+)"),
-        r"json_array_elements_text(CAST(\1 AS json)) AS \2(value)",
+        r'LATERAL (SELECT label COLLATE "C" AS value'
+        r" FROM json_array_elements_text(CAST(\1 AS json)) AS labels(label)) AS \2",
     ),
 )
 
