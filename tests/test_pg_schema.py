@@ -118,7 +118,8 @@ def test_migrate_is_idempotent_and_safe_from_many_processes_at_once(empty: str) 
         ("total(score), round(x, 4)", "receiver_total(score), receiver_round(x, 4)"),
         (
             "FROM evaluations e, json_each(e.top_issues) j",
-            "FROM evaluations e, json_array_elements_text(CAST(e.top_issues AS json)) AS j(value)",
+            'FROM evaluations e, LATERAL (SELECT label COLLATE "C" AS value'
+            " FROM json_array_elements_text(CAST(e.top_issues AS json)) AS labels(label)) AS j",
         ),
     ],
 )
