@@ -352,8 +352,9 @@ class Worker:
                 await asyncio.sleep(1 / POLLS_PER_SECOND)
             counts["polled"] += 1
             outcome = await self._poll(evaluation_id, polls)
-            counts["errors" if outcome == LIMITED else outcome] += 1
-            self.metrics.reconcile_results["errors" if outcome == LIMITED else outcome].inc()
+            counted = "errors" if outcome == LIMITED else outcome
+            counts[counted] += 1
+            self.metrics.reconcile_results[counted].inc()
             if outcome == LIMITED:  # the rest of the pass waits out its lease
                 break
         if counts["verdicts"]:

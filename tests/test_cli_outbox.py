@@ -91,23 +91,20 @@ def test_replay_of_an_unknown_delivery_is_one_line(tmp_path: Path) -> None:
     assert done.stderr.strip() == "Error: no delivery 42"
 
 
-def test_make_demo_runs_the_whole_flow(tmp_path: Path) -> None:
-    done = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "receiver.fakes.demo",
-            "--once",
-            "--port",
-            str(free_port()),
-            "--workdir",
-            str(tmp_path / "demo"),
-        ],
+def demo(port: int, workdir: Path) -> subprocess.CompletedProcess[str]:
+    """`make demo`, once through."""
+    command = [sys.executable, "-m", "receiver.fakes.demo", "--once", "--port", str(port)]
+    return subprocess.run(
+        [*command, "--workdir", str(workdir)],
         capture_output=True,
         text=True,
         timeout=120,
         check=False,
     )
+
+
+def test_make_demo_runs_the_whole_flow(tmp_path: Path) -> None:
+    done = demo(free_port(), tmp_path / "demo")
     assert done.returncode == 0, done.stderr
     assert done.stdout.count("submitted ") == 6
     forwarded = done.stdout.split("forwarded to the consumer:")[1].split("\n\n")[0]
@@ -122,22 +119,7 @@ def test_make_demo_says_when_its_port_is_taken(tmp_path: Path) -> None:
         taken.bind(("127.0.0.1", 0))
         taken.listen()
         port = taken.getsockname()[1]
-        done = subprocess.run(
-            [
-                sys.executable,
-                "-m",
-                "receiver.fakes.demo",
-                "--once",
-                "--port",
-                str(port),
-                "--workdir",
-                str(tmp_path / "demo"),
-            ],
-            capture_output=True,
-            text=True,
-            timeout=60,
-            check=False,
-        )
+        done = demo(port, tmp_path / "demo")
     assert done.returncode == 1
     assert done.stderr.strip() == (
         f"port {port} is taken (is `make run` going?): make demo DEMO_PORT=8100"

@@ -48,10 +48,10 @@ def render(request: Request, name: str, status: int = 200, **values: Any) -> Res
     if "csrf" not in values:
         sid = getattr(request.state, "sid", None)
         values["csrf"] = csrf_token(token, sid) if sid else ""
-    for kind in ("error", "notice"):
-        if kind not in values:
-            values[kind] = flashed(token, request.query_params, kind)
-    signed = any(flashed(token, request.query_params, kind) for kind in ("error", "notice"))
+    shown = {kind: flashed(token, request.query_params, kind) for kind in ("error", "notice")}
+    for kind, text in shown.items():
+        values.setdefault(kind, text)
+    signed = any(shown.values())  # then the fields it carried back are ours too
     values.setdefault(
         "kept", {key: request.query_params.get(key) for key in KEPT} if signed else {}
     )

@@ -98,29 +98,25 @@ class NatsSink:
 
     async def _publish(self, js: JetStreamContext, event: Event) -> SinkError | None:
         verdict = str(event["type"]).rsplit(".", 1)[-1]  # completed | failed
-        for last in (False, True):
+
+        async def publish() -> None:
+            await js.publish(
+                f"{self.subject}.{verdict}",
+                body(event),
+                timeout=self.timeout,
+                stream=self.stream,
+                headers={"Nats-Msg-Id": event["id"]},
+            )
+
+        try:
             try:
-                await js.publish(
-                    f"{self.subject}.{verdict}",
-                    body(event),
-                    timeout=self.timeout,
-                    stream=self.stream,
-                    headers={"Nats-Msg-Id": event["id"]},
-                )
-            except NoStreamResponseError as exc:  # the server lost it (restarted without it)
-                if last:
-                    return SinkError(f"nats publish: {reason(exc, self.spec.url)}")
-                try:
-                    await self._ensure_stream(js)
-                except Exception as failed:
-                    return SinkError(
-                        f"nats stream {self.stream!r}: {reason(failed, self.spec.url)}"
-                    )
-            except Exception as exc:  # timeout, connection lost
-                return SinkError(f"nats publish: {reason(exc, self.spec.url)}")
-            else:
-                return None
-        raise AssertionError("unreachable")  # pragma: no cover
+                await publish()
+            except NoStreamResponseError:  # the server lost it (restarted without it)
+                await self._ensure_stream(js)
+                await publish()
+        except Exception as exc:  # timeout, connection lost, no stream to be had
+            return SinkError(f"nats publish: {reason(exc, self.spec.url)}")
+        return None
 
     async def close(self) -> None:
         self._closing = True

@@ -70,7 +70,9 @@ def apply_queued(
             " ORDER BY delivery_id LIMIT ?",
             (upto, most + len(skip)),
         ).fetchall()
-        wanted = [row[0] for row in queued if row[0] not in skip][:most] or [0]
+        wanted = [row[0] for row in queued if row[0] not in skip][:most]
+        if not wanted:
+            return Applied(0, False, ())
         chosen, params = f"q.delivery_id IN ({', '.join('?' * len(wanted))})", wanted
     rows = conn.execute(
         "SELECT q.delivery_id, d.body, d.source, d.received_at"
