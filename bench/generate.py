@@ -38,10 +38,11 @@ SINKS_SINCE_DAYS = 30  # sinks were configured this long ago: older verdicts hav
 BATCH = 5000
 EVALUATION_COLUMNS = [
     "id", "client_ref", "status", "event", "passed", "score", "task_type", "failure_code",
-    "top_issues", "attempt_number", "parent_evaluation_id", "superseded", "superseded_at",
-    "created_at", "completed_at", "received_at", "updated_at", "run_id", "image_url", "refetched",
-    "feedback_is_positive", "feedback_reason", "source", "data", "refetch_state",
-    "refetch_attempts", "refetch_next_at", "refetch_error", "next_poll_at", "poll_attempts",
+    "top_issues", "issue_text", "attempt_number", "parent_evaluation_id", "superseded",
+    "superseded_at", "created_at", "completed_at", "received_at", "updated_at", "run_id",
+    "image_url", "refetched", "feedback_is_positive", "feedback_reason", "source", "data",
+    "refetch_state", "refetch_attempts", "refetch_next_at", "refetch_error", "next_poll_at",
+    "poll_attempts",
 ]  # fmt: skip
 
 
@@ -158,6 +159,7 @@ class Generator:
                 "id": evaluation_id,
                 "event": f"evaluation.{status}" if terminal else None,
                 "top_issues": dumps(cols["top_issues"]),
+                "issue_text": search.issue_text(cols["top_issues"]),
                 "superseded": 0,
                 "received_at": stamp,
                 "updated_at": shift(stamp, 2) if values["refetched"] else stamp,

@@ -172,7 +172,11 @@ def _str(value: Any) -> str | None:
 
 
 def _labels(value: Any) -> list[str]:
-    return [item for item in value if isinstance(item, str)] if isinstance(value, list) else []
+    """The string labels of a list, NUL as U+FFFD: PostgreSQL cannot read a label's "\\u0000"
+    out of the stored JSON (the overview failed there); the delivery keeps the exact bytes."""
+    if not isinstance(value, list):
+        return []
+    return [item.replace("\x00", "\ufffd") for item in value if isinstance(item, str)]
 
 
 def columns(fields: dict[str, Any]) -> dict[str, Any]:

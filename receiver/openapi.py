@@ -35,7 +35,8 @@ _FILTER_PARAMS: list[dict[str, Any]] = [
     {
         "name": "q",
         "in": "query",
-        "description": "text search",
+        "description": "text search: part of the id, client_ref, task type, failure code or a"
+        " top issue label (ASCII case ignored)",
         "schema": {**_STR, "maxLength": 200, "pattern": "^[^\\u0000]*$"},
     },
 ]

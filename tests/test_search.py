@@ -3,6 +3,7 @@ LIKE / WHERE over the rows gives, in the same order, page after page."""
 
 from __future__ import annotations
 
+import asyncio
 import random
 import sqlite3
 from collections.abc import Iterator
@@ -10,11 +11,12 @@ from pathlib import Path
 
 import pytest
 
-from receiver.store import EvaluationFilter, search
+from receiver.store import EvaluationFilter, Store, search
 from receiver.store.apply import apply_evaluation
 from receiver.store.queries import list_evaluations
 from receiver.store.schema import migrate
 
+from .database import database_for
 from .test_rollups import MIDNIGHT, populate
 
 F = EvaluationFilter
@@ -152,3 +154,40 @@ def test_every_list_query_seeks_one_index_in_order(
         assert index in plan[0], plan
         if "(received_at, id)" in sql:  # a cursor page seeks to its place
             assert "(received_at,id)" in plan[0], plan
+
+
+LABELLED = {
+    "e-1": ['5" crop', "back\\slash", "Übergröße"],
+    "e-2": ["Left hand has six fingers", "Collar asymmetry"],
+    "e-3": [],
+}
+
+
+@pytest.mark.parametrize(
+    ("text", "found"),
+    [
+        ('5" crop', ["e-1"]),  # its JSON has `5\" crop`
+        ("back\\slash", ["e-1"]),  # and `back\\slash`
+        ('"', ["e-1"]),
+        ("Übergröße", ["e-1"]),
+        ("fingers", ["e-2"]),
+        ("[", []),  # every label array's JSON has these
+        ("]", []),
+        ('","', []),
+        ('fingers","Collar', []),
+        ("\\u", []),
+    ],
+)
+def test_issue_labels_are_searched_as_typed(tmp_path: Path, text: str, found: list[str]) -> None:
+    """On both backends: `q` finds a label's text, not the JSON the labels are stored as."""
+    store = Store(database_for(tmp_path / "receiver.db"))
+    store.open()
+    try:
+        for evaluation_id, labels in LABELLED.items():
+            body = {"id": evaluation_id, "status_code": "completed", "top_issues": labels}
+            asyncio.run(store.record(body, "webhook", "2026-11-20T09:00:00.000000Z"))
+        items, _ = store.list_evaluations(F(q=text), 10)
+        assert sorted(item["id"] for item in items) == found
+        assert store.stats(F(q=text))["total"] == len(found)
+    finally:
+        store.close()

@@ -11,7 +11,7 @@ import time
 from collections.abc import Callable, Iterator
 from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import pytest
 from sqlite_utils import Database
@@ -25,6 +25,7 @@ from receiver.store.dialect import Later
 from receiver.store.ingest import accept
 from receiver.store.outbox import replay_delivery
 from receiver.store.schema import MIGRATIONS
+from receiver.store.stats import stats as scan_stats
 
 from .database import POSTGRES, connect, database_for, sqlite_only
 from .helpers import fixture
@@ -160,6 +161,85 @@ async def test_migration_10_repairs_what_earlier_versions_wrote(path: str) -> No
     assert Store(path).stats(EvaluationFilter())["mean_score"] == 0.5
 
 
+def migrated_to(path: str, last: int) -> None:
+    """The schema as a receiver of version `last` left it, on either backend."""
+    if POSTGRES:
+        from receiver.store import pg_schema
+
+        conn = connect(path)
+        conn.execute("DROP SCHEMA public CASCADE")  # the test database comes migrated
+        conn.execute("CREATE SCHEMA public")
+        conn.execute(
+            "CREATE TABLE migrations (version bigint PRIMARY KEY, name text, applied_at text)"
+        )
+        for version, name, statements in pg_schema.MIGRATIONS[:last]:
+            for statement in statements:
+                if isinstance(statement, str):
+                    cast(Any, conn).raw.execute(statement)  # as written: not translated
+                else:
+                    statement(cast(Any, conn))
+            conn.execute("INSERT INTO migrations VALUES (?, ?, 'x')", (version, name))
+        conn.close()
+        return
+    db = Database(sqlite3.connect(path))
+    for version, name, step in MIGRATIONS[:last]:
+        step(db)
+        db["migrations"].insert({"version": version, "name": name, "applied_at": "x"})
+    db.conn.commit()
+    db.conn.close()
+
+
+@pytest.mark.anyio
+async def test_migration_11_searches_labels_written_before_as_text(path: str) -> None:
+    """Rows written as JSON only get their searchable text; a label's NUL, which the JSON
+    functions cut (SQLite) or refuse (PostgreSQL), becomes U+FFFD as normalize now makes it;
+    the rollups are rebuilt (on PostgreSQL they may still count a score migration 10 cleared
+    from the rows)."""
+    migrated_to(path, 10)
+    conn = connect(path)
+    labelled = [
+        ("e-1", '["5\\" crop","a\\u0000b"]', 0.5),
+        ("e-2", '["Left hand"]', 62.0),
+        ("e-3", None, None),
+        ("e-4", "[]", None),
+    ]
+    for evaluation_id, labels, score in labelled:
+        conn.execute(
+            "INSERT INTO evaluations (id, status, top_issues, score, received_at, updated_at,"
+            " data) VALUES (?, 'completed', ?, ?, '2026-11-20T09:00:00.000000Z',"
+            " '2026-11-20T09:00:00.000000Z', '{}')",
+            (evaluation_id, labels, score),
+        )
+    if POSTGRES:  # as a receiver before migration 10 counted it, and 10 cleared only the row
+        conn.execute("UPDATE evaluations SET top_issues = '[]' WHERE id = 'e-1'")
+        rollups.rebuild(conn)
+        conn.execute("UPDATE evaluations SET score = NULL WHERE id = 'e-2'")
+        conn.execute("UPDATE evaluations SET top_issues = ? WHERE id = 'e-1'", (labelled[0][1],))
+    else:
+        conn.execute("UPDATE evaluations SET score = NULL WHERE id = 'e-2'")
+        rollups.rebuild(conn)
+    conn.commit()
+    conn.close()
+    store = Store(path)
+    assert store.migrate() == [11]
+    for text, found in (('5" crop', ["e-1"]), ("left", ["e-2"]), ("[", []), ('","', [])):
+        assert [item["id"] for item in store.list_evaluations(EvaluationFilter(q=text))[0]] == (
+            found
+        ), text
+    overview = store.stats(EvaluationFilter())
+    assert [label["label"] for label in overview["top_issues"]] == [
+        '5" crop',
+        "Left hand",
+        "a\ufffdb",
+    ]
+    assert overview["mean_score"] == 0.5
+    conn = connect(path)
+    try:
+        assert overview == scan_stats(conn, EvaluationFilter(), exact=True)
+    finally:
+        conn.close()
+
+
 def test_a_schema_newer_than_this_receiver_is_refused(path: str) -> None:
     """An older receiver on a database a newer one migrated: refused, not run on it."""
     store = Store(path)
@@ -287,6 +367,20 @@ async def test_nul_characters_in_fields_are_stored_not_refused(store: Store, pat
 
 
 @pytest.mark.anyio
+async def test_a_nul_in_an_issue_label_keeps_the_overview_working(store: Store) -> None:
+    """PostgreSQL's JSON functions refuse "\\u0000" (the overview failed for good), SQLite's
+    cut the label there: labels are stored with U+FFFD, on both, as are their counts."""
+    body = {**json.loads(fixture("evaluation-completed.json")), "top_issues": ["a\x00b", "c"]}
+    await ingest_all(store, body)
+    for where in (EvaluationFilter(), EvaluationFilter(q="b")):
+        assert [label["label"] for label in store.stats(where)["top_issues"]] == ["a\ufffdb", "c"]
+    assert store.list_evaluations(EvaluationFilter(q="a\ufffdb"))[0][0]["top_issues"] == [
+        "a\ufffdb",
+        "c",
+    ]
+
+
+@pytest.mark.anyio
 async def test_a_run_callback_is_stored_and_ignored(store: Store, path: str) -> None:
     [receipt] = await ingest_all(store, fixture("run-completed.json"))
     assert receipt == Receipt("ignored", 1, None)
@@ -348,7 +442,7 @@ async def test_a_body_stored_before_migration_9_is_still_a_duplicate(path: str) 
     conn.commit()
     conn.close()
     store = Store(path)
-    assert store.migrate() == [9, 10]
+    assert store.migrate() == [9, 10, 11]
     store.open()
     try:
         assert await ingest_all(store, body) == [Receipt("duplicate", 1, COMPLETED_ID)]

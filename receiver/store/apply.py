@@ -19,7 +19,7 @@ from ..times import shift
 from .client_refs import refresh_client_ref
 from .dialect import is_postgres, pipelined, serialize
 from .rollups import FACT_COLUMNS, Changes, Facts, add, track, write
-from .search import SEARCHED, reindex
+from .search import SEARCHED, issue_text, reindex
 
 log = logging.getLogger("receiver.store")
 MAX_ID = 2**63 - 1
@@ -189,6 +189,7 @@ def apply_evaluation(
         "id": evaluation_id,
         "event": f"evaluation.{status}" if status in ("completed", "failed") else None,
         "top_issues": dumps(cols["top_issues"]),
+        "issue_text": issue_text(cols["top_issues"]),
         "superseded": int(cols["superseded_at"] is not None or bool(has_newer_attempt)),
         "updated_at": stamp,
         "data": dumps(merged),

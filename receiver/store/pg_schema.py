@@ -8,9 +8,14 @@ run, so several replicas starting at once apply each step exactly once.
 
 from __future__ import annotations
 
+import sqlite3
+from collections.abc import Callable
+from typing import cast
+
 from ..times import now
+from . import rollups
 from .pg_connection import PgConnection
-from .schema import DELIVERY_KEY, REPAIRS, refuse_newer
+from .schema import DELIVERY_KEY, REPAIRS, refuse_newer, repair_nul_labels
 
 LOCK = 0x72656376  # "recv": the advisory lock key of migrations
 T = 'text COLLATE "C"'
@@ -141,7 +146,22 @@ V7_SEARCH = (
 # Accepted deliveries not yet applied to their evaluations (ingest.accept; apply.apply_queued).
 V8_APPLY_QUEUE = ("CREATE TABLE apply_queue (delivery_id bigint PRIMARY KEY)",)
 
-MIGRATIONS: list[tuple[int, str, tuple[str, ...]]] = [
+
+# schema.ISSUE_TEXT; the rollups are rebuilt whatever the labels: they may count scores outside
+# 0..1 that migration 10 cleared from the rows (SQLite rebuilt its own there).
+V11_ISSUE_TEXT: tuple[str | Callable[[PgConnection], object], ...] = (
+    lambda conn: repair_nul_labels(cast(sqlite3.Connection, conn)),
+    f"ALTER TABLE evaluations ADD COLUMN issue_text {T}",
+    "UPDATE evaluations SET issue_text = (SELECT nullif(string_agg(label, E'\\n' ORDER BY n), '')"
+    " FROM json_array_elements_text(CAST(top_issues AS json)) WITH ORDINALITY AS labels(label, n))"
+    " WHERE top_issues IS NOT NULL",
+    "DROP INDEX idx_evaluations_top_issues_trgm",
+    "CREATE INDEX idx_evaluations_issue_text_trgm ON evaluations"
+    " USING gin (issue_text gin_trgm_ops)",
+    lambda conn: rollups.rebuild(cast(sqlite3.Connection, conn)),  # sqlite3's surface
+)
+
+MIGRATIONS: list[tuple[int, str, tuple[str | Callable[[PgConnection], object], ...]]] = [
     (1, "core tables", V1_CORE),
     (2, "refetch state and outbox claiming", V2_FORWARDING),
     (3, "reconciliation schedule", V3_RECONCILE),
@@ -152,6 +172,7 @@ MIGRATIONS: list[tuple[int, str, tuple[str, ...]]] = [
     (8, "apply queue", V8_APPLY_QUEUE),
     (9, "delivery key in arrival order", DELIVERY_KEY),
     (10, "repairs: first polls, scores", REPAIRS),
+    (11, "issue labels searched as text", V11_ISSUE_TEXT),
 ]
 
 
@@ -171,7 +192,10 @@ def migrate(conn: PgConnection) -> list[int]:
             if version in done:
                 continue
             for statement in statements:
-                raw.execute(statement)
+                if isinstance(statement, str):
+                    raw.execute(statement)
+                else:
+                    statement(conn)
             raw.execute(
                 "INSERT INTO migrations (version, name, applied_at) VALUES (%s, %s, %s)",
                 (version, name, now()),

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import sqlite3
 from collections.abc import Callable
 
@@ -10,6 +11,7 @@ from sqlite_utils import Database
 from ..errors import ConfigError
 from ..times import now
 from . import rollups, search
+from .apply import dumps
 
 # One unique key in arrival order: Runflow's ids are UUIDv7 (time-ordered), so a new delivery's
 # entry lands beside the last ones instead of on a random leaf of a sha256 index, and each ack
@@ -203,8 +205,8 @@ def _v6_list_indexes(db: Database) -> None:
 
 
 def _v7_search(db: Database) -> None:
-    """A trigram index for `q`, filled from the rows already stored."""
-    search.create(db)
+    """A trigram index for `q`, filled from the rows already stored (the labels as JSON then)."""
+    search.create(db, (*search.SEARCHED[:-1], "top_issues"))
     search.rebuild(db.conn)
 
 
@@ -236,6 +238,40 @@ def _v10_repairs(db: Database) -> None:
         rollups.rebuild(db.conn)
 
 
+# Issue labels searched as plain text (search.issue_text), not as their JSON.
+ISSUE_TEXT = (
+    "ALTER TABLE evaluations ADD COLUMN issue_text TEXT",
+    "UPDATE evaluations SET issue_text = (SELECT nullif(group_concat(value, char(10)), '')"
+    " FROM json_each(evaluations.top_issues)) WHERE top_issues IS NOT NULL",
+)
+
+
+def repair_nul_labels(conn: sqlite3.Connection) -> int:
+    """Labels stored before normalize made NUL U+FFFD: SQLite's JSON functions cut them at
+    the NUL, PostgreSQL's refuse them (the overview failed). Returns how many rows changed."""
+    found = conn.execute(
+        "SELECT id, top_issues FROM evaluations WHERE top_issues LIKE '%u0000%'"
+    ).fetchall()
+    repaired = []
+    for evaluation_id, text in found:
+        labels: list[str] = json.loads(text)
+        if any("\x00" in label for label in labels):
+            cleaned = [label.replace("\x00", "\ufffd") for label in labels]
+            repaired.append((dumps(cleaned), evaluation_id))
+    conn.executemany("UPDATE evaluations SET top_issues = ? WHERE id = ?", repaired)
+    return len(repaired)
+
+
+def _v11_issue_text(db: Database) -> None:
+    if repair_nul_labels(db.conn):
+        rollups.rebuild(db.conn)
+    for statement in ISSUE_TEXT:
+        db.execute(statement)
+    db.execute(f"DROP TABLE {search.TABLE}")
+    search.create(db)
+    search.rebuild(db.conn)
+
+
 MIGRATIONS: list[tuple[int, str, Callable[[Database], None]]] = [
     (1, "core tables", _v1_core),
     (2, "refetch state and outbox claiming", _v2_forwarding),
@@ -247,6 +283,7 @@ MIGRATIONS: list[tuple[int, str, Callable[[Database], None]]] = [
     (8, "apply queue", _v8_apply_queue),
     (9, "delivery key in arrival order", _v9_delivery_key),
     (10, "repairs: first polls, scores", _v10_repairs),
+    (11, "issue labels searched as text", _v11_issue_text),
 ]
 
 

@@ -16,7 +16,9 @@ from sqlite_utils import Database
 
 from .dialect import is_postgres
 
-SEARCHED = ("id", "client_ref", "task_type", "failure_code", "top_issues")
+# top_issues is searched as issue_text, its labels one per line: in its JSON text `[` or `","`
+# matched every row and a label's `"` or `\\` was never found as typed (migration 11).
+SEARCHED = ("id", "client_ref", "task_type", "failure_code", "issue_text")
 TABLE = "evaluations_fts"
 # How a list page uses the candidates: up to FEW it fetches them and sorts; up to MANY it walks
 # its usual index in time order and skips rows that are not candidates without reading them;
@@ -29,9 +31,14 @@ MANY = 20000
 CANDIDATES = "rowid IN (SELECT value FROM json_each(:candidates))"
 
 
-def create(db: Database) -> None:
+def issue_text(labels: Sequence[str]) -> str | None:
+    """The issue labels as searched: one per line (a `q` with a line break may span two)."""
+    return "\n".join(labels) or None
+
+
+def create(db: Database, columns: Sequence[str] = SEARCHED) -> None:
     db.execute(
-        f"CREATE VIRTUAL TABLE IF NOT EXISTS {TABLE} USING fts5({', '.join(SEARCHED)},"
+        f"CREATE VIRTUAL TABLE IF NOT EXISTS {TABLE} USING fts5({', '.join(columns)},"
         " content='evaluations', content_rowid='rowid', tokenize='trigram', columnsize=0)"
     )
 
