@@ -152,6 +152,27 @@ async def test_an_answer_maps_to_retry_or_dead(
 
 
 @pytest.mark.anyio
+@pytest.mark.parametrize(
+    ("version", "header"),
+    [("", True), ("", False), ("v6/", True), ("v8/", False), ("v10/", True)],
+)
+async def test_discord_rate_limits_are_read_in_seconds_whatever_version_the_url_names(
+    discord: FakeDiscord, discord_server: tuple[FakeDiscord, str], version: str, header: bool
+) -> None:
+    """A webhook URL as Discord shows it names no API version, and the default one answers
+    429 in milliseconds: 0.25 s must not be read as 250 s."""
+    url = f"{discord_server[1]}/api/{version}webhooks/{discord.webhook_id}/{discord.token}"
+    discord.fail_next(429, retry_after=0.25, header=header)
+    error = await deliver("discord", url)
+    assert error is not None
+    assert error.retry_after == 0.25
+    assert await deliver("discord", url) is None
+    assert [got.path for got in discord.received] == [
+        f"/api/v10/webhooks/{discord.webhook_id}/{discord.token}"
+    ]
+
+
+@pytest.mark.anyio
 @pytest.mark.parametrize("kind", ["slack", "discord", "http"])
 async def test_a_rate_limit_passes_and_the_message_arrives_once(
     slack: FakeSlack, discord: FakeDiscord, recorder: Recorder, urls: dict[str, str], kind: str

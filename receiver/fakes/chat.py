@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import itertools
 import json
+import math
+import re
 from datetime import UTC, datetime
 from typing import Any
 
@@ -29,6 +31,11 @@ from ..messages import (
 from .common import FakeEndpoint, retry_after_header
 
 _METHODS = ["GET", "POST", "PUT", "PATCH", "DELETE"]
+# Discord's API version when the URL names none (webhook URLs as Discord shows them), and the
+# first version whose rate-limit answers are in seconds rather than milliseconds.
+DEFAULT_VERSION = 6
+SECONDS_FROM = 8
+_VERSION = re.compile(r"v[0-9]{1,2}")
 
 
 def _object(body: bytes) -> dict[str, Any] | None:
@@ -127,10 +134,12 @@ def embed_problem(embed: Any) -> str | None:
 
 
 class FakeDiscord(FakeEndpoint):
-    """POST /api/webhooks/{id}/{token}: 204, or 200 with the created message when
-    `?wait=true`; 429 with Discord's JSON body (`retry_after` float) and a whole-second
-    `Retry-After` header; 400 code 50006 (empty) or 50035 (limits); 404/401 for an unknown
-    webhook id or a wrong token."""
+    """POST /api/v{N}/webhooks/{id}/{token}, or /api/webhooks/{id}/{token} as Discord shows
+    the URL (no version: the default, v6): 204, or 200 with the created message when
+    `?wait=true`; 429 with Discord's JSON body and `Retry-After` header, in seconds from v8 on
+    (`retry_after` a float, the header rounded up to whole seconds) but in milliseconds before
+    (discord-api-docs #2360, #4722); 400 code 50006 (empty) or 50035 (limits); 404/401 for an
+    unknown webhook id or a wrong token."""
 
     def __init__(
         self,
@@ -149,6 +158,9 @@ class FakeDiscord(FakeEndpoint):
 
     async def _handle(self, request: Request) -> Response:
         parts = request.url.path.strip("/").split("/")
+        version = DEFAULT_VERSION
+        if len(parts) > 1 and _VERSION.fullmatch(parts[1]):
+            version = int(parts.pop(1)[1:])
         if parts[:2] != ["api", "webhooks"] or len(parts) != 4 or parts[2] != self.webhook_id:
             return JSONResponse({"message": "Unknown Webhook", "code": 10015}, 404)
         if parts[3] != self.token:
@@ -158,12 +170,15 @@ class FakeDiscord(FakeEndpoint):
         fault = await self._take_fault()
         if fault is not None and fault.status == 429:
             wait = fault.retry_after if fault.retry_after is not None else 1.0
+            seconds = version >= SECONDS_FROM
             limited = {
                 "message": "You are being rate limited.",
-                "retry_after": wait,
+                "retry_after": wait if seconds else math.ceil(wait * 1000),
                 "global": False,
             }
             headers = retry_after_header(fault, whole_seconds=True)
+            if headers and not seconds:
+                headers = {"retry-after": str(math.ceil(wait * 1000))}
             return JSONResponse(limited, 429, headers=headers)
         if fault is not None and fault.status >= 300:
             message = fault.body or f"{fault.status}: fault injected by the test"

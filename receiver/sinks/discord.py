@@ -4,14 +4,29 @@ from __future__ import annotations
 
 import json
 import math
+import re
 
 import httpx
 
 from ..messages import discord_message
+from ..sinkspec import SinkSpec
 from .base import Event
 from .web import WebSink, json_body, response_error
 
 _JSON = {"content-type": "application/json"}
+API_VERSION = 10
+_WEBHOOK_PATH = re.compile(r"/api/(?:v[0-9]+/)?webhooks/")
+
+
+def versioned(url: str) -> str:
+    """`url` on API_VERSION. A webhook URL as Discord shows it names no version, so it gets
+    the default one (v6), whose 429 answers are in milliseconds, not the documented seconds."""
+    parsed = httpx.URL(url)
+    found = _WEBHOOK_PATH.match(parsed.path)
+    if found is None:  # not Discord's own path (a relay): posted to as configured
+        return url
+    path = f"/api/v{API_VERSION}/webhooks/" + parsed.path[found.end() :]
+    return str(parsed.copy_with(path=path))
 
 
 def body_retry_after(response: httpx.Response) -> float | None:
@@ -32,6 +47,10 @@ def body_retry_after(response: httpx.Response) -> float | None:
 class DiscordSink(WebSink):
     # A webhook takes a handful of messages per couple of seconds: post one at a time.
     concurrency = 1
+
+    def __init__(self, spec: SinkSpec, http: httpx.AsyncClient) -> None:
+        super().__init__(spec, http)
+        self.url = versioned(spec.url)
 
     async def send(self, event: Event) -> None:
         # wait=true: Discord answers only once the message exists, with a real status.

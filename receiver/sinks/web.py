@@ -113,6 +113,7 @@ class WebSink(OneByOne):
         super().__init__(spec)
         self.http = http
         self.timeout = DEFAULT_TIMEOUT
+        self.url = spec.url  # where to post (a subclass may adjust the configured URL)
 
     async def post(
         self,
@@ -124,7 +125,7 @@ class WebSink(OneByOne):
         `from None`, so no traceback carries the URL)."""
         try:
             return await self.http.post(
-                self.spec.url,
+                self.url,
                 content=body,
                 headers={"user-agent": "runflow-receiver", **headers},
                 params=params,
