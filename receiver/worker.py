@@ -24,7 +24,7 @@ from .metrics import Metrics
 from .normalize import TERMINAL, normalize
 from .retry import backoff
 from .runflow import RunflowClient, RunflowError, client_for
-from .sinks import Event, NotSent, OneByOne, Sink, SinkError, build_sink
+from .sinks import Deferred, Event, NotSent, OneByOne, Sink, SinkError, build_sink
 from .store import Claim, Delivery, Outcome, Store
 from .times import format_time
 
@@ -234,18 +234,26 @@ class Worker:
         delivering.result()  # a sink's own bug: the round fails, and its claims run out
 
     async def _finish(self, sink: Sink, batch: Batch) -> None:
-        """Record how each attempt ended; give back what was not sent (not an attempt)."""
+        """Record how each attempt ended; give back what was not sent (not an attempt): at
+        once, or for when the destination asked to be sent to again (Deferred)."""
         finished = self.clock()
         unsent = []
+        deferred: list[int] = []
+        wait = 0.0
         for index, (claim, _) in enumerate(batch.sending):
             error = batch.sent.get(index, NotSent())
-            if isinstance(error, NotSent):
+            if isinstance(error, Deferred):
+                deferred.append(claim.outbox_id)
+                wait = max(wait, min(error.retry_after, self.settings.retry_max))
+            elif isinstance(error, NotSent):
                 unsent.append(claim.outbox_id)
             else:
                 batch.outcomes.append(self._outcome(sink, claim, error, finished))
         stamp = format_time(self.clock())
         await self.store.finish_forwards(batch.outcomes, stamp)
         await self.store.lease_forwards(unsent, batch.lease, stamp)
+        resume = format_time(finished + timedelta(seconds=wait))
+        await self.store.lease_forwards(deferred, batch.lease, resume)
         counters = self.metrics.forward_results(sink.spec.name)
         for outcome in batch.outcomes:
             counters[outcome.state].inc()

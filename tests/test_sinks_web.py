@@ -15,6 +15,7 @@ from receiver.fakes.chat import FakeDiscord, FakeSlack
 from receiver.fakes.common import FakeEndpoint
 from receiver.fakes.recorder import Recorder
 from receiver.messages import discord_message, slack_message
+from receiver.sinks import Deferred, SinkError, build_sink
 from receiver.sinks.web import parse_retry_after, response_error
 from receiver.sinkspec import SinkSpec
 
@@ -182,6 +183,28 @@ async def test_a_rate_limit_passes_and_the_message_arrives_once(
     results = [await deliver(kind, urls[kind]) for _ in range(3)]
     assert [r is None for r in results] == [False, False, True]
     assert (fake.attempts, len(fake.payloads())) == (3, 1)
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("kind", ["slack", "discord"])
+async def test_after_a_429_nothing_more_is_posted_until_its_retry_after(
+    slack: FakeSlack, discord: FakeDiscord, urls: dict[str, str], kind: str
+) -> None:
+    """The rest of the batch, and the next batch, are given back for later (Deferred, not
+    an attempt) instead of being posted, refused again and counted against the sender."""
+    fake: FakeEndpoint = {"slack": slack, "discord": discord}[kind]
+    fake.fail_next(429, retry_after=30)
+    events = [{**make_event(), "id": f"event-{n}"} for n in range(3)]
+    async with httpx.AsyncClient() as http:
+        sink = build_sink(SinkSpec(name=f"my-{kind}", type=kind, url=urls[kind]), http)
+        first = await sink.deliver(events)
+        second = await sink.deliver(events[1:])
+    assert fake.attempts == 1
+    assert first[0] is not None
+    assert (type(first[0]), first[0].retry_after) == (SinkError, 30.0)
+    for result in [*first[1:], *second]:
+        assert isinstance(result, Deferred)
+        assert 0 < result.retry_after <= 30
 
 
 @pytest.mark.anyio

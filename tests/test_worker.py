@@ -27,7 +27,7 @@ from receiver.sinks import Event, OneByOne, SinkError
 from receiver.sinkspec import SinkSpec
 from receiver.store import Delivery, Forwarding, Store
 from receiver.times import format_time
-from receiver.worker import Worker
+from receiver.worker import Worker, utcnow
 
 from .database import connect
 from .helpers import RecordingSink, fixture, make_settings
@@ -663,6 +663,48 @@ async def test_a_stop_mid_batch_sends_nothing_twice(
     assert states == {"done": len(first), "pending": 40 - len(first)}
     assert given_back == [(0,)]
     assert len(chat.received) == len(set(chat.received)) == 40
+
+
+class RateLimited(OneByOne):
+    """A chat destination whose first post is refused with a 429 asking to wait."""
+
+    concurrency = 1
+
+    def __init__(self, spec: SinkSpec, retry_after: float) -> None:
+        super().__init__(spec)
+        self.retry_after = retry_after
+        self.posts: list[str] = []
+
+    async def send(self, event: Event) -> None:
+        self.posts.append(event["id"])
+        if len(self.posts) == 1:
+            raise SinkError("HTTP 429: rate_limited", retry_after=self.retry_after)
+
+
+async def test_a_429_holds_back_the_rest_for_its_retry_after_without_an_attempt(
+    tmp_path: Path, http: httpx.AsyncClient
+) -> None:
+    chat = RateLimited(spec("chat"), retry_after=600)
+    rig = rig_for(tmp_path, http, [chat], retry_max=3600)  # type: ignore[list-item]
+    template = json.loads(fixture("evaluation-completed.json"))
+    try:
+        for n in range(3):
+            await rig.post(
+                json.dumps({**template, "id": f"0193a7c2-0000-7000-8000-{n:012d}"}).encode()
+            )
+        before = format_time(utcnow() + timedelta(seconds=600))
+        await rig.worker.run_once()
+        await rig.worker.run_once()
+        rows = rig.rows("SELECT state, attempts, next_attempt_at FROM outbox ORDER BY id")
+    finally:
+        rig.store.close()
+    assert len(chat.posts) == 1
+    assert [(state, attempts) for state, attempts, _ in rows] == [
+        ("pending", 1),
+        ("pending", 0),
+        ("pending", 0),
+    ]
+    assert all(next_at >= before for _, _, next_at in rows)
 
 
 async def test_a_slow_sink_never_delays_the_others(tmp_path: Path, http: httpx.AsyncClient) -> None:

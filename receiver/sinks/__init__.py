@@ -9,9 +9,9 @@ import httpx
 
 from ..errors import ConfigError
 from ..sinkspec import SinkSpec
-from .base import Event, NotSent, OneByOne, Sink, SinkError
+from .base import Deferred, Event, NotSent, OneByOne, Sink, SinkError
 
-__all__ = ["Event", "NotSent", "OneByOne", "Sink", "SinkError", "build_sink"]
+__all__ = ["Deferred", "Event", "NotSent", "OneByOne", "Sink", "SinkError", "build_sink"]
 
 # type → (module, class, pip extra when the client library is missing)
 _REGISTRY = {

@@ -26,8 +26,19 @@ class SinkError(Exception):
 class NotSent(SinkError):
     """The worker stopped before this event was sent: give it back, it was not an attempt."""
 
-    def __init__(self) -> None:
-        super().__init__("not sent: the worker is stopping")
+    def __init__(self, message: str = "not sent: the worker is stopping") -> None:
+        super().__init__(message)
+
+
+class Deferred(NotSent):
+    """Not sent because the destination asked to be left alone for `retry_after` more seconds
+    (a 429): give it back for then, it was not an attempt."""
+
+    retry_after: float
+
+    def __init__(self, retry_after: float) -> None:
+        super().__init__(f"not sent: the destination asked to wait {retry_after:.3g}s")
+        self.retry_after = retry_after
 
 
 # Called as each event of a batch is done: its index in the batch, its result.
@@ -53,12 +64,18 @@ class OneByOne:
     A batch of them can take minutes (a chat sink posts one at a time), so `deliver` tells
     `progress` of each event as it is done, and once `halted()` it sends no more (the rest
     are NotSent): a worker that stops mid-batch records what went out and gives back the
-    rest, and a restart sends nothing twice."""
+    rest, and a restart sends nothing twice.
+
+    Once the destination asks to wait (a 429's `retry_after`), nothing more is sent to it
+    until then, in this batch or the next: those events are Deferred, not attempted. Each
+    further request would be refused too, cost the event an attempt, and count against the
+    sender (Discord bans one that makes too many refused requests)."""
 
     concurrency = 8
 
     def __init__(self, spec: SinkSpec) -> None:
         self.spec = spec
+        self._resume_at = 0.0  # event loop time before which the destination wants nothing
 
     async def start(self) -> None:
         return None
@@ -76,10 +93,19 @@ class OneByOne:
         halted: Callable[[], bool] = lambda: False,
     ) -> list[SinkError | None]:
         gate = asyncio.Semaphore(self.concurrency)
+        clock = asyncio.get_running_loop().time
 
         async def one(index: int, event: Event) -> SinkError | None:
             async with gate:
-                result = NotSent() if halted() else await self._send(event)
+                wait = self._resume_at - clock()
+                if halted():
+                    result: SinkError | None = NotSent()
+                elif wait > 0:
+                    result = Deferred(wait)
+                else:
+                    result = await self._send(event)
+                    if result is not None and not result.permanent and result.retry_after:
+                        self._resume_at = max(self._resume_at, clock() + result.retry_after)
             if progress is not None:
                 progress(index, result)
             return result
