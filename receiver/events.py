@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import uuid
 from typing import Any
+from urllib.parse import quote
 
 from .normalize import columns, judge_issues
 from .times import normalize_time
@@ -73,7 +74,10 @@ def build_event(
         else None,
         "completed_at": cols["completed_at"],
         "refetched": refetched,
-        "dashboard_url": f"{dashboard_url}/evaluations/{evaluation_id}" if dashboard_url else None,
+        # The id as one path segment, as the dashboard links it (`?`, `#`, `/` included).
+        "dashboard_url": f"{dashboard_url}/evaluations/{quote(evaluation_id, safe='')}"
+        if dashboard_url
+        else None,
     }
     return {
         "specversion": "1.0",
