@@ -208,6 +208,24 @@ async def test_after_a_429_nothing_more_is_posted_until_its_retry_after(
 
 
 @pytest.mark.anyio
+async def test_discord_waits_for_its_bucket_to_refill_instead_of_running_into_a_429(
+    discord: FakeDiscord, urls: dict[str, str]
+) -> None:
+    """Discord tells in X-RateLimit-* headers when a webhook's bucket is used up; a request
+    sent anyway gets a 429 and counts against the sender."""
+    discord.bucket = (2, 30.0)
+    events = [{**make_event(), "id": f"event-{n}"} for n in range(4)]
+    async with httpx.AsyncClient() as http:
+        sink = build_sink(SinkSpec(name="my-discord", type="discord", url=urls["discord"]), http)
+        results = await sink.deliver(events)
+    assert discord.attempts == 2
+    assert results[:2] == [None, None]
+    for result in results[2:]:
+        assert isinstance(result, Deferred)
+        assert 0 < result.retry_after <= 30
+
+
+@pytest.mark.anyio
 @pytest.mark.parametrize(
     ("kind", "path", "status"),
     [

@@ -8,6 +8,7 @@ import itertools
 import json
 import math
 import re
+import time
 from datetime import UTC, datetime
 from typing import Any
 
@@ -139,7 +140,8 @@ class FakeDiscord(FakeEndpoint):
     `?wait=true`; 429 with Discord's JSON body and `Retry-After` header, in seconds from v8 on
     (`retry_after` a float, the header rounded up to whole seconds) but in milliseconds before
     (discord-api-docs #2360, #4722); 400 code 50006 (empty) or 50035 (limits); 404/401 for an
-    unknown webhook id or a wrong token."""
+    unknown webhook id or a wrong token. With `bucket = (requests, seconds)`, every answer
+    tells the bucket's state in `X-RateLimit-*` headers, and a request past it gets a 429."""
 
     def __init__(
         self,
@@ -151,10 +153,63 @@ class FakeDiscord(FakeEndpoint):
         self.token = token
         self.path = f"/api/webhooks/{webhook_id}/{token}"
         self._ids = itertools.count(1300000000000000000)
+        # (requests, seconds): the webhook's rate limit, told in X-RateLimit-* headers and
+        # enforced with a 429 once used up (None: no limit, only the faults tests queue).
+        self.bucket: tuple[int, float] | None = None
+        self._window = (0.0, 0)  # (when the bucket was last refilled, requests since)
         self.app = Starlette(routes=[Route("/{rest:path}", self._handle, methods=_METHODS)])
 
     def url(self, base: str) -> str:
         return base + self.path
+
+    def reset(self) -> None:
+        super().reset()
+        with self._cond:
+            self.bucket = None
+            self._window = (0.0, 0)
+
+    def _spend(self) -> dict[str, str] | None:
+        """Take one request from the bucket: its X-RateLimit-* headers, or None when it
+        was empty (or there is no bucket, then the headers are {})."""
+        with self._cond:
+            if self.bucket is None:
+                return {}
+            size, seconds = self.bucket
+            now = time.monotonic()
+            start, used = self._window
+            if now - start >= seconds:
+                start, used = now, 0
+            if used >= size:
+                return None
+            self._window = (start, used + 1)
+        reset_after = start + seconds - now
+        return {
+            "x-ratelimit-limit": str(size),
+            "x-ratelimit-remaining": str(size - used - 1),
+            "x-ratelimit-reset": f"{time.time() + reset_after:.3f}",
+            "x-ratelimit-reset-after": f"{reset_after:.3f}",
+            "x-ratelimit-bucket": "fakebucket0000000000000000000000",
+        }
+
+    def _refill_in(self) -> float:
+        with self._cond:
+            seconds = self.bucket[1] if self.bucket else 0.0
+            return max(0.001, self._window[0] + seconds - time.monotonic())
+
+    @staticmethod
+    def _limited(wait: float, version: int, header: bool) -> Response:
+        """Discord's 429: seconds from v8 on, milliseconds before."""
+        seconds = version >= SECONDS_FROM
+        limited = {
+            "message": "You are being rate limited.",
+            "retry_after": wait if seconds else math.ceil(wait * 1000),
+            "global": False,
+        }
+        headers = {}
+        if header:
+            whole = str(max(1, math.ceil(wait))) if seconds else str(math.ceil(wait * 1000))
+            headers = {"retry-after": whole, "x-ratelimit-scope": "user"}
+        return JSONResponse(limited, 429, headers=headers)
 
     async def _handle(self, request: Request) -> Response:
         parts = request.url.path.strip("/").split("/")
@@ -170,19 +225,13 @@ class FakeDiscord(FakeEndpoint):
         fault = await self._take_fault()
         if fault is not None and fault.status == 429:
             wait = fault.retry_after if fault.retry_after is not None else 1.0
-            seconds = version >= SECONDS_FROM
-            limited = {
-                "message": "You are being rate limited.",
-                "retry_after": wait if seconds else math.ceil(wait * 1000),
-                "global": False,
-            }
-            headers = retry_after_header(fault, whole_seconds=True)
-            if headers and not seconds:
-                headers = {"retry-after": str(math.ceil(wait * 1000))}
-            return JSONResponse(limited, 429, headers=headers)
+            return self._limited(wait, version, fault.header and fault.retry_after is not None)
         if fault is not None and fault.status >= 300:
             message = fault.body or f"{fault.status}: fault injected by the test"
             return JSONResponse({"message": message, "code": 0}, fault.status)
+        bucket = self._spend()
+        if bucket is None:
+            return self._limited(self._refill_in(), version, header=True)
         body = await request.body()
         payload = _object(body)
         if payload is None:
@@ -198,7 +247,7 @@ class FakeDiscord(FakeEndpoint):
             return JSONResponse(invalid, 400)
         self._record(request, body)
         if request.query_params.get("wait", "").lower() not in ("true", "1"):
-            return Response(status_code=204)
+            return Response(status_code=204, headers=bucket)
         return JSONResponse(
             {
                 "id": str(next(self._ids)),
@@ -209,5 +258,6 @@ class FakeDiscord(FakeEndpoint):
                 "channel_id": "998877665544332211",
                 "webhook_id": self.webhook_id,
                 "timestamp": datetime.now(UTC).isoformat(),
-            }
+            },
+            headers=bucket,
         )

@@ -86,6 +86,11 @@ class OneByOne:
     async def send(self, event: Event) -> None:
         raise NotImplementedError
 
+    def hold(self, seconds: float) -> None:
+        """Send nothing more for `seconds` (the destination said it would refuse it)."""
+        now = asyncio.get_running_loop().time()
+        self._resume_at = max(self._resume_at, now + seconds)
+
     async def deliver(
         self,
         events: Sequence[Event],
@@ -105,7 +110,7 @@ class OneByOne:
                 else:
                     result = await self._send(event)
                     if result is not None and not result.permanent and result.retry_after:
-                        self._resume_at = max(self._resume_at, clock() + result.retry_after)
+                        self.hold(result.retry_after)
             if progress is not None:
                 progress(index, result)
             return result

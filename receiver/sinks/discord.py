@@ -44,6 +44,19 @@ def body_retry_after(response: httpx.Response) -> float | None:
     return float(value) if math.isfinite(value) and value >= 0 else None
 
 
+def bucket_empty_for(response: httpx.Response) -> float | None:
+    """Seconds until the webhook's rate-limit bucket refills when this answer used it up
+    (`X-RateLimit-Remaining: 0`, `X-RateLimit-Reset-After`): the next request would get a
+    429. Discord asks clients to wait for it rather than run into the limit."""
+    if response.headers.get("x-ratelimit-remaining", "").strip() != "0":
+        return None
+    try:
+        seconds = float(response.headers.get("x-ratelimit-reset-after", ""))
+    except ValueError:
+        return None
+    return seconds if math.isfinite(seconds) and seconds > 0 else None
+
+
 class DiscordSink(WebSink):
     # A webhook takes a handful of messages per couple of seconds: post one at a time.
     concurrency = 1
@@ -58,3 +71,6 @@ class DiscordSink(WebSink):
         error = response_error(self.spec, response, retry_after=body_retry_after(response))
         if error is not None:
             raise error
+        refill = bucket_empty_for(response)
+        if refill is not None:
+            self.hold(refill)
