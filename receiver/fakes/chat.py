@@ -72,9 +72,10 @@ def slack_block_problem(block: Any) -> str | None:
 
 
 class FakeSlack(FakeEndpoint):
-    """POST {path}: `ok` for a JSON object with `text` or `blocks`; 400 `invalid_payload` or
-    `invalid_blocks` otherwise; 404 `no_service` for any other path. `reject_images = True`
-    refuses messages with an image block, as Slack does when it cannot fetch the image."""
+    """POST {path}: `ok` for a JSON object with `text` or `blocks`; 400 `invalid_payload`
+    (not a JSON object), `no_text` (neither) or `invalid_blocks` otherwise; 404 `no_service`
+    for any other path. `reject_images = True` refuses messages with an image block, as
+    Slack does when it cannot fetch the image."""
 
     def __init__(self, path: str = "/services/T0FAKE000/B0FAKE000/fakeSlackWebhookToken42") -> None:
         super().__init__()
@@ -100,7 +101,7 @@ class FakeSlack(FakeEndpoint):
             return PlainTextResponse("invalid_payload", 400)
         text, blocks = message.get("text"), message.get("blocks")
         if not (isinstance(text, str) and text) and not (isinstance(blocks, list) and blocks):
-            return PlainTextResponse("invalid_payload", 400)
+            return PlainTextResponse("no_text", 400)
         if blocks is not None:
             if not isinstance(blocks, list) or len(blocks) > SLACK_BLOCKS:
                 return PlainTextResponse("invalid_blocks", 400)
