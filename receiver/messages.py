@@ -7,12 +7,14 @@ the platform's limit, because one over-long field makes the whole post fail.
 
 from __future__ import annotations
 
+import unicodedata
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
 ELLIPSIS = "…"
+ZWJ = "\u200d"
 MAX_ISSUES = 5
 # Slack: header 150, section text 3000, section field 2000, 50 blocks, button text 75.
 SLACK_HEADER = 150
@@ -64,20 +66,51 @@ def discord_escape(char: str) -> str:
     return "\\" + char if char in _DISCORD_SPECIAL else char
 
 
+def _regional(char: str) -> bool:
+    return "\U0001f1e6" <= char <= "\U0001f1ff"
+
+
+def _extends(char: str) -> bool:
+    """A code point that belongs to the character before it: a combining mark (an accent,
+    a variation selector), a skin tone, a tag (subdivision flags) or a zero-width joiner."""
+    return (
+        unicodedata.category(char) in ("Mn", "Mc", "Me")
+        or char == ZWJ
+        or "\U0001f3fb" <= char <= "\U0001f3ff"
+        or "\U000e0020" <= char <= "\U000e007f"
+    )
+
+
+def _inside(text: str, index: int) -> bool:
+    """Whether a cut before `text[index]` would split one user-perceived character."""
+    before, after = text[index - 1], text[index]
+    if before == ZWJ or _extends(after):
+        return True
+    if not (_regional(before) and _regional(after)):
+        return False
+    run = 0  # a flag is a pair of regional indicators: an odd run before means mid-flag
+    while run < index and _regional(text[index - 1 - run]):
+        run += 1
+    return run % 2 == 1
+
+
 def clip(text: str, limit: int, escape: Callable[[str], str] | None = None) -> str:
     """`text` escaped character by character and cut to `limit` with an ellipsis, never through
-    the middle of an escape (half an `&amp;` or a lone backslash would show as garbage)."""
+    the middle of an escape (half an `&amp;` or a lone backslash would show as garbage) nor of
+    a character made of several code points (é as e, half a flag, a broken emoji)."""
     pieces = [escape(char) for char in text] if escape else list(text)
     if sum(map(len, pieces)) <= limit:
         return "".join(pieces)
-    kept: list[str] = []
+    kept = 0
     used = len(ELLIPSIS)
     for piece in pieces:
         if used + len(piece) > limit:
             break
-        kept.append(piece)
+        kept += 1
         used += len(piece)
-    return "".join(kept) + ELLIPSIS
+    while kept and _inside(text, kept):
+        kept -= 1
+    return "".join(pieces[:kept]) + ELLIPSIS
 
 
 def web_url(value: Any, limit: int = MAX_URL) -> str | None:

@@ -169,6 +169,25 @@ def test_clip_never_cuts_through_an_escape(
     assert len(clip(text, limit, escape)) <= limit
 
 
+@pytest.mark.parametrize(
+    ("text", "limit", "escape", "expected"),
+    [
+        ("e\u0301" * 3, 4, None, "e\u0301…"),  # é as e + a combining accent
+        ("🇫🇷🇩🇪🇮🇹", 4, None, "🇫🇷…"),  # a flag is two regional indicators
+        ("👩\u200d👩\u200d👧 family", 5, None, "…"),  # one emoji joined by ZWJs
+        ("👍🏽" * 3, 4, None, "👍🏽…"),  # a skin tone modifies the emoji before it
+        ("⚠\ufe0f" * 3, 4, None, "⚠\ufe0f…"),  # a variation selector
+        ("*\u0301" * 3, 6, discord_escape, "\\*\u0301…"),
+        ("&\u0301" * 3, 12, slack_escape, "&amp;\u0301…"),
+    ],
+)
+def test_clip_never_cuts_a_character_made_of_several_code_points(
+    text: str, limit: int, escape: Callable[[str], str] | None, expected: str
+) -> None:
+    """Half a character shows as another one (é as e), a stray letter or a broken emoji."""
+    assert clip(text, limit, escape) == expected
+
+
 def check_slack_limits(message: dict[str, Any]) -> None:
     blocks = message["blocks"]
     assert len(blocks) <= 50
