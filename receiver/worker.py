@@ -74,6 +74,8 @@ class Worker:
         self.metrics = metrics if metrics is not None else Metrics()
         for sink in self.sinks:  # every sink's counters exist (at zero) from the start
             self.metrics.forward_results(sink.spec.name)
+            if isinstance(sink, OneByOne):  # a Retry-After holds it no longer than retries wait
+                sink.longest_hold = settings.retry_max
         self._wake = [asyncio.Event() for _ in range(len(self.sinks) + 1)]
         self._started: set[str] = set()
         self._tasks: list[asyncio.Task[None]] = []

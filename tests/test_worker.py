@@ -23,7 +23,7 @@ from receiver.fakes.runflow import FakeRunflow
 from receiver.fakes.server import serve_in_thread
 from receiver.normalize import normalize, parse_body
 from receiver.runflow import RunflowClient
-from receiver.sinks import Event, OneByOne, SinkError
+from receiver.sinks import Deferred, Event, OneByOne, SinkError
 from receiver.sinkspec import SinkSpec
 from receiver.store import Delivery, Forwarding, Store
 from receiver.times import format_time
@@ -705,6 +705,23 @@ async def test_a_429_holds_back_the_rest_for_its_retry_after_without_an_attempt(
         ("pending", 0),
     ]
     assert all(next_at >= before for _, _, next_at in rows)
+
+
+async def test_a_429_holds_a_chat_sink_no_longer_than_retry_max(
+    tmp_path: Path, http: httpx.AsyncClient
+) -> None:
+    """RECEIVER_RETRY_MAX caps a destination's Retry-After, also while it holds the sink."""
+    chat = RateLimited(spec("chat"), retry_after=86400)
+    rig = rig_for(tmp_path, http, [chat], retry_max=60)  # type: ignore[list-item]
+    try:
+        await rig.post("evaluation-completed.json")
+        await rig.worker.run_once()
+        (result,) = await chat.deliver([{"id": "next", "type": "io.runflow.evaluation.completed"}])
+    finally:
+        rig.store.close()
+    assert chat.posts == [event_id(EVALUATION_ID, "evaluation.completed")]
+    assert isinstance(result, Deferred)
+    assert 0 < result.retry_after <= 60
 
 
 async def test_a_slow_sink_never_delays_the_others(tmp_path: Path, http: httpx.AsyncClient) -> None:

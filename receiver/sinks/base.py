@@ -72,6 +72,7 @@ class OneByOne:
     sender (Discord bans one that makes too many refused requests)."""
 
     concurrency = 8
+    longest_hold = 3600.0  # seconds; the worker sets RECEIVER_RETRY_MAX
 
     def __init__(self, spec: SinkSpec) -> None:
         self.spec = spec
@@ -87,9 +88,10 @@ class OneByOne:
         raise NotImplementedError
 
     def hold(self, seconds: float) -> None:
-        """Send nothing more for `seconds` (the destination said it would refuse it)."""
+        """Send nothing more for `seconds`, at most `longest_hold` (the destination said it
+        would refuse it)."""
         now = asyncio.get_running_loop().time()
-        self._resume_at = max(self._resume_at, now + seconds)
+        self._resume_at = max(self._resume_at, now + min(seconds, self.longest_hold))
 
     async def deliver(
         self,
