@@ -164,7 +164,7 @@ def submit(
         await store.record(evaluation, "submit", now())
         return evaluation
 
-    with writing_store(settings) as store:
+    with writing_store(settings, create=True) as store:
         evaluation = asyncio.run(run(store))
     if as_json:
         echo_json(evaluation)

@@ -22,12 +22,19 @@ def load_settings(*, sinks: bool = True) -> Settings:
     return Settings.from_env(sinks=sinks)
 
 
-def reading_store(settings: Settings) -> Store:
+def existing_database(settings: Settings) -> None:
+    """Commands other than `migrate` and the servers never create a database: at a mistyped
+    RECEIVER_DATABASE (or without the service's settings) they would act on an empty one and
+    report nothing to do."""
     if not settings.postgres and not Path(settings.database).exists():
         raise click.ClickException(
             f"no database at {settings.database!r}: set RECEIVER_DATABASE to the server's "
             "(or make one with `receiver migrate`)"
         )
+
+
+def reading_store(settings: Settings) -> Store:
+    existing_database(settings)
     store = Store(settings.database, pool_size=settings.database_pool_size)
     store.check_schema()
     return store
@@ -64,8 +71,11 @@ def first_secret(secret: str | None) -> str:
 
 
 @contextlib.contextmanager
-def writing_store(settings: Settings) -> Iterator[Store]:
-    """The store with its writer running, for commands that change something."""
+def writing_store(settings: Settings, *, create: bool = False) -> Iterator[Store]:
+    """The store with its writer running, for commands that change something; only with
+    `create` (`receiver submit`, which records what it sent) may it make the database."""
+    if not create:
+        existing_database(settings)
     store = Store(
         settings.database,
         forwarding=forwarding(settings),

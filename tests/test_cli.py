@@ -93,6 +93,10 @@ def test_sign_prints_the_listed_signatures(runner: CliRunner, name: str) -> None
 
 MISTAKES = {
     "no-database": (["query"], {}, "no database"),
+    # Commands that write never make a database either: they would report nothing to do.
+    "prune-no-database": (["prune", "--older-than", "90d"], {}, "no database"),
+    "retry-all-dead-no-database": (["forwards", "--retry-all-dead"], {}, "no database"),
+    "replay-no-database": (["replay", "1"], {}, "no database"),
     "unknown-id": (["show", "nope"], {"migrated": "1"}, "no evaluation 'nope'"),
     "bad-since": (["query", "--since", "yesterday"], {}, "--since"),
     "bad-status": (["query", "--status", "done"], {}, "--status"),
@@ -144,6 +148,8 @@ def test_user_mistakes_exit_1_with_one_line(
     assert lines == [lines[0]], result.stderr
     assert lines[0].startswith("Error:")
     assert message in lines[0]
+    if "migrated" not in env:
+        assert not (tmp_path / "r.db").exists()
 
 
 @pytest.mark.parametrize("command", [["query"], ["stats"], ["forwards"], ["backup", "copy.db"]])
