@@ -192,7 +192,10 @@ def load_sinks(env: Mapping[str, str]) -> tuple[SinkSpec, ...]:
             raise ConfigError(f"{path}: {exc}") from None
     slack = _get(env, "RECEIVER_SLACK_WEBHOOK_URL")
     if slack:
-        return parse_sinks({"sinks": [{"name": "slack", "type": "slack", "url": slack}]}, env)
+        try:
+            return parse_sinks({"sinks": [{"name": "slack", "type": "slack", "url": slack}]}, env)
+        except ConfigError as exc:  # the sink is the variable's: name what the user set
+            raise ConfigError(f"RECEIVER_SLACK_WEBHOOK_URL: {exc}") from None
     return ()
 
 

@@ -137,6 +137,8 @@ def test_values(environ: dict[str, str], attribute: str, expected: Any) -> None:
         ("DATABASE_URL", "postgres://user:pw@db:0/receiver"),
         ("DATABASE_URL", "mysql://user:pw@db/receiver"),
         ("RECEIVER_DATABASE_POOL_SIZE", "0"),
+        ("RECEIVER_SLACK_WEBHOOK_URL", "hooks.slack.com/services/T0/B0/x"),
+        ("RECEIVER_SLACK_WEBHOOK_URL", "https://hooks.slack.com:99999/services/T0/B0/x"),
     ],
 )
 def test_malformed_values_name_their_variable(name: str, value: str) -> None:
