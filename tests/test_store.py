@@ -18,9 +18,10 @@ from sqlite_utils import Database
 
 from receiver.errors import BadRequest, ConfigError, StoreUnavailable
 from receiver.normalize import normalize, parse_body
+from receiver.sinkspec import SinkSpec
 from receiver.store import Delivery, EvaluationFilter, Receipt, Store, rollups
 from receiver.store import apply as apply_module
-from receiver.store.apply import NO_FORWARDING
+from receiver.store.apply import NO_FORWARDING, Forwarding
 from receiver.store.dialect import Later
 from receiver.store.ingest import accept
 from receiver.store.outbox import replay_delivery
@@ -1037,3 +1038,40 @@ async def test_a_restart_keeps_everything(path: str) -> None:
         assert new.delivery_id >= 3
     finally:
         second.close()
+
+
+@pytest.mark.anyio
+async def test_a_replay_queues_only_the_sinks_that_want_the_verdict(path: str) -> None:
+    """`replay` forwards "to every sink that wants it" (README): not to a sink whose filter
+    left the verdict out after refetch (it stays skipped), nor to one no longer configured,
+    whose row would stay pending forever with no worker loop to send it."""
+    every = SinkSpec(name="every", type="http", url="https://a.example.com/hooks")
+    headshots = SinkSpec(
+        name="headshots",
+        type="http",
+        url="https://b.example.com/hooks",
+        task_types=frozenset({"headshot"}),
+    )
+    removed = SinkSpec(name="removed", type="http", url="https://c.example.com/hooks")
+    before = Store(path, forwarding=Forwarding(sinks=(every, headshots, removed)))
+    before.open()
+    try:  # a thin callback (no task_type yet) is queued to all three, and sent
+        receipt = await before.ingest(delivery(evaluation("e-1")))
+        await before.refetched(evaluation("e-1", task_type="product"), "2026-11-20T09:01:00Z")
+    finally:
+        before.close()
+    conn = connect(path)
+    conn.execute(
+        "UPDATE outbox SET state = CASE sink WHEN 'headshots' THEN 'skipped' ELSE 'done' END"
+    )
+    conn.commit()
+    conn.close()
+    after = Store(path, forwarding=Forwarding(sinks=(every, headshots)))
+    after.open()
+    try:
+        queued = await after.replay_delivery(receipt.delivery_id, "2026-11-20T09:02:00Z")
+    finally:
+        after.close()
+    states = dict(query(path, "SELECT sink, state FROM outbox WHERE evaluation_id = 'e-1'"))
+    assert states == {"every": "pending", "headshots": "skipped", "removed": "done"}
+    assert queued == 1

@@ -269,9 +269,10 @@ def queue_forwards(
     sinks: tuple[SinkSpec, ...],
     delivery_id: int | None,
     stamp: str,
-) -> None:
-    """One outbox row per sink that wants this verdict. The event id is stable, so a verdict
-    seen again (replayed callback, refetch, poll) never queues a second forward."""
+) -> list[str]:
+    """One outbox row per sink that wants this verdict (their names are returned). The event
+    id is stable, so a verdict seen again (replayed callback, refetch, poll) never queues a
+    second forward."""
     event = f"evaluation.{cols['status']}"
     passed = None if cols["passed"] is None else bool(cols["passed"])
     wanted = [
@@ -297,3 +298,4 @@ def queue_forwards(
             for name in wanted
         ],
     )
+    return wanted

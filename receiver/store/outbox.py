@@ -277,11 +277,15 @@ def replay_delivery(
     if status not in ("completed", "failed"):
         raise BadRequest(f"evaluation {row[0]} has no verdict yet ({status}); nothing to replay")
     cols = {"status": status, "passed": passed, "task_type": task_type, "client_ref": client_ref}
-    queue_forwards(conn, row[0], cols, forwarding.sinks, delivery_id, stamp)
+    wanted = queue_forwards(conn, row[0], cols, forwarding.sinks, delivery_id, stamp)
+    if not wanted:
+        return 0
+    # Only those sinks: a removed sink's row would stay pending with no loop to send it.
     cursor = conn.execute(
         "UPDATE outbox SET state = 'pending', attempts = 0, next_attempt_at = ?,"
-        " last_error = NULL, updated_at = ? WHERE evaluation_id = ? AND event_type = ?",
-        (stamp, stamp, row[0], f"evaluation.{status}"),
+        " last_error = NULL, updated_at = ? WHERE evaluation_id = ? AND event_type = ?"
+        f" AND sink IN ({', '.join('?' * len(wanted))})",
+        (stamp, stamp, row[0], f"evaluation.{status}", *wanted),
     )
     return cursor.rowcount
 
