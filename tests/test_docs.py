@@ -7,6 +7,7 @@ import re
 import pytest
 
 from receiver.cli import cli
+from receiver.headers import HEADERS
 
 from .helpers import ROOT
 
@@ -56,3 +57,11 @@ def test_env_example_lists_every_setting_but_database_url() -> None:
     for name in SETTINGS:
         if name != "DATABASE_URL":
             assert f"{name}=" in example
+
+
+def test_the_csp_in_security_md_is_the_one_sent() -> None:
+    security = (ROOT / "docs" / "security.md").read_text()
+    quoted = re.search(r"CSP `(default-src[^`]*)`", security)
+    assert quoted is not None
+    sent = dict(HEADERS)[b"content-security-policy"].decode()
+    assert quoted.group(1) == sent
