@@ -249,7 +249,10 @@ def document() -> dict[str, Any]:
                 "responses": {
                     "200": {
                         "description": "the exposition",
-                        "content": {"text/plain": {"schema": _STR}},
+                        "content": {
+                            "text/plain": {"schema": _STR},
+                            "application/openmetrics-text": {"schema": _STR},
+                        },
                     },
                     "401": _ERROR,
                 },
