@@ -8,6 +8,7 @@ import pytest
 
 from receiver.cli import cli
 from receiver.headers import HEADERS
+from receiver.metrics import Metrics
 
 from .helpers import ROOT
 
@@ -65,3 +66,18 @@ def test_the_csp_in_security_md_is_the_one_sent() -> None:
     assert quoted is not None
     sent = dict(HEADERS)[b"content-security-policy"].decode()
     assert quoted.group(1) == sent
+
+
+def test_the_alerts_take_rates_of_counters_only() -> None:
+    """`rate()` and `increase()` read a fall as a counter reset: on a gauge (dead letters
+    retried, 3 → 2) they report a rise, and the alert fires for a dead letter that is gone."""
+    metrics = Metrics()
+    metrics.expose(lambda: {"ops": {"dead": 1}}, ["ops"], apply_backlog=lambda: 0)
+    exposition, _ = metrics.render(None)
+    kinds = dict(re.findall(r"^# TYPE (\S+) (\S+)$", exposition.decode(), re.MULTILINE))
+    alerts = README.split("Useful alerts:", 1)[1].split("\n\n", 1)[0]
+    ranged = re.findall(r"\b(?:rate|increase|irate)\((\w+)", alerts)
+    assert ranged
+    for series in ranged:
+        kind = kinds.get(series) or kinds.get(re.sub(r"_(bucket|count|sum)$", "", series))
+        assert kind in ("counter", "histogram"), (series, kind)
