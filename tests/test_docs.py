@@ -9,6 +9,7 @@ import pytest
 from receiver.cli import cli
 from receiver.headers import HEADERS
 from receiver.metrics import Metrics
+from receiver.sinkspec import TYPES
 
 from .helpers import ROOT
 
@@ -81,3 +82,17 @@ def test_the_alerts_take_rates_of_counters_only() -> None:
     for series in ranged:
         kind = kinds.get(series) or kinds.get(re.sub(r"_(bucket|count|sum)$", "", series))
         assert kind in ("counter", "histogram"), (series, kind)
+
+
+def test_every_key_of_every_sink_type_is_in_the_readme_with_its_default() -> None:
+    table = README.split("| type | its own keys |", 1)[1].split("\n\n", 1)[0]
+    rows = {
+        line.split("|")[1].strip(" `"): line.split("|")[2]
+        for line in table.splitlines()
+        if line.startswith("| `")
+    }
+    assert set(rows) == set(TYPES)
+    for kind, (_, keys) in TYPES.items():
+        for key, default in keys.items():
+            shown = f"`{key}`" if default is None else f"`{key}` (default `{default}`"
+            assert shown in rows[kind], (kind, key)
