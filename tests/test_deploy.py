@@ -118,3 +118,17 @@ def test_the_dockerfile_runs_unprivileged_with_a_healthcheck_and_migrates_first(
     assert "HEALTHCHECK" in dockerfile
     assert "receiver migrate && exec receiver serve" in dockerfile
     assert "FROM python:3.11-slim" in dockerfile
+
+
+def test_the_compose_files_usage_line_reads_the_repositorys_env_file() -> None:
+    """${POSTGRES_PASSWORD} is interpolated from the shell or the project directory's .env,
+    which is deploy/: without --env-file .env the command in the file stops at once
+    ("set POSTGRES_PASSWORD in .env"). deploy/README.md gives the flag; so must the file."""
+    compose = (DEPLOY / "docker-compose.yml").read_text()
+    usage = [line for line in compose.splitlines() if "docker compose" in line]
+    assert usage
+    for line in usage:
+        assert "--env-file .env" in line, line
+    assert "docker compose --env-file .env -f deploy/docker-compose.yml" in (
+        DEPLOY / "README.md"
+    ).read_text().replace("\n", " ")
