@@ -12,6 +12,7 @@ from starlette.testclient import TestClient
 
 from receiver.app import create_app
 from receiver.auth import COOKIE
+from receiver.sinkspec import SinkSpec
 
 from .helpers import TOKEN, auth, fixture, make_settings, post_callback
 
@@ -290,3 +291,16 @@ def test_a_refused_feedback_keeps_the_reason_typed(browser: TestClient) -> None:
     assert 'value="the hands are &#34;wrong&#34;"' in response.text
     forged = browser.get(f"/evaluations/{EVALUATION_ID}?error=x&reason=typed+elsewhere").text
     assert "typed elsewhere" not in forged
+
+
+def test_the_overview_lists_every_configured_sink_before_its_first_forward(
+    tmp_path: Path,
+) -> None:
+    """README: the overview shows "every sink's outbox". A sink with nothing sent yet (a new
+    install, or filters that matched nothing so far) is configured all the same."""
+    slack = SinkSpec(name="ops-slack", type="slack", url="https://hooks.slack.com/services/x")
+    settings = make_settings(tmp_path, sinks=(slack,), worker=False)
+    with TestClient(create_app(settings)) as client:
+        page = client.get("/", headers=auth()).text
+    assert 'data-sink="ops-slack"' in page
+    assert "No sinks configured" not in page

@@ -48,9 +48,12 @@ def login(request: Request) -> Response:
 
 
 def overview(request: Request) -> Response:
-    store = context(request).store
+    ctx = context(request)
+    store = ctx.store
     stats = store.stats(EvaluationFilter())
-    depth = store.outbox_depth()
+    # Every configured sink, also before its first forward (as /metrics shows them).
+    depth: dict[str, dict[str, int]] = {spec.name: {} for spec in ctx.settings.sinks}
+    depth |= store.outbox_depth()
     days = list(reversed(stats["per_day"][:30]))
     recent, _ = store.list_evaluations(EvaluationFilter(), 10)
     return render(
