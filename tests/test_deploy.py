@@ -3,6 +3,7 @@ the systemd units pass `systemd-analyze verify`, the compose file parses into wh
 
 from __future__ import annotations
 
+import inspect
 import os
 import shutil
 import signal
@@ -14,6 +15,8 @@ from pathlib import Path
 import httpx
 import pytest
 import yaml
+
+from receiver.worker import Worker
 
 from .helpers import ROOT, SECRET_A
 from .servers import free_port
@@ -132,3 +135,18 @@ def test_the_compose_files_usage_line_reads_the_repositorys_env_file() -> None:
     assert "docker compose --env-file .env -f deploy/docker-compose.yml" in (
         DEPLOY / "README.md"
     ).read_text().replace("\n", " ")
+
+
+def test_the_stop_timeouts_leave_the_worker_its_time_to_finish() -> None:
+    """deploy/README.md: on SIGTERM the worker finishes the deliveries in flight (up to
+    Worker.stop's timeout) and the process exits 0. A supervisor that kills sooner (systemd's
+    TimeoutStopSec, Docker's 10 s default grace) cuts that short."""
+    worker_stop = inspect.signature(Worker.stop).parameters["timeout"].default
+    for unit in ("receiver.service", "receiver-worker.service"):
+        text = (DEPLOY / unit).read_text()
+        seconds = int(text.split("TimeoutStopSec=", 1)[1].split()[0])
+        assert seconds > worker_stop, unit
+    services = yaml.safe_load((DEPLOY / "docker-compose.yml").read_text())["services"]
+    for name in ("receiver", "worker"):
+        grace = services[name].get("stop_grace_period", "10s")
+        assert int(grace.removesuffix("s")) > worker_stop, name
