@@ -96,3 +96,13 @@ def test_every_key_of_every_sink_type_is_in_the_readme_with_its_default() -> Non
         for key, default in keys.items():
             shown = f"`{key}`" if default is None else f"`{key}` (default `{default}`"
             assert shown in rows[kind], (kind, key)
+
+
+def test_the_readme_says_a_rabbitmq_forward_needs_a_bound_queue() -> None:
+    """The sink publishes `mandatory`: with no queue bound for the routing key each forward
+    fails with "no queue bound" and is dead after max_attempts. An operator who sets up the
+    sink before its consumers meets that error; README's row for the type must explain it."""
+    source = (ROOT / "receiver" / "sinks" / "rabbitmq.py").read_text()
+    assert "mandatory=True" in source
+    row = next(line for line in README.splitlines() if line.startswith("| `rabbitmq` | persistent"))
+    assert "no queue bound" in row
