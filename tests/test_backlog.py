@@ -16,6 +16,7 @@ from importlib import import_module
 from pathlib import Path
 from typing import Any
 
+import psycopg
 import pytest
 
 from receiver.errors import StoreUnavailable
@@ -34,6 +35,7 @@ from receiver.store.backlog import (
 )
 
 from .database import connect, database_for
+from .postgres import PostgresService
 from .test_store import delivery
 
 pytestmark = pytest.mark.anyio
@@ -465,3 +467,48 @@ async def test_a_read_waits_at_most_its_timeout(held: Store, path: str) -> None:
     assert not slow.is_set()  # it returned while the writer was still held up
     slow.set()
     assert raw(path, "SELECT count(*) FROM apply_queue") == 1  # so it read what was there
+
+
+def test_a_deadlock_while_applying_one_by_one_is_retried_not_skipped(
+    postgres_server: PostgresService,
+) -> None:
+    """PostgreSQL, another replica holding evaluation B's lock and then waiting for A's, while a
+    read's catch-up applies A then B one by one (isolated): the deadlock aborts the writer's
+    transaction. That is a conflict between transactions, which the writer retries, not a
+    delivery that cannot be applied: B was once skipped until the next restart, acknowledged
+    but missing from every read and never forwarded."""
+    url = postgres_server.create()
+    name = url.rsplit("/", 1)[1]
+    # The writer looks for a deadlock after 1 s of waiting, the other replica not at all: the
+    # writer is the one PostgreSQL aborts, whatever the timing.
+    postgres_server.admin(f"ALTER DATABASE {name} SET deadlock_timeout = '1s'")
+    first, second = body(1), body(2)
+    store = opened(url, hold=True)
+    other = psycopg.connect(url)
+    try:
+        asyncio.run(store.accept(delivery(first)))
+        asyncio.run(store.accept(delivery(second)))
+        other.execute("SET deadlock_timeout = '60s'")
+        lock = "SELECT pg_advisory_xact_lock(hashtextextended(%s, 0))"
+        other.execute(lock, (f"evaluation:{second['id']}",))
+        read: Future[Any] = Future()
+        threading.Thread(
+            target=lambda: read.set_result(store.get_evaluation(second["id"])), daemon=True
+        ).start()
+        with psycopg.connect(url, autocommit=True) as watch:
+            deadline = time.monotonic() + 10
+            while not watch.execute(
+                "SELECT 1 FROM pg_locks WHERE locktype = 'advisory' AND NOT granted"
+            ).fetchone():  # the writer holds A's lock and waits for B's
+                assert time.monotonic() < deadline, "the writer never waited for B"
+                time.sleep(0.01)
+        other.execute(lock, (f"evaluation:{first['id']}",))  # the cycle: the writer is aborted
+        other.rollback()
+        found = read.result(timeout=10)
+        assert found is not None, "an acknowledged callback was skipped after a deadlock"
+        assert store.get_evaluation(first["id"]) is not None
+        assert raw(url, "SELECT count(*) FROM apply_queue") == 0
+    finally:
+        other.close()
+        store.close()
+        postgres_server.drop(url)

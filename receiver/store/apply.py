@@ -17,7 +17,7 @@ from ..normalize import TERMINAL, columns, judge_issues, merge, normalize, parse
 from ..sinkspec import SinkSpec
 from ..times import shift
 from .client_refs import refresh_client_ref
-from .dialect import is_postgres, pipelined, serialize
+from .dialect import is_postgres, pipelined, serialize, transient
 from .rollups import FACT_COLUMNS, Changes, Facts, add, track, write
 from .search import SEARCHED, issue_text, reindex
 
@@ -114,9 +114,12 @@ def apply_queued(
                 )
                 if isolate:  # in its savepoint: a rollup that cannot be written fails it alone
                     write(conn, changes)
-            except Exception:
-                if not isolate or not conn.in_transaction:
-                    raise  # the chunk fails (SQLite may have rolled it back already)
+            except Exception as exc:
+                if not isolate or not conn.in_transaction or transient(conn, exc):
+                    # The chunk fails (SQLite may have rolled it back already); a conflict with
+                    # another transaction or a lost connection is no fault of this delivery:
+                    # the writer retries or fails the whole chunk, and it stays due.
+                    raise
                 conn.execute("ROLLBACK TO apply")
                 log.exception("delivery %d could not be applied; it stays queued", delivery_id)
                 failed.append(delivery_id)

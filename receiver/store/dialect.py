@@ -30,6 +30,21 @@ def serialize(conn: object, *keys: str) -> None:
         )
 
 
+# SQLSTATE class 40, transaction rollback: a deadlock or serialization failure on PostgreSQL.
+CONFLICT_CLASS = "40"
+
+
+def transient(conn: object, exc: BaseException) -> bool:
+    """Whether `exc` failed the transaction rather than the statement's own data: a conflict
+    with another transaction (PostgreSQL aborts the loser; the writer retries the batch) or a
+    lost connection. SQLite's own such failures (disk full, I/O) roll the transaction back,
+    which callers see as `not conn.in_transaction`."""
+    sqlstate = getattr(exc, "sqlstate", None)
+    if isinstance(sqlstate, str) and sqlstate.startswith(CONFLICT_CLASS):
+        return True
+    return bool(getattr(conn, "broken", False))
+
+
 def pipelined(conn: object) -> contextlib.AbstractContextManager[Any]:
     """On PostgreSQL, psycopg's pipeline mode: a statement whose result is not read goes out
     without waiting for the answer to the one before, so a callback's apply costs fewer round
