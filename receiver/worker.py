@@ -14,11 +14,12 @@ import logging
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
+from functools import partial
 
 import httpx
 
 from .config import Settings
-from .errors import ReceiverError
+from .errors import ReceiverError, StoreUnavailable
 from .events import build_event
 from .metrics import Metrics
 from .normalize import TERMINAL, normalize
@@ -32,6 +33,8 @@ log = logging.getLogger("receiver.worker")
 
 POLLS_PER_SECOND = 5.0  # reconciliation's bound on Runflow API requests
 LIMITED = "limited"  # a poll Runflow answered 429: the pass stops there
+STORE_RETRY = 0.05  # seconds before recording a batch is tried again, doubling …
+STORE_RETRY_MAX = 5.0  # … up to this
 
 
 def utcnow() -> datetime:
@@ -252,13 +255,32 @@ class Worker:
             else:
                 batch.outcomes.append(self._outcome(sink, claim, error, finished))
         stamp = format_time(self.clock())
-        await self.store.finish_forwards(batch.outcomes, stamp)
-        await self.store.lease_forwards(unsent, batch.lease, stamp)
+        await self._until_stored(partial(self.store.finish_forwards, batch.outcomes, stamp))
+        await self._until_stored(partial(self.store.lease_forwards, unsent, batch.lease, stamp))
         resume = format_time(finished + timedelta(seconds=wait))
-        await self.store.lease_forwards(deferred, batch.lease, resume)
+        await self._until_stored(partial(self.store.lease_forwards, deferred, batch.lease, resume))
         counters = self.metrics.forward_results(sink.spec.name)
         for outcome in batch.outcomes:
             counters[outcome.state].inc()
+
+    async def _until_stored(self, write: Callable[[], Awaitable[None]]) -> None:
+        """Record what a batch did, trying again while the store fails for a moment (locked
+        past its busy timeout, PostgreSQL restarting, a full disk freed): only the worker knows
+        what went out, and a forward left pending would be sent again once its lease ran out.
+        Not past half the lease (another worker may take the rows then), nor once stopping."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.lease.total_seconds() / 2
+        delay = STORE_RETRY
+        while True:
+            try:
+                await write()
+                return
+            except StoreUnavailable as exc:
+                if self._stopping or loop.time() + delay > deadline:
+                    raise
+                log.warning("recording forwards failed, trying again in %gs: %s", delay, exc)
+            await asyncio.sleep(delay)
+            delay = min(2 * delay, STORE_RETRY_MAX)
 
     async def _deliver(
         self, sink: Sink, events: list[Event], sent: dict[int, SinkError | None]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import sqlite3
 from collections.abc import AsyncIterator, Iterator, Sequence
 from dataclasses import replace
 from datetime import timedelta
@@ -29,7 +30,7 @@ from receiver.store import Delivery, Forwarding, Store
 from receiver.times import format_time
 from receiver.worker import Worker, utcnow
 
-from .database import connect
+from .database import connect, sqlite_only
 from .helpers import RecordingSink, fixture, make_settings
 
 pytestmark = pytest.mark.anyio
@@ -741,3 +742,56 @@ async def test_a_slow_sink_never_delays_the_others(tmp_path: Path, http: httpx.A
         await rig.worker.stop()
         rig.store.close()
     assert len(slow.received) == 1  # stop() let the in-flight delivery finish
+
+
+class LockedAfterSending(RecordingSink):
+    """Delivers, then the database is write-locked from outside for `outage` seconds (an
+    sqlite3 shell or a script holding BEGIN IMMEDIATE) just as the worker records it."""
+
+    outage = 0.6
+
+    def __init__(self, spec: SinkSpec, database: str) -> None:
+        super().__init__(spec)
+        self.database = database
+        self.locked = False
+
+    async def deliver(self, events: Sequence[Event]) -> list[SinkError | None]:
+        if not self.locked:
+            self.locked = True
+            holder = sqlite3.connect(self.database, isolation_level=None)
+            holder.execute("BEGIN IMMEDIATE")
+            asyncio.get_running_loop().call_later(self.outage, holder.close)
+        return await super().deliver(events)
+
+
+@sqlite_only
+async def test_a_store_failing_for_a_moment_after_a_send_does_not_send_it_again(
+    tmp_path: Path, http: httpx.AsyncClient
+) -> None:
+    """The event went out, then recording it failed (the database locked past the busy
+    timeout; PostgreSQL restarting would do the same): the worker still knows what was sent
+    and records it once the store takes writes again. It used to drop the outcome, so the
+    forward was sent a second time when its lease ran out."""
+    settings = make_settings(tmp_path)
+    sink = LockedAfterSending(spec("s"), settings.database)
+    rig = Rig(settings, [sink], http)
+    rig.store.writer._busy_timeout = 0.1  # type: ignore[union-attr]
+    rig.store.open()
+    rig.worker.lease = timedelta(seconds=1.5)
+    await rig.worker.start()
+    try:
+        await rig.post("evaluation-completed.json")
+        rig.worker.notify()
+        for _ in range(400):
+            if rig.rows("SELECT state FROM outbox") == [("done",)]:
+                break
+            await asyncio.sleep(0.01)
+        await asyncio.sleep(2.0)  # past the lease: a forward not recorded would go out again
+        states = rig.rows("SELECT state, attempts FROM outbox")
+    finally:
+        await rig.worker.stop()
+        rig.store.close()
+    assert [event["id"] for event in sink.received] == [
+        event_id(EVALUATION_ID, "evaluation.completed")
+    ]
+    assert states == [("done", 1)]
