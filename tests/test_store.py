@@ -1075,3 +1075,38 @@ async def test_a_replay_queues_only_the_sinks_that_want_the_verdict(path: str) -
     states = dict(query(path, "SELECT sink, state FROM outbox WHERE evaluation_id = 'e-1'"))
     assert states == {"every": "pending", "headshots": "skipped", "removed": "done"}
     assert queued == 1
+
+
+@sqlite_only
+@pytest.mark.anyio
+async def test_the_wal_shrinks_back_after_a_long_read_ends(store: Store, path: str) -> None:
+    """A read transaction held open beside the server (Datasette, an sqlite3 shell left in
+    BEGIN) keeps every checkpoint from resetting the WAL, so it grows with each callback. Once
+    the reader is gone the next checkpoint resets it; the file used to keep its peak size for
+    as long as the server ran (it never closes its connections), so one afternoon of a
+    forgotten shell cost its gigabytes of disk until a restart."""
+    wal = Path(f"{path}-wal")
+    padding = "x" * 16_000
+
+    async def callbacks(numbers: range) -> None:
+        await asyncio.gather(
+            *(
+                store.accept(delivery({"id": f"wal-{n}", "status": "completed", "pad": padding}))
+                for n in numbers
+            )
+        )
+        store.catch_up(60)
+
+    await callbacks(range(10))
+    reader = sqlite3.connect(path)
+    try:
+        reader.execute("BEGIN")
+        reader.execute("SELECT count(*) FROM deliveries").fetchone()  # its snapshot, held
+        await callbacks(range(10, 1510))
+        peak = wal.stat().st_size
+    finally:
+        reader.close()
+    assert peak > 40 * 2**20
+    await callbacks(range(1510, 1560))  # a checkpoint with no reader behind it
+    await callbacks(range(1560, 1610))  # … and the write that starts the WAL over
+    assert wal.stat().st_size < peak / 2
