@@ -239,17 +239,21 @@ class Worker:
         delivering.result()  # a sink's own bug: the round fails, and its claims run out
 
     async def _finish(self, sink: Sink, batch: Batch) -> None:
-        """Record how each attempt ended; give back what was not sent (not an attempt): at
-        once, or for when the destination asked to be sent to again (Deferred)."""
+        """Record how each attempt ended; give back what was not sent (not an attempt) at once,
+        and what the destination's rate limit refused or held back (not an attempt either: it
+        asked to wait) for when that wait is over (at least RECEIVER_RETRY_BASE, so a 429
+        without a Retry-After is not tried again at once, and at most RECEIVER_RETRY_MAX)."""
         finished = self.clock()
         unsent = []
         deferred: list[int] = []
-        wait = 0.0
+        limited = 0
+        wait = self.settings.retry_base
         for index, (claim, _) in enumerate(batch.sending):
             error = batch.sent.get(index, NotSent())
-            if isinstance(error, Deferred):
+            if isinstance(error, Deferred) or (error is not None and error.limited):
                 deferred.append(claim.outbox_id)
-                wait = max(wait, min(error.retry_after, self.settings.retry_max))
+                limited += not isinstance(error, Deferred)
+                wait = max(wait, error.retry_after or 0.0)
             elif isinstance(error, NotSent):
                 unsent.append(claim.outbox_id)
             else:
@@ -257,11 +261,16 @@ class Worker:
         stamp = format_time(self.clock())
         await self._until_stored(partial(self.store.finish_forwards, batch.outcomes, stamp))
         await self._until_stored(partial(self.store.lease_forwards, unsent, batch.lease, stamp))
-        resume = format_time(finished + timedelta(seconds=wait))
-        await self._until_stored(partial(self.store.lease_forwards, deferred, batch.lease, resume))
+        if deferred:
+            wait = min(wait, self.settings.retry_max)
+            log.info("sink %r is rate limited: sending again in %gs", sink.spec.name, wait)
+            resume = format_time(finished + timedelta(seconds=wait))
+            held = partial(self.store.lease_forwards, deferred, batch.lease, resume)
+            await self._until_stored(held)
         counters = self.metrics.forward_results(sink.spec.name)
         for outcome in batch.outcomes:
             counters[outcome.state].inc()
+        counters["pending"].inc(limited)  # a 429 counts as a retry
 
     async def _until_stored(self, write: Callable[[], Awaitable[None]]) -> None:
         """Record what a batch did, trying again while the store fails for a moment (locked

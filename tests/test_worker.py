@@ -17,14 +17,16 @@ from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from receiver.config import Settings
 from receiver.events import event_id
+from receiver.fakes.chat import FakeSlack
 from receiver.fakes.runflow import FakeRunflow
 from receiver.fakes.server import serve_in_thread
 from receiver.normalize import normalize, parse_body
 from receiver.runflow import RunflowClient
-from receiver.sinks import Deferred, Event, OneByOne, SinkError
+from receiver.sinks import Deferred, Event, OneByOne, SinkError, build_sink
 from receiver.sinkspec import SinkSpec
 from receiver.store import Delivery, Forwarding, Store
 from receiver.times import format_time
@@ -666,7 +668,7 @@ async def test_a_stop_mid_batch_sends_nothing_twice(
     assert len(chat.received) == len(set(chat.received)) == 40
 
 
-class RateLimited(OneByOne):
+class RefusedOnce(OneByOne):
     """A chat destination whose first post is refused with a 429 asking to wait."""
 
     concurrency = 1
@@ -679,13 +681,13 @@ class RateLimited(OneByOne):
     async def send(self, event: Event) -> None:
         self.posts.append(event["id"])
         if len(self.posts) == 1:
-            raise SinkError("HTTP 429: rate_limited", retry_after=self.retry_after)
+            raise SinkError("HTTP 429: rate_limited", retry_after=self.retry_after, limited=True)
 
 
 async def test_a_429_holds_back_the_rest_for_its_retry_after_without_an_attempt(
     tmp_path: Path, http: httpx.AsyncClient
 ) -> None:
-    chat = RateLimited(spec("chat"), retry_after=600)
+    chat = RefusedOnce(spec("chat"), retry_after=600)
     rig = rig_for(tmp_path, http, [chat], retry_max=3600)  # type: ignore[list-item]
     template = json.loads(fixture("evaluation-completed.json"))
     try:
@@ -700,11 +702,7 @@ async def test_a_429_holds_back_the_rest_for_its_retry_after_without_an_attempt(
     finally:
         rig.store.close()
     assert len(chat.posts) == 1
-    assert [(state, attempts) for state, attempts, _ in rows] == [
-        ("pending", 1),
-        ("pending", 0),
-        ("pending", 0),
-    ]
+    assert [(state, attempts) for state, attempts, _ in rows] == [("pending", 0)] * 3
     assert all(next_at >= before for _, _, next_at in rows)
 
 
@@ -712,7 +710,7 @@ async def test_a_429_holds_a_chat_sink_no_longer_than_retry_max(
     tmp_path: Path, http: httpx.AsyncClient
 ) -> None:
     """RECEIVER_RETRY_MAX caps a destination's Retry-After, also while it holds the sink."""
-    chat = RateLimited(spec("chat"), retry_after=86400)
+    chat = RefusedOnce(spec("chat"), retry_after=86400)
     rig = rig_for(tmp_path, http, [chat], retry_max=60)  # type: ignore[list-item]
     try:
         await rig.post("evaluation-completed.json")
@@ -795,3 +793,56 @@ async def test_a_store_failing_for_a_moment_after_a_send_does_not_send_it_again(
         event_id(EVALUATION_ID, "evaluation.completed")
     ]
     assert states == [("done", 1)]
+
+
+class SlackLimit:
+    """Slack's webhook limit in front of the fake: one message per `window` seconds, 429 with
+    Retry-After for any other (the fake records only the accepted ones)."""
+
+    def __init__(self, app: ASGIApp, window: float) -> None:
+        self.app, self.window, self.last = app, window, -window
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        now = asyncio.get_running_loop().time()
+        if scope["type"] != "http" or now - self.last >= self.window:
+            if scope["type"] == "http":
+                self.last = now
+            await self.app(scope, receive, send)
+            return
+        wait = {"retry-after": f"{self.window:g}"}
+        await Response("rate_limited", 429, headers=wait)(scope, receive, send)
+
+
+async def test_a_rate_limited_chat_sink_delivers_a_burst_and_dead_letters_none(
+    tmp_path: Path, http: httpx.AsyncClient
+) -> None:
+    """A burst of verdicts to a Slack webhook that takes one message per 0.1 s: a 429 asks to
+    wait, it is no failed delivery. Every 429 used to cost an attempt, and the rest of the
+    batch went on being posted into the limit (429 each, one attempt each), so after
+    max_attempts rounds all but a few of the burst were dead letters."""
+    slack = FakeSlack()
+    with serve_in_thread(SlackLimit(slack.app, 0.1)) as url:
+        chat = SinkSpec(name="chat", type="slack", url=slack.url(url))
+        settings = make_settings(tmp_path, retry_base=0.01, retry_max=1.0, max_attempts=3)
+        rig = Rig(settings, [], http)
+        rig.store = Store(settings.database, forwarding=Forwarding((chat,)))
+        rig.worker = Worker(settings, rig.store, [build_sink(chat, http)], None)
+        rig.store.open()
+        template = json.loads(fixture("evaluation-completed.json"))
+        try:
+            for n in range(10):
+                number = f"0193a7c2-0000-7000-8000-{n:012d}"
+                await rig.post(
+                    json.dumps({**template, "id": number, "client_ref": f"job-{n}"}).encode()
+                )
+            for _ in range(100):
+                if not rig.rows("SELECT 1 FROM outbox WHERE state = 'pending'"):
+                    break
+                await rig.worker.run_once()
+                await asyncio.sleep(0.05)
+            states = dict(rig.rows("SELECT state, count(*) FROM outbox GROUP BY state"))
+        finally:
+            rig.store.close()
+    assert states == {"done": 10}
+    subjects = [payload["text"] for payload in slack.payloads()]
+    assert len(subjects) == len(set(subjects)) == 10

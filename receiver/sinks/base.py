@@ -13,14 +13,22 @@ Event = dict[str, Any]
 
 class SinkError(Exception):
     """A delivery that did not happen. `retry_after` (seconds) is the destination's own wish
-    (429 Retry-After, Discord's retry_after); `permanent` means retrying cannot help."""
+    (429 Retry-After, Discord's retry_after); `permanent` means retrying cannot help;
+    `limited` means the destination took nothing because of its rate limit (a 429): not a
+    failed attempt but a request to wait."""
 
     def __init__(
-        self, message: str, *, retry_after: float | None = None, permanent: bool = False
+        self,
+        message: str,
+        *,
+        retry_after: float | None = None,
+        permanent: bool = False,
+        limited: bool = False,
     ) -> None:
         super().__init__(message)
         self.retry_after = retry_after
         self.permanent = permanent
+        self.limited = limited
 
 
 class NotSent(SinkError):
@@ -101,18 +109,22 @@ class OneByOne:
     ) -> list[SinkError | None]:
         gate = asyncio.Semaphore(self.concurrency)
         clock = asyncio.get_running_loop().time
+        limited = False  # a 429 without a Retry-After: the rest of the batch waits too
 
         async def one(index: int, event: Event) -> SinkError | None:
+            nonlocal limited
             async with gate:
                 wait = self._resume_at - clock()
                 if halted():
                     result: SinkError | None = NotSent()
-                elif wait > 0:
-                    result = Deferred(wait)
+                elif wait > 0 or limited:
+                    result = Deferred(max(wait, 0.0))
                 else:
                     result = await self._send(event)
-                    if result is not None and not result.permanent and result.retry_after:
-                        self.hold(result.retry_after)
+                    if result is not None and not result.permanent:
+                        limited = limited or result.limited
+                        if result.retry_after:
+                            self.hold(result.retry_after)
             if progress is not None:
                 progress(index, result)
             return result

@@ -88,7 +88,7 @@ def response_error(
         wait = retry_after
         if wait is None:
             wait = parse_retry_after(response.headers.get("retry-after"), now)
-        return SinkError(message, retry_after=wait)
+        return SinkError(message, retry_after=wait, limited=status == 429)
     if 300 <= status < 400:
         message += " (redirects are not followed)"
     return SinkError(message, permanent=True)
