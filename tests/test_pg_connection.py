@@ -5,7 +5,7 @@ from __future__ import annotations
 import psycopg
 import pytest
 
-from receiver.store.pg_connection import describe
+from receiver.store.pg_connection import connect_options, describe
 
 
 @pytest.mark.parametrize(
@@ -30,3 +30,22 @@ from receiver.store.pg_connection import describe
 )
 def test_a_reason_is_one_line_naming_nothing(message: str, reason: str) -> None:
     assert describe(psycopg.OperationalError(message)) == reason
+
+
+@pytest.mark.parametrize(
+    ("url", "idle", "user_timeout"),
+    [
+        ("postgresql://db.internal/receiver", 10, 30000),
+        ("postgresql://db.internal/receiver?keepalives_idle=60", None, 30000),
+        ("postgresql://db.internal/receiver?tcp_user_timeout=0&keepalives_idle=1", None, None),
+    ],
+)
+def test_a_vanished_server_is_noticed_in_seconds_unless_the_url_says_otherwise(
+    url: str, idle: int | None, user_timeout: int | None
+) -> None:
+    """libpq's defaults leave a write waiting about two hours for a host that vanished."""
+    options = connect_options(url)
+    assert options.get("keepalives_idle") == idle
+    assert options.get("tcp_user_timeout") == user_timeout
+    assert options["connect_timeout"] == 10
+    assert options["keepalives"] == 1

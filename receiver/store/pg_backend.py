@@ -16,7 +16,7 @@ from psycopg_pool import ConnectionPool, PoolTimeout
 
 from ..database_url import redact
 from ..errors import ConfigError, StoreUnavailable
-from .pg_connection import CONNECT_TIMEOUT, PgConnection, configure, connect, describe
+from .pg_connection import PgConnection, configure, connect, connect_options, describe
 from .pg_schema import migrate
 
 POOL_TIMEOUT = 10.0  # seconds a read waits for a free connection before it is a 503
@@ -72,7 +72,7 @@ class PgReaders:
             url,
             min_size=1,
             max_size=size,
-            kwargs={"autocommit": True, "connect_timeout": CONNECT_TIMEOUT},
+            kwargs={"autocommit": True, **connect_options(url)},
             configure=configure,
             check=ConnectionPool.check_connection,
             timeout=POOL_TIMEOUT,
