@@ -8,6 +8,7 @@ from __future__ import annotations
 import os
 import sqlite3
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, cast
 
@@ -100,3 +101,27 @@ def _connect(database: Path | str) -> sqlite3.Connection:
     if POSTGRES:
         _opened.append(raw)
     return cast(sqlite3.Connection, Connection(raw))
+
+
+def waiting_for_a_lock(
+    conn: Any, timeout: float = 10.0, done: Callable[[], bool] = lambda: False
+) -> None:
+    """Wait until PostgreSQL shows the session of `conn` (the store's adapter) blocked on a
+    lock, or `done()` (a bounded look, not a sleep): its transaction has gone as far as it can
+    while ours holds what it needs."""
+    import psycopg
+
+    pid = conn.raw.info.backend_pid
+    deadline = time.monotonic() + timeout
+    watcher = psycopg.connect(conn.raw.info.dsn, autocommit=True)
+    try:
+        while time.monotonic() < deadline:
+            row = watcher.execute(
+                "SELECT wait_event_type FROM pg_stat_activity WHERE pid = %s", (pid,)
+            ).fetchone()
+            if (row is not None and row[0] == "Lock") or done():
+                return
+            time.sleep(0.002)
+    finally:
+        watcher.close()
+    raise AssertionError("the other transaction neither finished nor waited for a lock")

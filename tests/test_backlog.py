@@ -34,7 +34,7 @@ from receiver.store.backlog import (
     Backlog,
 )
 
-from .database import connect, database_for
+from .database import POSTGRES, connect, database_for, waiting_for_a_lock
 from .postgres import PostgresService
 from .test_store import delivery
 
@@ -512,3 +512,72 @@ def test_a_deadlock_while_applying_one_by_one_is_retried_not_skipped(
         other.close()
         store.close()
         postgres_server.drop(url)
+
+
+@pytest.mark.skipif(
+    not POSTGRES,
+    reason="SQLite applies in one write transaction at a time: no two chunks overlap",
+)
+def test_two_servers_never_apply_one_queued_callback_twice(path: str) -> None:
+    """Servers A and B (`serve --workers 2`) both apply the one apply_queue. A applies a
+    `failed` callback; B's chunk reads the queue meanwhile, sees it still queued and waits for
+    the evaluation's lock; the `completed` callback for it is acknowledged after and A applies
+    it too. B must not apply the `failed` one a second time on top: envelope bodies carry no
+    updated_at, so the later arrival wins a tie, and the evaluation went back to failed (its
+    client_ref with nothing current), which no order of the two callbacks gives."""
+    from receiver.store.ingest import accept
+    from receiver.store.pg_connection import connect as pg_connect
+
+    Store(path).migrate()
+    feeder, server_a, server_b = (pg_connect(path) for _ in range(3))
+    evaluation_id = "0193a7c2-5b1e-7c3d-9f10-000000000042"
+    envelope = {"evaluation_id": evaluation_id, "client_ref": "job-9", "task_type": "headshot"}
+    failed = {
+        **envelope,
+        "event": "evaluation.failed",
+        "status": "failed",
+        "failure_code": "timed_out",
+    }
+    completed = {
+        **envelope,
+        "event": "evaluation.completed",
+        "status": "completed",
+        "overall_passed": True,
+        "weighted_pass_rate": 0.9,
+    }
+    try:
+        accept(feeder, delivery(failed))
+        server_a.execute("BEGIN")
+        assert apply_queued(server_a, 8, isolate=False).count == 1
+
+        def server_b_chunk() -> None:
+            server_b.execute("BEGIN")
+            apply_queued(server_b, 8, isolate=False)
+            server_b.execute("COMMIT")
+
+        chunk_b = threading.Thread(target=server_b_chunk)
+        chunk_b.start()
+        waiting_for_a_lock(server_b)
+        accept(feeder, delivery(completed))
+        assert apply_queued(server_a, 8, isolate=False).count == 1
+        server_a.execute("COMMIT")
+        chunk_b.join(timeout=30)
+        assert not chunk_b.is_alive()
+        conn = connect(path)
+        try:
+            row = conn.execute(
+                "SELECT status, passed, failure_code FROM evaluations WHERE id = ?",
+                (evaluation_id,),
+            ).fetchone()
+            ref = conn.execute(
+                "SELECT current_evaluation_id, latest_status FROM client_refs"
+            ).fetchone()
+            queued = conn.execute("SELECT count(*) FROM apply_queue").fetchone()
+        finally:
+            conn.close()
+        assert tuple(row) == ("completed", 1, "timed_out")
+        assert tuple(ref) == (evaluation_id, "completed")
+        assert tuple(queued) == (0,)
+    finally:
+        for conn in (feeder, server_a, server_b):
+            conn.close()

@@ -74,10 +74,14 @@ def apply_queued(
         if not wanted:
             return Applied(0, False, ())
         chosen, params = f"q.delivery_id IN ({', '.join('?' * len(wanted))})", wanted
+    # On PostgreSQL other servers apply the same queue: each takes its deliveries' rows, so a
+    # chunk that read one while another server applied it skips it once that one commits,
+    # instead of applying it a second time over the callbacks applied after it.
+    lock = " FOR UPDATE OF q" if is_postgres(conn) else ""
     rows = conn.execute(
         "SELECT q.delivery_id, d.body, d.source, d.received_at"
         " FROM apply_queue q LEFT JOIN deliveries d ON d.id = q.delivery_id"
-        f" WHERE {chosen} ORDER BY q.delivery_id LIMIT ?",
+        f" WHERE {chosen} ORDER BY q.delivery_id LIMIT ?{lock}",
         (*params, most),
     ).fetchall()
     # Unisolated, any failure fails the chunk: PostgreSQL may then pipeline its statements,
