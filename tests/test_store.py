@@ -28,7 +28,7 @@ from receiver.store.outbox import replay_delivery
 from receiver.store.schema import MIGRATIONS
 from receiver.store.stats import stats as scan_stats
 
-from .database import POSTGRES, connect, database_for, sqlite_only
+from .database import POSTGRES, connect, database_for, sqlite_only, waiting_for_a_lock
 from .helpers import fixture
 
 COMPLETED_ID = "0193a7c2-5b1e-7c3d-9f10-2a4b6c8d0e11"
@@ -942,6 +942,58 @@ async def test_superseded_stays_superseded_when_another_server_marked_it_meanwhi
     )
     superseded = query(path, "SELECT id, superseded FROM evaluations ORDER BY id")
     assert [tuple(row) for row in superseded] == [("p-1", 1), ("p-2", 0)]
+
+
+@pytest.mark.skipif(not POSTGRES, reason="SQLite writes one transaction at a time")
+def test_a_parent_applied_while_its_retry_is_applied_elsewhere_is_superseded(path: str) -> None:
+    """Server A applies a parent's first callback (its row read: no newer attempt yet) while
+    server B applies the retry naming it, B's UPDATE of the parent finding no row yet: the
+    parent must still end superseded and its retry current, as in either order alone."""
+    from receiver.store.pg_connection import connect as pg_connect
+
+    Store(path).migrate()
+    server_a, server_b = pg_connect(path), pg_connect(path)
+    # Scores in different buckets: no rollup row in common, which would order them too.
+    parent, child = (
+        normalize(parse_body(body_of(fields))).fields
+        for fields in (
+            evaluation("p-1", client_ref="job-2", weighted_pass_rate=0.3),
+            evaluation(
+                "p-2",
+                client_ref="job-2",
+                second=9,
+                parent_evaluation_id="p-1",
+                weighted_pass_rate=0.9,
+            ),
+        )
+    )
+    finished = threading.Event()
+
+    def apply_child() -> None:
+        server_b.execute("BEGIN")
+        apply_module.apply_evaluation(
+            server_b, child, source="webhook", stamp="2026-11-20T09:01:00.000000Z"
+        )
+        server_b.execute("COMMIT")
+        finished.set()
+
+    try:
+        server_a.execute("BEGIN")
+        apply_module.apply_evaluation(
+            server_a, parent, source="webhook", stamp="2026-11-20T09:00:59.000000Z"
+        )
+        applying_child = threading.Thread(target=apply_child)
+        applying_child.start()
+        waiting_for_a_lock(server_b, done=finished.is_set)
+        server_a.execute("COMMIT")
+        applying_child.join(timeout=30)
+        assert finished.is_set()
+    finally:
+        server_a.close()
+        server_b.close()
+    superseded = query(path, "SELECT id, superseded FROM evaluations ORDER BY id")
+    assert [tuple(row) for row in superseded] == [("p-1", 1), ("p-2", 0)]
+    assert pointers(path, "job-2") == ("p-2", "p-2", "completed", 2)
 
 
 @pytest.mark.anyio

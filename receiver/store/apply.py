@@ -256,11 +256,16 @@ def apply_evaluation(
     if parent:
         if known is not None:
             known.pop(parent, None)  # it now has a newer attempt, and may be superseded below
-        superseding = conn.execute(
+        supersede = (
             "UPDATE evaluations SET superseded = 1, updated_at = ? WHERE id = ? AND superseded = 0"
-            " RETURNING client_ref",
-            (stamp, parent),
-        ).fetchone()
+            " RETURNING client_ref"
+        )
+        superseding = conn.execute(supersede, (stamp, parent)).fetchone()
+        if superseding is None and is_postgres(conn):
+            # Another server may be inserting the parent, having read it before this attempt
+            # existed (so not superseded): once its lock is ours, its row is there to mark.
+            serialize(conn, f"evaluation:{parent}")
+            superseding = conn.execute(supersede, (stamp, parent)).fetchone()
         if superseding:
             refs.add(superseding[0])
     for client_ref in refs - {None}:
