@@ -697,6 +697,43 @@ async def test_issues_come_from_the_judges(store: Store, path: str) -> None:
     assert query(path, sql) == [("anatomy", "anatomy", None, "ok")]
 
 
+@pytest.mark.anyio
+async def test_a_read_sees_one_commit_not_two(
+    store: Store, path: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The writer commits whenever it likes, between two statements of a read too: the
+    evaluation's row read before the refetch is applied, its issues after. What a read answers
+    must be one state of the database: the callback's (no judges, no issues) or the refetch's."""
+    from receiver.store import queries
+
+    await ingest_all(store, fixture("evaluation-completed.json"))
+    evaluation_id = COMPLETED_ID
+    refetch = normalize(parse_body(fixture("get-evaluation-embedded.json"))).fields
+    item = queries.item
+
+    def refetch_applied_meanwhile(row: Any) -> dict[str, Any]:
+        monkeypatch.setattr(queries, "item", item)
+        store.writer.submit(
+            partial(
+                apply_module.apply_evaluation,
+                fields=refetch,
+                source="refetch",
+                stamp="2026-11-20T09:20:00.000000Z",
+                refetched=True,
+            )
+        ).result(timeout=10)
+        return item(row)
+
+    monkeypatch.setattr(queries, "item", refetch_applied_meanwhile)
+    found = store.get_evaluation(evaluation_id)
+    assert found is not None
+    shown = (found["evaluation"]["refetched"], len(found["issues"]))
+    assert shown == (False, 0)  # the state when the read began
+    after = store.get_evaluation(evaluation_id)
+    assert after is not None
+    assert (after["evaluation"]["refetched"], len(after["issues"])) == (True, 2)
+
+
 # many at once
 
 

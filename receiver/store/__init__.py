@@ -47,6 +47,8 @@ __all__ = ["Claim", "Delivery", "EvaluationFilter", "Forwarding", "Outcome", "Re
 MAX_BACKLOG = 100_000
 MIGRATION_WAIT = 600.0  # seconds a starter waits for another's migration (SQLite)
 CATCH_UP_TIMEOUT = 5.0  # seconds a read waits for callbacks accepted before it
+# One snapshot for every statement of a read (READ COMMITTED, the default, takes one each).
+SNAPSHOT_POSTGRES = "BEGIN ISOLATION LEVEL REPEATABLE READ, READ ONLY"
 
 
 def _rewrite_header(conn: sqlite3.Connection) -> None:
@@ -351,7 +353,19 @@ class Store:
 
     @contextlib.contextmanager
     def read(self) -> Iterator[sqlite3.Connection]:
-        """A connection to read with: this thread's SQLite reader, or one from the pool."""
+        """A connection to read with (this thread's SQLite reader, or one from the pool), in
+        one read transaction: the writer commits between any two statements, and a read of
+        several (an evaluation, then its issues) must show one state, not a mix of two."""
+        with self._connection() as conn:
+            conn.execute(SNAPSHOT_POSTGRES if self.postgres else "BEGIN")
+            try:
+                yield conn
+            finally:
+                if conn.in_transaction:
+                    conn.execute("ROLLBACK")  # it wrote nothing
+
+    @contextlib.contextmanager
+    def _connection(self) -> Iterator[sqlite3.Connection]:
         if self._pool is None:
             yield self.reader()
             return
