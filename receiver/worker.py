@@ -259,7 +259,8 @@ class Worker:
             else:
                 batch.outcomes.append(self._outcome(sink, claim, error, finished))
         stamp = format_time(self.clock())
-        await self._until_stored(partial(self.store.finish_forwards, batch.outcomes, stamp))
+        recorded = partial(self.store.finish_forwards, batch.outcomes, stamp, batch.lease)
+        await self._until_stored(recorded)
         await self._until_stored(partial(self.store.lease_forwards, unsent, batch.lease, stamp))
         if deferred:
             wait = min(wait, self.settings.retry_max)

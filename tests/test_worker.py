@@ -618,6 +618,51 @@ async def test_a_slow_batch_keeps_its_lease(tmp_path: Path, http: httpx.AsyncCli
     assert states == [("done", 1)]
 
 
+class GatedSink(RecordingSink):
+    """Holds each batch until `gate` opens; says when one has arrived (`entered`)."""
+
+    def __init__(self, spec: SinkSpec) -> None:
+        super().__init__(spec)
+        self.entered, self.gate = asyncio.Event(), asyncio.Event()
+
+    async def deliver(self, events: Sequence[Event]) -> list[SinkError | None]:
+        self.entered.set()
+        await self.gate.wait()
+        return await super().deliver(events)
+
+
+async def test_a_worker_that_lost_its_lease_does_not_overwrite_the_new_holder(
+    tmp_path: Path, http: httpx.AsyncClient
+) -> None:
+    """Worker A stalls past its lease (a paused process) while sending; worker B claims the
+    row when it runs out and delivers it. A's late answer, here a 404 (dead), comes before
+    B's: it must not decide the row, or the forward B delivered stays dead, and `forwards
+    --retry-all-dead` sends it once more."""
+    stalled, holder = GatedSink(spec("s")), GatedSink(spec("s"))
+    stalled.failures.append(SinkError("404 Not Found", permanent=True))
+    settings = make_settings(tmp_path)
+    first, second = Rig(settings, [stalled], http), Rig(settings, [holder], http)
+    second.worker.clock = lambda: utcnow() + first.worker.lease + timedelta(seconds=1)
+    for rig in (first, second):
+        rig.store.open()
+    try:
+        await first.post("evaluation-completed.json")
+        sending = asyncio.create_task(first.worker.run_once())
+        await asyncio.wait_for(stalled.entered.wait(), 10)
+        resending = asyncio.create_task(second.worker.run_once())
+        await asyncio.wait_for(holder.entered.wait(), 10)  # A's lease ran out: B holds it
+        stalled.gate.set()
+        await sending  # A's answer first
+        holder.gate.set()
+        await resending
+        states = first.rows("SELECT state, attempts, last_error FROM outbox")
+    finally:
+        for rig in (first, second):
+            rig.store.close()
+    assert len(holder.received) == 1
+    assert states == [("done", 1, None)]
+
+
 class OneAtATime(OneByOne):
     """A chat sink: one post per event, `delay` seconds each; `hang_after` posts, it hangs."""
 

@@ -94,11 +94,17 @@ def has_due(conn: sqlite3.Connection, sink: str, now: str) -> bool:
     return row is not None
 
 
-def finish_forwards(conn: sqlite3.Connection, outcomes: list[Outcome], stamp: str) -> None:
+def finish_forwards(
+    conn: sqlite3.Connection, outcomes: list[Outcome], stamp: str, held: str | None = None
+) -> None:
+    """Record attempts of rows claimed under the lease `held` (None: rows nobody claimed). A
+    row whose lease ran out and that another worker claimed meanwhile is that worker's to
+    record: a late answer here (a stalled process) must not overwrite it."""
     conn.executemany(
         "UPDATE outbox SET state = ?, attempts = attempts + 1, next_attempt_at = ?,"
-        " last_error = ?, updated_at = ? WHERE id = ? AND state = 'pending'",
-        [(o.state, o.at, o.error, stamp, o.outbox_id) for o in outcomes],
+        " last_error = ?, updated_at = ? WHERE id = ? AND state = 'pending'"
+        " AND next_attempt_at = coalesce(?, next_attempt_at)",
+        [(o.state, o.at, o.error, stamp, o.outbox_id, held) for o in outcomes],
     )
 
 
