@@ -33,7 +33,7 @@ from .logs import WEBHOOK_PATH
 from .normalize import normalize, parse_body
 from .signing import SIGNATURE_HEADER, verify
 from .store import Receipt
-from .web import BODY_WAITED, acknowledged, kept_headers, received, whole
+from .web import BODY_WAITED, STARTED, acknowledged, kept_headers, received, whole
 
 # After uvicorn's date and server headers: what Response and SecurityHeaders add, in order.
 _HEAD = b"HTTP/1.1 200 OK\r\n"
@@ -64,7 +64,7 @@ def _declared_within(headers: Iterable[tuple[bytes, bytes]], most: int) -> bool:
 
 class WebhookProtocol(HttpToolsProtocol):
     _held: RequestResponseCycle | None = None  # a callback whose body is still arriving
-    _held_since = 0.0
+    _held_since = 0.0  # time.perf_counter() when its headers arrived
     _deadline: asyncio.TimerHandle | None = None
     _idle_since: float | None = None  # when the last response ended, if no request came since
 
@@ -130,7 +130,7 @@ class WebhookProtocol(HttpToolsProtocol):
             # (413). A smaller one is read first, so the answer never races a reset.
             super()._start_asgi_task(cycle, app)
         else:  # most clients write the body after the headers: wait for it, as the app would
-            self._held, self._held_since = cycle, self.loop.time()
+            self._held, self._held_since = cycle, time.perf_counter()
             self._deadline = self.loop.call_later(ctx.settings.body_timeout, self._release)
 
     def _holds_at_most(self, ctx: Context) -> int:
@@ -149,7 +149,7 @@ class WebhookProtocol(HttpToolsProtocol):
         held = self._held
         if held is not None and not held.more_body:
             self._unhold()
-            self._accept(self.app_state[STATE_KEY], held)
+            self._accept(self.app_state[STATE_KEY], held, self._held_since)
 
     def _unhold(self) -> None:
         self._held = None
@@ -164,24 +164,29 @@ class WebhookProtocol(HttpToolsProtocol):
         if held is not None:
             self._unhold()
             scope = cast(dict[str, Any], held.scope)
-            scope[BODY_WAITED] = self.loop.time() - self._held_since
-            self._to_app(held)
+            scope[BODY_WAITED] = time.perf_counter() - self._held_since
+            self._to_app(held, self._held_since)
 
-    def _accept(self, ctx: Context, cycle: RequestResponseCycle) -> None:
-        started = time.perf_counter()
+    def _accept(
+        self, ctx: Context, cycle: RequestResponseCycle, started: float | None = None
+    ) -> None:
+        """Verify, parse and store a whole callback; `started` is when its headers came, if
+        its body was held for (the logged duration runs from there)."""
+        verifying = time.perf_counter()
+        started = verifying if started is None else started
         settings = ctx.settings
         body = bytes(cycle.body)
         headers = kept_headers(cycle.scope["headers"])
         secret_index = verify(body, headers.get(SIGNATURE_HEADER), settings.webhook_secrets)
         if secret_index is None or len(body) > settings.max_body_bytes:
-            return self._to_app(cycle)
+            return self._to_app(cycle, started)
         try:
             delivery = received(body, normalize(parse_body(body)), headers, secret_index)
             stored = ctx.store.accepting(delivery)
         except Exception:  # the app answers it: with the reason, or a 500 that it logs
-            return self._to_app(cycle)
+            return self._to_app(cycle, started)
         stored.add_done_callback(
-            partial(self._stored, ctx, cycle, secret_index, delivery.request_id, started)
+            partial(self._stored, ctx, cycle, secret_index, delivery.request_id, started, verifying)
         )
 
     def _stored(
@@ -191,14 +196,16 @@ class WebhookProtocol(HttpToolsProtocol):
         secret_index: int,
         request_id: str | None,
         started: float,
+        verifying: float,
         stored: asyncio.Future[Receipt],
     ) -> None:
         if stored.cancelled() or stored.exception() is not None:
-            return self._to_app(cycle)  # the endpoint tries again: a 503 if the store is down
+            # the endpoint tries again: a 503 if the store is down
+            return self._to_app(cycle, started)
         try:
-            body = acknowledged(ctx, stored.result(), secret_index, request_id, started, started)
+            body = acknowledged(ctx, stored.result(), secret_index, request_id, started, verifying)
         except Exception:  # a failing log handler or metric: the endpoint answers it too
-            return self._to_app(cycle)
+            return self._to_app(cycle, started)
         if cycle.disconnected:
             return
         cycle.response_started = cycle.response_complete = True
@@ -207,5 +214,6 @@ class WebhookProtocol(HttpToolsProtocol):
             self.transport.close()
         cycle.on_response()
 
-    def _to_app(self, cycle: RequestResponseCycle) -> None:
+    def _to_app(self, cycle: RequestResponseCycle, started: float) -> None:
+        cast(dict[str, Any], cycle.scope)[STARTED] = started
         super()._start_asgi_task(cycle, self.app)

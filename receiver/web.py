@@ -36,6 +36,9 @@ KEPT_HEADERS = (
 _KEPT = frozenset(name.encode() for name in KEPT_HEADERS)
 # Seconds the HTTP protocol already waited for this body before handing it on (protocol.py).
 BODY_WAITED = "receiver.body_waited"
+# When (time.perf_counter()) the HTTP protocol began a request it handed on: a callback's
+# `duration_ms` runs from there, the time spent holding its body or storing it included.
+STARTED = "receiver.started"
 
 
 def kept_headers(raw: Iterable[tuple[bytes, bytes]]) -> dict[str, str]:
@@ -99,7 +102,7 @@ async def read_body(request: Request, limit: int, setting: str | None = None) ->
 async def webhook(request: Request) -> Response:
     """Accept one callback: a counter, a histogram observation and one log line each
     (refusals at WARNING with the reason; never the body, the signature or a secret)."""
-    started = time.perf_counter()
+    started = request.scope.get(STARTED) or time.perf_counter()
     ctx = context(request)
     request_id = request.headers.get("runflow-request-id")
     try:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import socket
 import time
 from collections.abc import Callable, Iterator
@@ -401,3 +402,33 @@ def test_keep_alive_closes_an_idle_connection_but_not_a_busy_one(tmp_path: Path)
             idle = time.monotonic()
             assert sock.recv(65536) == b""  # closed once idle for keep_alive
             assert time.monotonic() - idle >= keep_alive * 0.5
+
+
+def test_the_logged_duration_counts_the_wait_for_the_body_on_both_protocols(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A callback's `duration_ms` runs from its headers, as on uvicorn's own protocol, whether
+    the protocol answered it after holding its body or handed it to the app: a body that came
+    0.3 s late, or never (the 408 after RECEIVER_BODY_TIMEOUT), is not logged as 1 ms."""
+    late = 0.3
+    budget = 0.5
+    durations: dict[str, list[float]] = {}
+    with ExitStack() as stack, caplog.at_level(logging.INFO, logger="receiver.web"):
+        for name, http in (("plain", "httptools"), ("fast", WebhookProtocol)):
+            server = serve(stack, tmp_path / name, http, body_timeout=budget)
+            body = callback(40)
+            with connect(server) as sock:
+                sock.sendall(head(body) + body[:10])
+                time.sleep(late)
+                sock.sendall(body[10:])
+                [(status, _)] = read_responses(sock, 1)
+                assert status.startswith(b"HTTP/1.1 200"), name
+                sock.sendall(head(body) + body[:10])  # and never the rest
+                [(status, _)] = read_responses(sock, 1)
+                assert status.startswith(b"HTTP/1.1 408"), name
+            lines = [r for r in caplog.records if r.name == "receiver.web"]
+            durations[name] = [getattr(r, "duration_ms", 0.0) for r in lines]
+            caplog.clear()
+    for name, (answered, timed_out) in durations.items():
+        assert answered >= late * 1000, (name, answered)
+        assert timed_out >= budget * 900, (name, timed_out)
