@@ -15,6 +15,7 @@ from .auth import CSRF_HEADER, bearer_ok, identify
 from .context import context
 from .errors import BadRequest, Forbidden, NotFound, Unauthorized
 from .feedback import send_feedback
+from .logs import REASON
 from .normalize import STATUSES
 from .store import EvaluationFilter
 from .store.outbox import STATES
@@ -154,6 +155,7 @@ async def readyz(request: Request) -> Response:
     ctx = context(request)
     await ctx.store.probe()
     if ctx.worker is not None and not ctx.worker.running:
+        request.scope[REASON] = "the worker is not running"
         return JSONResponse({"ok": False, "error": "the worker is not running"}, status_code=503)
     return JSONResponse(
         {"ok": True, "store": "writable", "worker": "running" if ctx.worker else "separate"}

@@ -23,7 +23,7 @@ from .config import Settings
 from .context import STATE_KEY, Context
 from .errors import ReceiverError
 from .headers import SecurityHeaders
-from .logs import AccessLog, lean_records
+from .logs import REASON, AccessLog, lean_records
 from .metrics import Metrics
 from .sinks import build_sink
 from .store import Forwarding, Store
@@ -44,6 +44,8 @@ async def receiver_error(request: Request, exc: Exception) -> Response:
         else None
     )
     response = error_response(exc.status, str(exc))
+    if exc.status >= 500:
+        request.scope[REASON] = str(exc)  # for the access line, at ERROR
     if headers:
         response.headers.update(headers)
     if exc.status in (408, 413):

@@ -36,6 +36,8 @@ QUIET_LIBRARIES = ("httpx", "httpx2", "httpcore", "aio_pika", "aiormq", "nats", 
 WEBHOOK_PATH = "/webhooks/runflow"
 # Requests logged at DEBUG unless they fail: probes, scrapes, assets and live-row polling.
 ROUTINE_PREFIXES = ("/healthz", "/readyz", "/metrics", "/static/", "/partials/")
+# The scope entry in which the app leaves why it answered 500 or more, for the access line.
+REASON = "receiver.reason"
 
 
 def _time(created: float) -> str:
@@ -294,8 +296,9 @@ access_log = logging.getLogger("receiver.access")
 class AccessLog:
     """One line per HTTP request (method, path, status, duration) in place of uvicorn's access
     log. The webhook logs its own, richer line, so it is left out here; routine requests
-    (probes, scrapes, static files) are logged at DEBUG unless they fail. The query string is
-    never logged."""
+    (probes, scrapes, static files) are logged at DEBUG unless they fail, and an answer of 500
+    or more at ERROR, with the `reason` the app left in the scope (REASON). The query string
+    is never logged."""
 
     def __init__(self, app: ASGIApp) -> None:
         self.app = app
@@ -318,18 +321,14 @@ class AccessLog:
         finally:
             path = scope["path"]
             routine = path.startswith(ROUTINE_PREFIXES) and status < 400
-            level = logging.DEBUG if routine else logging.INFO
+            level = logging.DEBUG if routine else logging.ERROR if status >= 500 else logging.INFO
             if access_log.isEnabledFor(level):
-                access_log.log(
-                    level,
-                    "%s %s %d",
-                    scope["method"],
-                    path,
-                    status,
-                    extra={
-                        "method": scope["method"],
-                        "path": path,
-                        "status": status,
-                        "duration_ms": round((time.perf_counter() - started) * 1000, 3),
-                    },
-                )
+                fields = {
+                    "method": scope["method"],
+                    "path": path,
+                    "status": status,
+                    "duration_ms": round((time.perf_counter() - started) * 1000, 3),
+                }
+                if status >= 500 and REASON in scope:
+                    fields["reason"] = scope[REASON]
+                access_log.log(level, "%s %s %d", scope["method"], path, status, extra=fields)

@@ -24,6 +24,8 @@ from receiver import logs
 from receiver.app import create_app
 from receiver.config import Settings
 from receiver.errors import ConfigError
+from receiver.fakes.runflow import FakeRunflow
+from receiver.fakes.server import serve_in_thread
 from receiver.signing import sign
 
 from .helpers import SECRET_A, SECRET_B, TOKEN, auth, fixture, make_settings, post_callback
@@ -518,3 +520,48 @@ def test_serve_text_format_and_level(tmp_path: Path) -> None:
 def post_callback_over_http(url: str, body: bytes, secret: str) -> httpx.Response:
     headers = {"content-type": "application/json", "runflow-signature": sign(body, secret)}
     return httpx.post(f"{url}/webhooks/runflow", content=body, headers=headers)
+
+
+def test_a_5xx_gets_an_error_line_that_says_why(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """An answer of 500 or more that the app gave on purpose (Runflow refusing feedback: 502;
+    the store unreadable: 503) is logged at ERROR with its reason, not as a routine INFO line
+    with nothing to debug it by; a 4xx keeps its INFO line, without the reason (which may
+    echo the query)."""
+    fake = FakeRunflow("rf_logs_key")
+    fake.add(EVALUATION_ID)
+    with serve_in_thread(fake.app) as runflow_url:
+        settings = make_settings(
+            tmp_path,
+            runflow_api_key="rf_logs_key",
+            runflow_api_base=runflow_url,
+            refetch_embeds=(),
+            worker=False,
+        )
+        with (
+            serve_in_thread(create_app(settings), http="httptools") as url,
+            caplog.at_level(logging.INFO),
+        ):
+            body = fixture("evaluation-completed.json")
+            assert httpx.post(
+                f"{url}/webhooks/runflow",
+                content=body,
+                headers={"runflow-signature": sign(body, SECRET_A)},
+            ).is_success
+            fake.fail_next(403, code="FORBIDDEN", message="Missing scope evaluations:edit")
+            refused = httpx.patch(
+                f"{url}/api/evaluations/{EVALUATION_ID}/feedback",
+                json={"is_positive": True},
+                headers=auth(),
+            )
+            assert refused.status_code == 502
+            mistake = httpx.get(f"{url}/api/evaluations?status=nope", headers=auth())
+            assert mistake.status_code == 400
+    lines = [entry for entry in lines_of(caplog) if entry["logger"] == "receiver.access"]
+    (failed,) = [entry for entry in lines if entry["status"] == 502]
+    assert failed["level"] == "ERROR"
+    assert failed["reason"] == refused.json()["error"]
+    (refusal,) = [entry for entry in lines if entry["status"] == 400]
+    assert refusal["level"] == "INFO"
+    assert "reason" not in refusal
