@@ -17,6 +17,7 @@ from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Mount, Route
+from starlette.types import Message, Receive, Scope, Send
 
 from . import api, dashboard, openapi, web
 from .config import Settings
@@ -69,6 +70,32 @@ async def http_error(request: Request, exc: Exception) -> Response:
 async def server_error(request: Request, exc: Exception) -> Response:
     log.exception("unhandled error on %s %s", request.method, request.url.path)
     return error_response(500, "internal error; the server log has the details")
+
+
+class Receiver(Starlette):
+    """Starlette, but an unhandled error ends here once its 500 is sent: ServerErrorMiddleware
+    has logged it then (server_error, with the method and path) and raises it again for the
+    server, and uvicorn would log the same traceback a second time ("Exception in ASGI
+    application", with nothing of the request). One whose response was cut off midway still
+    reaches uvicorn, which closes the connection."""
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await super().__call__(scope, receive, send)
+            return
+        completed = False
+
+        async def sending(message: Message) -> None:
+            nonlocal completed
+            await send(message)
+            if message["type"] == "http.response.body" and not message.get("more_body"):
+                completed = True
+
+        try:
+            await super().__call__(scope, receive, sending)
+        except Exception:
+            if not completed:
+                raise
 
 
 def openapi_json(request: Request) -> Response:
@@ -147,7 +174,7 @@ def create_app(
             await http.aclose()
             store.close()
 
-    app = Starlette(
+    app = Receiver(
         routes=[
             Route("/webhooks/runflow", web.webhook, methods=["POST"]),
             Route("/healthz", api.healthz, methods=["GET"]),
