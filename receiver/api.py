@@ -23,6 +23,7 @@ from .times import now, parse_moment
 from .web import read_body, whole
 
 FILTERS = ("client_ref", "status", "passed", "task_type", "failure_code", "since", "until", "q")
+CHANGES = "changed_since"  # lists only: the evaluations written since, oldest change first
 MAX_LIMIT = 500
 MAX_ROW_ID = 2**63 - 1  # SQLite's largest rowid; a larger path number would overflow the query
 
@@ -76,7 +77,7 @@ def evaluation_filter(params: Mapping[str, str]) -> EvaluationFilter:
             raise BadRequest(f"passed must be true or false, got {passed_text!r}")
         passed = passed_text.lower() in ("true", "1")
     bounds = {}
-    for name in ("since", "until"):
+    for name in ("since", "until", CHANGES):
         text = _one(params, name)
         try:
             bounds[name] = None if text is None else parse_moment(text)
@@ -94,6 +95,7 @@ def evaluation_filter(params: Mapping[str, str]) -> EvaluationFilter:
         since=bounds["since"],
         until=bounds["until"],
         q=q,
+        changed_since=bounds[CHANGES],
     )
 
 
@@ -115,7 +117,7 @@ def row_id(request: Request, name: str, what: str) -> int:
 
 def list_evaluations(request: Request) -> Response:
     params = request.query_params
-    _check_known(params, (*FILTERS, "limit", "cursor"))
+    _check_known(params, (*FILTERS, CHANGES, "limit", "cursor"))
     items, next_cursor = context(request).store.list_evaluations(
         evaluation_filter(params), _limit(params), _one(params, "cursor", 1000)
     )

@@ -77,7 +77,7 @@ _ITEM = {
         "created_at": _NULL_STR,
         "completed_at": _NULL_STR,
         "received_at": _STR,
-        "updated_at": _STR,
+        "updated_at": {**_STR, "description": "the receiver's clock at its last write of it"},
         "run_id": _NULL_STR,
         "image_url": _NULL_STR,
         "refetched": {"type": "boolean"},
@@ -259,10 +259,20 @@ def document() -> dict[str, Any]:
             }
         },
         "/api/evaluations": _get(
-            "Evaluations, newest first",
+            "Evaluations, newest received first; with changed_since, oldest change first",
             _json(_ref("EvaluationPage"), "a page"),
             [
                 *_FILTER_PARAMS,
+                {
+                    "name": "changed_since",
+                    "in": "query",
+                    "description": "written at or after (updated_at, the receiver's clock at"
+                    " its last write of the evaluation: a verdict, refetch, feedback,"
+                    " superseding); same forms as since. The answer is ordered by updated_at,"
+                    " then id; follow next_cursor for more, or ask again from the newest"
+                    " updated_at seen",
+                    "schema": _STR,
+                },
                 {
                     "name": "limit",
                     "in": "query",

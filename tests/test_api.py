@@ -355,6 +355,102 @@ def test_new_arrivals_do_not_disturb_a_walk(client: TestClient) -> None:
     assert seen == [f"gen-{n:02d}" for n in reversed(range(25))]
 
 
+# GET /api/evaluations?changed_since=: the changes, oldest first
+
+
+def just_after(items: list[dict[str, Any]]) -> str:
+    """A moment after every write so far: what a client holds once it has seen them all."""
+    newest = max(datetime.fromisoformat(item["updated_at"]) for item in items)
+    return format_time(newest + timedelta(microseconds=1))
+
+
+@pytest.fixture
+def changed(dataset: TestClient) -> tuple[TestClient, str]:
+    """DATASET, then after `mark`: e-05 (running) completes and passes, e-07 arrives pending."""
+    mark = just_after(get(dataset, "/api/evaluations")["items"])
+    store_all(
+        dataset,
+        make_body(
+            "e-05",
+            client_ref="cust-3",
+            overall_passed=True,
+            weighted_pass_rate=0.8,
+            completed_at="2026-11-21T13:00:00+00:00",
+        ),
+        make_body("e-07", "pending", client_ref="cust-4"),
+    )
+    return dataset, mark
+
+
+@pytest.mark.parametrize(
+    ("params", "expected"),
+    [
+        ({}, ["e-05", "e-07"]),
+        ({"status": "completed"}, ["e-05"]),
+        ({"status": "running"}, []),  # e-05 no longer is
+        ({"status": "pending"}, ["e-07"]),
+        ({"passed": "true"}, ["e-05"]),
+        ({"client_ref": "cust-3"}, ["e-05"]),
+        ({"task_type": "headshot"}, ["e-05", "e-07"]),
+        ({"since": "24h"}, ["e-05", "e-07"]),
+        ({"until": "24h"}, []),
+        ({"q": "cust-4"}, ["e-07"]),
+        ({"status": "failed"}, []),
+    ],
+)
+def test_changed_since_lists_the_evaluations_written_since_oldest_first(
+    changed: tuple[TestClient, str], params: dict[str, str], expected: list[str]
+) -> None:
+    client, mark = changed
+    page = get(client, "/api/evaluations", changed_since=mark, **params)
+    assert [item["id"] for item in page["items"]] == expected
+    assert all(item["updated_at"] >= mark for item in page["items"])
+    assert page["next_cursor"] is None
+
+
+def test_changed_since_shows_each_as_it_is_now(changed: tuple[TestClient, str]) -> None:
+    client, mark = changed
+    [completed, pending] = get(client, "/api/evaluations", changed_since=mark)["items"]
+    assert (completed["status"], completed["passed"], completed["score"]) == (
+        "completed",
+        True,
+        0.8,
+    )
+    assert pending["status"] == "pending"
+    everything = get(client, "/api/evaluations", changed_since="2000-01-01")["items"]
+    assert {item["id"] for item in everything} == ALL | {"e-07"}
+
+
+def test_a_walk_through_the_changes_sees_a_row_written_again_at_its_end(
+    changed: tuple[TestClient, str],
+) -> None:
+    client, mark = changed
+    first = get(client, "/api/evaluations", changed_since=mark, limit="1")
+    assert [item["id"] for item in first["items"]] == ["e-05"]
+    store_all(client, make_body("e-05", client_ref="cust-3", overall_passed=False))  # later
+    seen, cursor = [], first["next_cursor"]
+    while cursor is not None:
+        page = get(client, "/api/evaluations", changed_since=mark, limit="1", cursor=cursor)
+        seen += [(item["id"], item["passed"]) for item in page["items"]]
+        cursor = page["next_cursor"]
+    assert seen == [("e-07", None), ("e-05", False)]  # as it is now
+
+
+@pytest.mark.parametrize("changes_first", [True, False], ids=["changes-cursor", "list-cursor"])
+def test_a_cursor_of_the_other_order_is_refused(
+    changed: tuple[TestClient, str], changes_first: bool
+) -> None:
+    client, mark = changed
+    both = ({"changed_since": mark}, {})
+    made, used = both if changes_first else both[::-1]
+    cursor = get(client, "/api/evaluations", limit="1", **made)["next_cursor"]
+    response = client.get(
+        "/api/evaluations", params={**used, "cursor": cursor, "limit": "1"}, headers=auth()
+    )
+    assert response.status_code == 400
+    assert response.json()["error"].startswith("cursor is not valid")
+
+
 BAD_PARAMETERS = {
     "limit-zero": ({"limit": "0"}, "limit"),
     "limit-too-big": ({"limit": "501"}, "limit"),
@@ -369,6 +465,14 @@ BAD_PARAMETERS = {
     "since-word": ({"since": "yesterday"}, "since"),
     "since-no-unit": ({"since": "24"}, "since"),
     "until-word": ({"until": "tomorrow"}, "until"),
+    "changed-since-word": ({"changed_since": "yesterday"}, "changed_since"),
+    "changed-since-empty": ({"changed_since": ""}, "changed_since"),
+    "changed-since-number": ({"changed_since": "1700000000"}, "changed_since"),
+    "changed-since-before-year-1": (
+        {"changed_since": "0001-01-01T00:00:00+01:00"},
+        "changed_since",
+    ),
+    "changed-since-too-long-ago": ({"changed_since": "99999999999w"}, "changed_since"),
     "cursor": ({"cursor": "garbage"}, "cursor"),
     "cursor-not-a-pair": ({"cursor": "WzEsIDJd"}, "cursor"),
     "unknown": ({"foo": "1"}, "foo"),
@@ -388,6 +492,7 @@ def test_bad_parameters_are_400_naming_the_parameter(
     body = response.json()
     assert body["ok"] is False
     assert body["error"].startswith(name) or repr(name) in body["error"]
+    assert "\n" not in body["error"]
 
 
 @pytest.mark.parametrize(
@@ -396,6 +501,7 @@ def test_bad_parameters_are_400_naming_the_parameter(
         ("/api/stats", {"limit": "5"}, "limit"),
         ("/api/stats", {"status": "done"}, "status"),
         ("/api/stats", {"since": "soon"}, "since"),
+        ("/api/stats", {"changed_since": "24h"}, "changed_since"),  # a list's, not a filter
         ("/api/evaluations/e-01", {"embed": "judges"}, "embed"),
         ("/api/client-refs/cust-1", {"limit": "5"}, "limit"),
     ],

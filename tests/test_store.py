@@ -21,12 +21,14 @@ from receiver.normalize import normalize, parse_body
 from receiver.sinkspec import SinkSpec
 from receiver.store import Delivery, EvaluationFilter, Receipt, Store, rollups
 from receiver.store import apply as apply_module
-from receiver.store.apply import NO_FORWARDING, Forwarding
+from receiver.store.apply import NO_FORWARDING, Forwarding, apply_queued
 from receiver.store.dialect import Later
 from receiver.store.ingest import accept
 from receiver.store.outbox import replay_delivery
+from receiver.store.queries import list_changes
 from receiver.store.schema import MIGRATIONS
 from receiver.store.stats import stats as scan_stats
+from receiver.times import now
 
 from .database import POSTGRES, connect, database_for, sqlite_only, waiting_for_a_lock
 from .helpers import fixture
@@ -222,7 +224,7 @@ async def test_migration_11_searches_labels_written_before_as_text(path: str) ->
     conn.commit()
     conn.close()
     store = Store(path)
-    assert store.migrate() == [11]
+    assert store.migrate() == [11, 12]
     for text, found in (('5" crop', ["e-1"]), ("left", ["e-2"]), ("[", []), ('","', [])):
         assert [item["id"] for item in store.list_evaluations(EvaluationFilter(q=text))[0]] == (
             found
@@ -237,6 +239,54 @@ async def test_migration_11_searches_labels_written_before_as_text(path: str) ->
     conn = connect(path)
     try:
         assert overview == scan_stats(conn, EvaluationFilter(), exact=True)
+    finally:
+        conn.close()
+
+
+class Recording:
+    """A connection that keeps the statements run through it, to EXPLAIN them after."""
+
+    def __init__(self, conn: sqlite3.Connection) -> None:
+        self.conn = conn
+        self.statements: list[tuple[str, Any]] = []
+
+    def execute(self, sql: str, params: Any = ()) -> Any:
+        self.statements.append((sql, params))
+        return self.conn.execute(sql, params)
+
+
+def plan(conn: sqlite3.Connection, sql: str, params: Any) -> str:
+    """The plan of a statement, one line per step; on PostgreSQL with sequential scans off,
+    since the planner rightly prefers one on a table this small."""
+    if POSTGRES:
+        conn.execute("SET enable_seqscan = off")
+        return "\n".join(row[0] for row in conn.execute(f"EXPLAIN {sql}", params))
+    return "\n".join(row[3] for row in conn.execute(f"EXPLAIN QUERY PLAN {sql}", params))
+
+
+@pytest.mark.anyio
+async def test_migration_12_indexes_the_changes_for_the_live_tables(path: str) -> None:
+    """A database from before migration 12 gets the changes index, and a live table's poll
+    (what changed since, with the page's filters) walks it instead of the whole table."""
+    store = Store(path)
+    store.open()
+    try:
+        await ingest_all(store, evaluation("e-1"), evaluation("e-2", "failed", second=1))
+    finally:
+        store.close()
+    conn = connect(path)
+    try:
+        conn.execute("DROP INDEX idx_evaluations_updated_at_id")
+        conn.execute("DELETE FROM migrations WHERE version = 12")
+        conn.commit()
+        assert Store(path).migrate() == [12]
+        conn.row_factory = sqlite3.Row
+        recording = Recording(conn)
+        where = EvaluationFilter(changed_since="2000-01-01T00:00:00.000000Z", status="failed")
+        items, _ = list_changes(cast(sqlite3.Connection, recording), where, 10, flag=True)
+        assert [(item["id"], item["matches"]) for item in items] == [("e-1", False), ("e-2", True)]
+        [(sql, params)] = recording.statements
+        assert "idx_evaluations_updated_at_id" in plan(conn, sql, params)
     finally:
         conn.close()
 
@@ -443,7 +493,7 @@ async def test_a_body_stored_before_migration_9_is_still_a_duplicate(path: str) 
     conn.commit()
     conn.close()
     store = Store(path)
-    assert store.migrate() == [9, 10, 11]
+    assert store.migrate() == [version for version in VERSIONS if version >= 9]
     store.open()
     try:
         assert await ingest_all(store, body) == [Receipt("duplicate", 1, COMPLETED_ID)]
@@ -1093,6 +1143,94 @@ async def test_list_and_filters_through_the_store(store: Store) -> None:
     assert [i["id"] for i in items] == ["e-2"]
     stats = store.stats(EvaluationFilter())
     assert (stats["total"], stats["by_status"]) == (3, {"completed": 1, "failed": 1, "running": 1})
+
+
+# changes: what a live table asks for (list_changes)
+
+
+def changes_since(store: Store, mark: str) -> list[str]:
+    items, _ = store.list_changes(EvaluationFilter(changed_since=mark))
+    stamps = [item["updated_at"] for item in items]
+    assert stamps == sorted(stamps)
+    return [item["id"] for item in items]
+
+
+def fields_of(value: dict[str, Any]) -> dict[str, Any]:
+    return normalize(parse_body(body_of(value))).fields
+
+
+FEEDBACK = evaluation("e-1", feedback_is_positive=False, feedback_reason="hands")
+WRITES = {
+    "verdict": (
+        lambda store: ingest_all(store, evaluation("e-1", second=9)),
+        ["e-1"],
+        ("status", "completed"),
+    ),
+    "feedback": (
+        lambda store: store.record(fields_of(FEEDBACK), "feedback", now()),
+        ["e-1"],
+        ("feedback", {"is_positive": False, "reason": "hands"}),
+    ),
+    "refetch": (
+        lambda store: store.refetched(fields_of(evaluation("e-1", second=9)), now()),
+        ["e-1"],
+        ("refetched", True),
+    ),
+    "superseded": (
+        lambda store: ingest_all(store, evaluation("e-4", parent_evaluation_id="e-1")),
+        ["e-1", "e-4"],  # written together: in id order
+        ("superseded", True),
+    ),
+}
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize(("write", "changed", "shown"), WRITES.values(), ids=WRITES.keys())
+async def test_every_write_to_an_evaluation_brings_it_among_the_changes(
+    store: Store, write: Callable[[Store], Any], changed: list[str], shown: tuple[str, Any]
+) -> None:
+    """updated_at moves on every write that changes what a row shows, so a live table that
+    asks for the changes since the newest it saw gets the row again, as it is now."""
+    await ingest_all(store, evaluation("e-1", "running"), evaluation("e-2"), evaluation("e-3"))
+    mark = store.get_evaluation("e-3")["evaluation"]["updated_at"]  # type: ignore[index]
+    assert changes_since(store, mark) == ["e-3"]  # at the mark itself: polls overlap
+    await write(store)
+    assert changes_since(store, mark) == ["e-3", *changed]
+    items, _ = store.list_changes(EvaluationFilter(changed_since=mark))
+    [item] = [found for found in items if found["id"] == "e-1"]
+    key, value = shown
+    assert item[key] == value
+    assert item["updated_at"] > mark
+
+
+@pytest.mark.anyio
+async def test_a_callback_applied_late_is_among_the_changes_since_a_later_write(
+    path: str,
+) -> None:
+    """A burst is acknowledged first and applied after (store/backlog.py). Its rows' updated_at
+    is when they are applied, not when they arrived: a live table that already saw a later
+    write (here, one applied straight away) still gets them."""
+    Store(path).migrate()
+    conn = connect(path)
+    reader = Store(path)  # no writer running: its reads apply nothing themselves
+    try:
+        for work in (
+            lambda: accept(conn, delivery(evaluation("late", "completed"))),
+            lambda: apply_module.apply_evaluation(
+                conn, fields_of(evaluation("other")), source="webhook", stamp=now()
+            ),
+        ):
+            conn.execute("BEGIN")
+            work()
+            conn.execute("COMMIT")
+        [other] = reader.list_changes(EvaluationFilter(changed_since="2000-01-01T00:00:00Z"))[0]
+        conn.execute("BEGIN")
+        assert apply_queued(conn, 10).count == 1
+        conn.execute("COMMIT")
+        assert changes_since(reader, other["updated_at"]) == ["other", "late"]
+    finally:
+        reader.close()
+        conn.close()
 
 
 # restart

@@ -30,6 +30,7 @@ from .queries import (
     get_client_ref,
     get_evaluation,
     has_evaluation,
+    list_changes,
     list_evaluations,
     stats,
 )
@@ -396,6 +397,17 @@ class Store:
         self.catch_up()
         with self.read() as conn:
             return list_evaluations(conn, where, limit, cursor, newest_first)
+
+    def list_changes(
+        self,
+        where: EvaluationFilter,
+        limit: int = 50,
+        cursor: str | None = None,
+        flag: bool = False,
+    ) -> tuple[list[dict[str, Any]], str | None]:
+        self.catch_up()
+        with self.read() as conn:
+            return list_changes(conn, where, limit, cursor, flag=flag)
 
     def has_evaluation(self, evaluation_id: str) -> bool:
         with self.read() as conn:

@@ -15,7 +15,7 @@ from typing import Any
 from ..events import event_id
 from ..normalize import TERMINAL, columns, judge_issues, merge, normalize, parse_body
 from ..sinkspec import SinkSpec
-from ..times import shift
+from ..times import now, shift
 from .client_refs import refresh_client_ref
 from .dialect import is_postgres, pipelined, serialize, transient
 from .rollups import FACT_COLUMNS, Changes, Facts, add, track, write
@@ -180,7 +180,14 @@ def apply_evaluation(
     """Merge `fields` into the stored evaluation under the state rules (design.md §8), and in
     the same transaction queue its refetch and one outbox row per matching sink. Given
     `rollup_changes`, its rollup changes are added there for the caller to write. `known`
-    holds rows read ahead (read_stored); each is used once, since this write makes it stale."""
+    holds rows read ahead (read_stored); each is used once, since this write makes it stale.
+
+    `stamp` is when the change happened (a delivery's arrival, even when it is applied later
+    from the queue); updated_at is when the row is written, by this writer's clock inside its
+    transaction. Writers take turns (one per SQLite file), so updated_at grows in commit
+    order, and a reader asking for the rows changed since the newest it saw (list_changes)
+    misses none, not even a callback applied late with an older stamp. Writers on PostgreSQL
+    overlap: their readers ask from a little earlier (static/app.js)."""
     evaluation_id = fields["id"]
     ahead = None if known is None else known.pop(evaluation_id, None)
     if ahead is None:
@@ -191,6 +198,7 @@ def apply_evaluation(
     merged = merge(json.loads(row[0]), fields) if row else fields
     cols = columns(merged)
     status = cols["status"]
+    written = now()
     values = {
         **cols,
         "id": evaluation_id,
@@ -198,7 +206,7 @@ def apply_evaluation(
         "top_issues": dumps(cols["top_issues"]),
         "issue_text": issue_text(cols["top_issues"]),
         "superseded": int(cols["superseded_at"] is not None or bool(has_newer_attempt)),
-        "updated_at": stamp,
+        "updated_at": written,
         "data": dumps(merged),
     }
     # A verdict's full object; not a poll of one still running, nor a GET that lags behind
@@ -260,12 +268,12 @@ def apply_evaluation(
             "UPDATE evaluations SET superseded = 1, updated_at = ? WHERE id = ? AND superseded = 0"
             " RETURNING client_ref"
         )
-        superseding = conn.execute(supersede, (stamp, parent)).fetchone()
+        superseding = conn.execute(supersede, (written, parent)).fetchone()
         if superseding is None and is_postgres(conn):
             # Another server may be inserting the parent, having read it before this attempt
             # existed (so not superseded): once its lock is ours, its row is there to mark.
             serialize(conn, f"evaluation:{parent}")
-            superseding = conn.execute(supersede, (stamp, parent)).fetchone()
+            superseding = conn.execute(supersede, (written, parent)).fetchone()
         if superseding:
             refs.add(superseding[0])
     for client_ref in refs - {None}:

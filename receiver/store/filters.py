@@ -27,6 +27,7 @@ class EvaluationFilter:
     since: str | None = None  # stored time form, compared with received_at
     until: str | None = None
     q: str | None = None
+    changed_since: str | None = None  # stored time form, compared with updated_at
 
     def where(
         self,
@@ -38,8 +39,9 @@ class EvaluationFilter:
         """` WHERE …` (or "") and its parameters; `alias` qualifies columns in joins.
 
         `candidates`: rowids the text index found for `q` (LIKE still decides). `lead`: what
-        should drive the query (an equality filter, "rowid" for the candidates, "received_at");
-        the others get a unary `+`, which keeps the planner from choosing their indexes.
+        should drive the query (an equality filter, "rowid" for the candidates, "received_at",
+        "updated_at"); the others get a unary `+`, which keeps the planner from choosing their
+        indexes.
         """
         a = f"{alias}." if alias else ""
         clauses = []
@@ -50,12 +52,16 @@ class EvaluationFilter:
                 plus = "+" if lead is not None and name != lead else ""
                 clauses.append(f"{plus}{a}{name} = :{name}")
                 params[name] = int(value) if name == "passed" else value
+        received = "+" if lead == "updated_at" else ""
         if self.since is not None:
-            clauses.append(f"{a}received_at >= :since")
+            clauses.append(f"{received}{a}received_at >= :since")
             params["since"] = self.since
         if self.until is not None:
-            clauses.append(f"{a}received_at < :until")
+            clauses.append(f"{received}{a}received_at < :until")
             params["until"] = self.until
+        if self.changed_since is not None:
+            clauses.append(f"{a}updated_at >= :changed_since")
+            params["changed_since"] = self.changed_since
         if self.q:
             params["q"] = like_pattern(self.q)
             clauses.append(

@@ -15,7 +15,7 @@ from typing import cast
 from ..times import now
 from . import rollups
 from .pg_connection import PgConnection
-from .schema import DELIVERY_KEY, REPAIRS, refuse_newer, repair_nul_labels
+from .schema import CHANGES_INDEX, DELIVERY_KEY, REPAIRS, refuse_newer, repair_nul_labels
 
 LOCK = 0x72656376  # "recv": the advisory lock key of migrations
 T = 'text COLLATE "C"'
@@ -173,6 +173,7 @@ MIGRATIONS: list[tuple[int, str, tuple[str | Callable[[PgConnection], object], .
     (9, "delivery key in arrival order", DELIVERY_KEY),
     (10, "repairs: first polls, scores", REPAIRS),
     (11, "issue labels searched as text", V11_ISSUE_TEXT),
+    (12, "changes index", CHANGES_INDEX),
 ]
 
 

@@ -14,7 +14,14 @@ from . import search
 from .filters import EvaluationFilter
 from .stats import stats
 
-__all__ = ["EvaluationFilter", "get_client_ref", "get_evaluation", "list_evaluations", "stats"]
+__all__ = [
+    "EvaluationFilter",
+    "get_client_ref",
+    "get_evaluation",
+    "list_changes",
+    "list_evaluations",
+    "stats",
+]
 
 ITEM_COLUMNS = (
     "id, client_ref, status, event, passed, score, task_type, failure_code, top_issues,"
@@ -41,18 +48,26 @@ def item(row: sqlite3.Row) -> dict[str, Any]:
     return data
 
 
-def encode_cursor(received_at: str, evaluation_id: str) -> str:
-    raw = json.dumps([received_at, evaluation_id]).encode()
+def encode_cursor(*position: str) -> str:
+    raw = json.dumps(list(position)).encode()
     return base64.urlsafe_b64encode(raw).decode().rstrip("=")
 
 
-def decode_cursor(cursor: str) -> tuple[str, str]:
+CHANGED = "changed"  # the first part of a cursor into the changes (list_changes)
+
+
+def decode_cursor(cursor: str, changes: bool = False) -> tuple[str, str]:
+    """(received_at, id), or for `changes` (updated_at, id): a cursor of the other kind is as
+    invalid as garbage, since its position means nothing in the other order."""
     try:
         raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4))
-        received_at, evaluation_id = json.loads(raw)
-        if isinstance(received_at, str) and isinstance(evaluation_id, str):
-            received_at.encode(), evaluation_id.encode()  # a lone surrogate cannot be bound
-            return received_at, evaluation_id
+        position = json.loads(raw)
+        kind = [CHANGED] if changes else []
+        if isinstance(position, list) and position[: len(kind)] == kind:
+            at, evaluation_id = position[len(kind) :]
+            if isinstance(at, str) and isinstance(evaluation_id, str):
+                at.encode(), evaluation_id.encode()  # a lone surrogate cannot be bound
+                return at, evaluation_id
     except (binascii.Error, ValueError, TypeError):
         pass
     raise BadRequest("cursor is not valid: pass next_cursor from the previous page unchanged")
@@ -70,11 +85,14 @@ def list_evaluations(
     newest_first: bool = True,
 ) -> tuple[list[dict[str, Any]], str | None]:
     """By time received (newest first unless asked); `next_cursor` is None on the last page.
+    With `changed_since`, the changes instead (list_changes).
 
     One index drives the walk: the text index's candidates when `q` has few, else the first
     equality filter in LEADS order (each is indexed with received_at, id and the other
     filters, so those are checked without reading rows), else received_at (search.FEW).
     """
+    if where.changed_since is not None:
+        return list_changes(conn, where, limit, cursor)
     position = decode_cursor(cursor) if cursor is not None else None
     if position is not None:
         # A bound the cursor already implies is dropped, or the planner may seek from it.
@@ -82,13 +100,7 @@ def list_evaluations(
             where = replace(where, until=None)
         if not newest_first and where.since is not None and position[0] >= where.since:
             where = replace(where, since=None)
-    lead = next((name for name in LEADS if getattr(where, name) is not None), "received_at")
-    found = search.candidates(conn, where.q, search.MANY) if where.q else None
-    if found is not None and len(found) > search.MANY:
-        found = None
-    if found is not None and len(found) <= search.FEW:
-        lead = "rowid"
-    sql, params = where.where(candidates=found, lead=lead)
+    sql, params = _where(conn, where, LEADS, "received_at")
     if position is not None:
         params["c_at"], params["c_id"] = position
         beyond = "<" if newest_first else ">"
@@ -104,6 +116,68 @@ def list_evaluations(
     more = len(rows) > limit
     next_cursor = encode_cursor(items[-1]["received_at"], items[-1]["id"]) if more else None
     return items, next_cursor
+
+
+def _where(
+    conn: sqlite3.Connection, where: EvaluationFilter, leads: tuple[str, ...], otherwise: str
+) -> tuple[str, dict[str, Any]]:
+    """The WHERE clause with one index to drive it: the text index's candidates when `q` has
+    few, else the first of `leads` that is filtered on, else `otherwise`."""
+    lead = next((name for name in leads if getattr(where, name) is not None), otherwise)
+    found = search.candidates(conn, where.q, search.MANY) if where.q else None
+    if found is not None and len(found) > search.MANY:
+        found = None
+    if found is not None and len(found) <= search.FEW:
+        lead = "rowid"
+    return where.where(candidates=found, lead=lead)
+
+
+def list_changes(
+    conn: sqlite3.Connection,
+    where: EvaluationFilter,
+    limit: int,
+    cursor: str | None = None,
+    *,
+    flag: bool = False,
+) -> tuple[list[dict[str, Any]], str | None]:
+    """Evaluations written at or after `where.changed_since` (updated_at: the receiver's clock
+    at the row's last write), oldest change first, each as it is now; `next_cursor` follows
+    on, None on the last page. A row changed again moves to the end, so following the pages
+    (or asking again from the newest updated_at seen) misses no change.
+
+    The changes index drives, so a poll reads only what changed since; a client_ref (a few
+    thousand rows at most) or few text candidates drive instead, and their rows are sorted.
+    With `flag`, only the time bounds (since, until, changed_since) choose the rows and each
+    item says in `matches` whether it passes the other filters: a live table learns that a
+    row it shows no longer does.
+    """
+    assert where.changed_since is not None
+    position = decode_cursor(cursor, changes=True) if cursor is not None else None
+    if position is not None and position[0] >= where.changed_since:
+        where = replace(where, changed_since=None)  # implied: the planner seeks from the cursor
+    bounds = EvaluationFilter(
+        since=where.since, until=where.until, changed_since=where.changed_since
+    )
+    sql, params = _where(conn, bounds if flag else where, ("client_ref",), "updated_at")
+    selected = ITEM_COLUMNS
+    if flag:  # tested on the few rows changed: LIKE alone, no text index searched first
+        test, tested = replace(where, since=None, until=None, changed_since=None).where()
+        matches = f"CASE WHEN {test.removeprefix(' WHERE ')} THEN 1 ELSE 0 END" if test else "1"
+        selected += f", {matches} AS matches"
+        params.update(tested)
+    if position is not None:
+        params["c_at"], params["c_id"] = position
+        sql += (" AND " if sql else " WHERE ") + "(updated_at, id) > (:c_at, :c_id)"
+    params["limit"] = limit + 1
+    rows = conn.execute(
+        f"SELECT {selected} FROM evaluations{sql} ORDER BY updated_at, id LIMIT :limit", params
+    ).fetchall()
+    items = [item(row) for row in rows[:limit]]
+    for each in items if flag else ():
+        each["matches"] = bool(each["matches"])
+    if len(rows) <= limit:
+        return items, None
+    return items, encode_cursor(CHANGED, items[-1]["updated_at"], items[-1]["id"])
 
 
 def has_evaluation(conn: sqlite3.Connection, evaluation_id: str) -> bool:

@@ -272,6 +272,19 @@ def _v11_issue_text(db: Database) -> None:
     search.rebuild(db.conn)
 
 
+# Live tables follow the writes: evaluations by updated_at (the receiver's clock at the row's
+# last write), then id, so `changed_since` and its cursor read only the rows changed since.
+CHANGES_INDEX = (
+    "CREATE INDEX IF NOT EXISTS idx_evaluations_updated_at_id ON evaluations (updated_at, id)",
+)
+
+
+def _v12_changes(db: Database) -> None:
+    """The changes index (CHANGES_INDEX)."""
+    for statement in CHANGES_INDEX:
+        db.execute(statement)
+
+
 MIGRATIONS: list[tuple[int, str, Callable[[Database], None]]] = [
     (1, "core tables", _v1_core),
     (2, "refetch state and outbox claiming", _v2_forwarding),
@@ -284,6 +297,7 @@ MIGRATIONS: list[tuple[int, str, Callable[[Database], None]]] = [
     (9, "delivery key in arrival order", _v9_delivery_key),
     (10, "repairs: first polls, scores", _v10_repairs),
     (11, "issue labels searched as text", _v11_issue_text),
+    (12, "changes index", _v12_changes),
 ]
 
 
