@@ -31,7 +31,7 @@ from .helpers import SECRET_A, TOKEN
 from .servers import ReceiverProcess
 
 if TYPE_CHECKING:
-    from playwright.sync_api import BrowserContext, Page
+    from playwright.sync_api import BrowserContext, Locator, Page
 
 pytestmark = pytest.mark.services
 API_KEY = "rf_browser_key"
@@ -53,6 +53,13 @@ class World:
     def post(self, name: str, verdict: Verdict, client_ref: str, **request: Any) -> str:
         """Runflow finished an evaluation: the emulator holds it (judges and all, for the
         refetch), and its bare callback is posted, signed, to the receiver."""
+        evaluation_id = self.submit(name, client_ref, announce=False, **request)
+        self.finish(name, verdict)
+        return evaluation_id
+
+    def submit(self, name: str, client_ref: str, announce: bool = True, **request: Any) -> str:
+        """Runflow took an evaluation: pending, as `receiver submit` stores it; with
+        `announce`, the receiver hears of it now (a pending callback), not only at its end."""
         evaluation_id = f"0193a7c2-0000-7000-8000-{len(self.ids) + 1:012d}"
         submitted = {
             "generated_image_url": f"https://{IMAGE_HOST}/renders/{name}.png",
@@ -61,20 +68,30 @@ class World:
             "generation_prompt": "studio lighting, neutral grey background",
             **request,
         }
-        done = finished(pending_evaluation(submitted, evaluation_id), verdict, 1234)
+        self.ids[name] = evaluation_id
+        self.runflow.evaluations[evaluation_id] = pending_evaluation(submitted, evaluation_id)
+        if announce:
+            self.send(name)
+        return evaluation_id
+
+    def finish(self, name: str, verdict: Verdict) -> None:
+        evaluation_id = self.ids[name]
+        done = finished(self.runflow.evaluations[evaluation_id], verdict, 1234)
         if name == "hostile":  # judge text that must render as text
             done["judges"][0]["issues"][0]["detail"] = XSS
             done["top_issues"] = [XSS, *done["top_issues"]]
         self.runflow.evaluations[evaluation_id] = done
-        body = callback_body(done, "bare")
+        self.send(name)
+
+    def send(self, name: str) -> None:
+        """The evaluation's callback as Runflow holds it now, signed."""
+        body = callback_body(self.runflow.evaluations[self.ids[name]], "bare")
         answer = httpx.post(
             f"{self.url}/webhooks/runflow",
             content=body,
             headers={"content-type": "application/json", "runflow-signature": sign(body, SECRET_A)},
         )
         assert answer.status_code == 200, answer.text
-        self.ids[name] = evaluation_id
-        return evaluation_id
 
     def api(self, path: str) -> Any:
         answer = httpx.get(f"{self.url}/api{path}", headers={"authorization": f"Bearer {TOKEN}"})
@@ -322,3 +339,100 @@ def test_live_updates_stop_and_say_so_when_the_session_ends(
     log_in(page, world.url)
     browser.clear_cookies()  # logged out elsewhere, or the session expired
     page.locator("#live-status", has_text="Logged out").wait_for(timeout=TIMEOUT_MS)
+
+
+def live_pages(world: World, browser: BrowserContext, tab: Watched, *paths: str) -> list[Watched]:
+    """`tab` logged in on the first of `paths`, then a page more (watched too) per other
+    path; each remembers that it was never reloaded (window.sameDocument)."""
+    log_in(tab.page, world.url, paths[0])
+    shown = [tab]
+    for path in paths[1:]:
+        shown.append(watch(browser.new_page()))
+        shown[-1].page.goto(f"{world.url}{path}")
+    for watched in shown:
+        watched.page.evaluate("window.sameDocument = true")
+    return shown
+
+
+def row_of(page: Page, table: str, evaluation_id: str) -> Locator:
+    return page.locator(f"#{table} tr[data-id='{evaluation_id}']")
+
+
+def test_a_pending_row_turns_into_its_verdict_without_a_reload(
+    tab: Watched, world: World, browser: BrowserContext
+) -> None:
+    """Submitted (pending), shown, then its verdict arrives: the row shown changes in place,
+    on the overview and on the list, once each."""
+    shown = live_pages(world, browser, tab, "/", "/evaluations")
+    tables = [(shown[0].page, "recent"), (shown[1].page, "evaluations")]
+    evaluation_id = world.submit("slow", "order-4001")
+    for page, table in tables:
+        row_of(page, table, evaluation_id).locator(".badge.pending").wait_for()
+    world.finish("slow", PASSED)
+    for page, table in tables:
+        row = row_of(page, table, evaluation_id)
+        row.locator(".badge.passed").wait_for()
+        assert row.count() == 1
+        assert row.locator("td.num").inner_text() == "1.00"
+        assert page.evaluate("window.sameDocument") is True
+        assert page.locator("#live-status").inner_text() == "1 updated just now"
+        shown_row = row.element_handle()
+        for _ in range(2):  # polls that read it again (they overlap), and its refetch
+            with page.expect_response(lambda answer: "/partials/rows" in answer.url):
+                pass
+        assert shown_row.evaluate("row => row.isConnected")  # the same: not replaced again
+    shown[1].page.close()
+    assert shown[1].problems == []
+
+
+@pytest.mark.parametrize(
+    ("query", "verdict"),
+    [("status=failed", FAILED), ("passed=false", NOT_PASSED)],
+    ids=["failed", "not-passed"],
+)
+def test_an_evaluation_that_enters_the_filter_later_appears_in_its_place(
+    tab: Watched, world: World, browser: BrowserContext, query: str, verdict: Verdict
+) -> None:
+    """On a filtered page, an evaluation received before the newest shown (pending then) that
+    now passes the filter appears below it, in the table's order."""
+    page = live_pages(world, browser, tab, f"/evaluations?{query}")[0].page
+    before = ids_shown(page, "evaluations")
+    late = world.submit(f"late-{query}", "order-5001")
+    newer = world.post(f"newer-{query}", verdict, "order-5002")
+    row_of(page, "evaluations", newer).wait_for()
+    assert row_of(page, "evaluations", late).count() == 0  # pending: not one of these
+    world.finish(f"late-{query}", verdict)
+    row_of(page, "evaluations", late).wait_for()
+    assert ids_shown(page, "evaluations") == [newer, late, *before]
+    assert page.evaluate("window.sameDocument") is True
+
+
+def test_a_row_that_leaves_the_filter_goes(
+    tab: Watched, world: World, browser: BrowserContext
+) -> None:
+    page = live_pages(world, browser, tab, "/evaluations?status=pending")[0].page
+    before = ids_shown(page, "evaluations")
+    evaluation_id = world.submit("leaving", "order-6001")
+    row_of(page, "evaluations", evaluation_id).wait_for()
+    world.finish("leaving", NOT_PASSED)
+    row_of(page, "evaluations", evaluation_id).wait_for(state="detached")
+    assert ids_shown(page, "evaluations") == before
+    assert page.locator("#live-status").inner_text() == "1 no longer matching just now"
+    assert page.evaluate("window.sameDocument") is True
+
+
+def test_a_burst_larger_than_a_page_reaches_the_list_whole(
+    tab: Watched, world: World, browser: BrowserContext
+) -> None:
+    """More callbacks between two polls than a page of the list (50): it follows the pages
+    until it has them all, each once, newest first above what it showed."""
+    page = live_pages(world, browser, tab, "/evaluations")[0].page
+    before = ids_shown(page, "evaluations")
+    burst = [world.post(f"flood-{n}", PASSED, f"order-70{n:02d}") for n in range(60)]
+    page.wait_for_function(
+        "ids => ids.every(id => document.querySelector(`#evaluations tr[data-id='${id}']`))",
+        arg=burst,
+        timeout=TIMEOUT_MS,
+    )
+    assert ids_shown(page, "evaluations") == [*reversed(burst), *before]
+    assert page.evaluate("window.sameDocument") is True

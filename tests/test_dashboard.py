@@ -246,6 +246,105 @@ def test_a_message_in_a_link_made_elsewhere_is_not_shown(browser: TestClient) ->
     assert "Logged out." in login.text
 
 
+FAILED_ID = "0193a7c2-5b1e-7c3d-9f10-2a4b6c8d0e22"
+LONG_AGO = "2000-01-01T00:00:00Z"
+
+
+def rows_of(page: str) -> list[tuple[str, bool]]:
+    """(id, gone) of each row in a live table's answer, in order."""
+    return [
+        (found.group(1), "data-gone" in found.group(0))
+        for found in re.finditer(r'<tr data-id="([^"]+)"[^>]*>', page)
+    ]
+
+
+@pytest.mark.parametrize(
+    ("filters", "expected"),
+    [
+        ({}, [(EVALUATION_ID, False), (FAILED_ID, False)]),
+        ({"status": "failed"}, [(EVALUATION_ID, True), (FAILED_ID, False)]),
+        ({"passed": "false"}, [(EVALUATION_ID, False), (FAILED_ID, True)]),
+        ({"passed": "true"}, [(EVALUATION_ID, True), (FAILED_ID, True)]),
+        ({"client_ref": "customer-job-123"}, [(EVALUATION_ID, False), (FAILED_ID, True)]),
+        ({"q": "0e22"}, [(EVALUATION_ID, True), (FAILED_ID, False)]),
+        ({"since": "24h", "status": "failed"}, [(EVALUATION_ID, True), (FAILED_ID, False)]),
+        ({"until": "24h"}, []),
+    ],
+)
+def test_live_rows_are_the_changes_with_those_that_left_the_filter_marked(
+    browser: TestClient, filters: dict[str, str], expected: list[tuple[str, bool]]
+) -> None:
+    """What a live table polls: every row written since, oldest change first; one that does
+    not pass the page's filters comes as an empty hidden row, for the table to drop."""
+    response = browser.get("/partials/rows", params={**filters, "changed_since": LONG_AGO})
+    assert response.status_code == 200
+    assert rows_of(response.text) == expected
+    assert "x-next-cursor" not in response.headers
+    for gone in re.findall(r"<tr [^>]*data-gone[^>]*>(.*?)</tr>", response.text):
+        assert gone == ""  # nothing of a row the filter does not show
+
+
+def test_live_rows_come_a_page_at_a_time_with_the_next_cursor(browser: TestClient) -> None:
+    seen: list[tuple[str, bool]] = []
+    params = {"changed_since": LONG_AGO, "limit": "1"}
+    while True:
+        response = browser.get("/partials/rows", params=params)
+        seen += rows_of(response.text)
+        if "x-next-cursor" not in response.headers:
+            break
+        params["cursor"] = response.headers["x-next-cursor"]
+    assert seen == [(EVALUATION_ID, False), (FAILED_ID, False)]
+
+
+@pytest.mark.parametrize(
+    ("params", "reason"),
+    [
+        ({"changed_since": "yesterday"}, "changed_since: expected an ISO 8601 time"),
+        ({"changed_since": LONG_AGO, "cursor": "garbage"}, "cursor is not valid"),
+        ({"changed_since": LONG_AGO, "status": "done"}, "status must be one of"),
+    ],
+)
+def test_live_rows_refuse_a_bad_parameter(
+    browser: TestClient, params: dict[str, str], reason: str
+) -> None:
+    response = browser.get("/partials/rows", params=params)
+    assert response.status_code == 400
+    assert reason in response.text
+
+
+@pytest.mark.parametrize(
+    ("path", "table"),
+    [
+        ("/", "recent"),
+        ("/evaluations", "evaluations"),
+        ("/evaluations?status=failed", "evaluations"),
+    ],
+)
+def test_live_tables_say_when_they_were_read_and_that_they_hold_every_row(
+    browser: TestClient, path: str, table: str
+) -> None:
+    page = browser.get(path).text
+    found = re.search(rf'<table id="{table}" class="rows" data-live="[^"]+"([^>]*)>', page)
+    assert found is not None
+    read_at = re.search(r'data-changed-since="([^"]+)"', found.group(1))
+    assert read_at is not None
+    rows = re.findall(r'<tr data-id="[^"]+" data-received="[^"]+" data-changed="([^"]+)"', page)
+    assert rows
+    assert all(stamp <= read_at.group(1) for stamp in rows)
+    assert "data-complete" in found.group(1)  # two evaluations: no page after this one
+
+
+def test_a_full_first_page_is_live_but_not_complete(browser: TestClient) -> None:
+    for n in range(50):
+        post_callback(
+            browser, json.dumps({"id": f"more-{n:02d}", "status_code": "pending"}).encode()
+        )
+    page = browser.get("/evaluations").text
+    found = re.search(r'<table id="evaluations" class="rows" data-live="[^"]+"([^>]*)>', page)
+    assert found is not None
+    assert "data-complete" not in found.group(1)
+
+
 @pytest.mark.parametrize(
     "path",
     [

@@ -12,13 +12,14 @@ from starlette.requests import Request
 from starlette.responses import RedirectResponse, Response
 
 from .. import charts
-from ..api import FILTERS, MAX_ROW_ID, evaluation_filter
+from ..api import CHANGES, FILTERS, MAX_ROW_ID, evaluation_filter
 from ..auth import identify
 from ..context import context
 from ..errors import BadRequest, NotFound
 from ..normalize import STATUSES
 from ..store import EvaluationFilter
 from ..store.outbox import STATES
+from ..times import now
 from ..web import whole
 from .render import Endpoint, html_errors, render, templates
 from .safety import local_path
@@ -55,13 +56,15 @@ def overview(request: Request) -> Response:
     depth: dict[str, dict[str, int]] = {spec.name: {} for spec in ctx.settings.sinks}
     depth |= store.outbox_depth()
     days = list(reversed(stats["per_day"][:30]))
-    recent, _ = store.list_evaluations(EvaluationFilter(), 10)
+    shown_at = now()  # before the read: the live table asks for the changes since
+    recent, more = store.list_evaluations(EvaluationFilter(), 10)
     return render(
         request,
         "overview.html",
         nav="overview",
         stats=stats,
         recent=recent,
+        live={"url": "/partials/rows?limit=10", "since": shown_at, "complete": more is None},
         sinks=sorted(depth.items()),
         dead=sum(states.get("dead", 0) for states in depth.values()),
         charts={
@@ -97,6 +100,7 @@ def evaluations(request: Request) -> Response:
         "first_page_url": None,
         "live": None,
     }
+    shown_at = now()  # before the read: the live table asks for the changes since
     try:
         where = evaluation_filter(chosen)
         if sort not in ("newest", "oldest"):
@@ -113,20 +117,33 @@ def evaluations(request: Request) -> Response:
     if cursor:
         values["first_page_url"] = "/evaluations?" + urlencode(keep)
     elif sort == "newest":
-        values["live"] = "/partials/rows?" + urlencode({**chosen, "limit": PAGE})
+        values["live"] = {
+            "url": "/partials/rows?" + urlencode({**chosen, "limit": PAGE}),
+            "since": shown_at,
+            "complete": next_cursor is None,
+        }
     return render(request, "evaluations.html", **values)
 
 
 def rows(request: Request) -> Response:
-    """New rows for live updates: the same filters, `since` = newest shown; the oldest of them
-    first, so that when more came than `limit` the page asks again from the last it got
-    (newest first, the ones in between were never fetched)."""
+    """Rows for a live table (static/app.js): those written since `changed_since`, oldest
+    change first, as they are now. Only the time bounds (`since`, `until`) choose them: one
+    that no longer passes the other filters comes as a hidden `data-gone` row, so the table
+    drops it. `X-Next-Cursor` follows on when more changed than `limit`. Without
+    `changed_since`, the newest `limit` rows."""
     params = {k: v for k, v in request.query_params.items() if v != ""}
     limit = min(whole(params.get("limit", ""), MAX_ROW_ID) or 10, 100)
-    where = evaluation_filter({k: v for k, v in params.items() if k in FILTERS})
-    newest_first = "since" not in params
-    items, _ = context(request).store.list_evaluations(where, limit, newest_first=newest_first)
-    return templates().TemplateResponse(request, "_rows.html", {"items": items})
+    where = evaluation_filter({k: v for k, v in params.items() if k in (*FILTERS, CHANGES)})
+    store = context(request).store
+    next_cursor = None
+    if where.changed_since is None:
+        items, _ = store.list_evaluations(where, limit)
+    else:
+        items, next_cursor = store.list_changes(where, limit, params.get("cursor"), flag=True)
+    response = templates().TemplateResponse(request, "_rows.html", {"items": items})
+    if next_cursor is not None:
+        response.headers["x-next-cursor"] = next_cursor
+    return response
 
 
 def evaluation(request: Request) -> Response:

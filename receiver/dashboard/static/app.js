@@ -1,16 +1,22 @@
-// Live updates: tables marked data-live poll the server for newer rows (server-rendered,
-// already escaped) and insert the ones not shown yet. No inline script: the CSP forbids it.
+// Live tables: a table marked data-live asks the server every 2 s for the evaluations written
+// since it last looked (changed_since), oldest change first, as rows the server rendered
+// (already escaped). A row it shows comes back changed: replaced in place. A new one, or one
+// that now passes the page's filters: inserted where the table's order puts it. One that no
+// longer passes them comes as a hidden data-gone row: removed. No inline script: the CSP
+// forbids it.
 "use strict";
 
 const ROUNDS = 20; // catching up after a burst: at most this many pages per tick
-const timers = new Map();
+// Each poll starts a little before the newest change seen: with several writers (PostgreSQL)
+// a write stamped a moment before another may commit after it. What comes back unchanged is
+// skipped, so the overlap costs a little reading and nothing on the page.
+const OVERLAP_MS = 2000;
+const live = new Map(); // table → {timer, mark: the newest updated_at seen, complete, busy}
 
-function newestReceived(tbody) {
-  let newest = "";
-  for (const row of tbody.querySelectorAll("tr[data-received]")) {
-    if (row.dataset.received > newest) newest = row.dataset.received;
-  }
-  return newest;
+// A stored time (2026-11-20T09:14:43.352000Z) moved back by `ms`, in ISO 8601.
+function earlier(stamp, ms) {
+  const moment = Date.parse(stamp.slice(0, 23) + "Z");
+  return Number.isNaN(moment) ? stamp : new Date(moment - ms).toISOString();
 }
 
 function say(text) {
@@ -19,20 +25,63 @@ function say(text) {
 }
 
 function stop(table) {
-  clearInterval(timers.get(table));
-  timers.delete(table);
+  clearInterval(live.get(table).timer);
+  live.delete(table);
   say("Logged out: live updates stopped. Reload the page to log in again.");
 }
 
-// Rows newer than the newest shown come oldest first, `limit` at a time: a page that comes
-// back full is followed by the next, so a burst of callbacks leaves none out.
-async function poll(table) {
+// The table's order, as the server's: newest received first, ties by the greater id.
+function above(row, other) {
+  const [mine, theirs] = [row.dataset.received, other.dataset.received];
+  return mine > theirs || (mine === theirs && row.dataset.id > other.dataset.id);
+}
+
+function place(tbody, row) {
+  for (const shown of tbody.rows) {
+    if (above(row, shown)) {
+      shown.before(row);
+      return;
+    }
+  }
+  tbody.append(row);
+}
+
+// One row from the server: counted in `seen` as added, updated or gone (or nothing new).
+function take(tbody, row, seen) {
+  const shown = tbody.querySelector(`tr[data-id="${CSS.escape(row.dataset.id)}"]`);
+  if ("gone" in row.dataset) {
+    if (shown) {
+      shown.remove();
+      seen.gone += 1;
+    }
+    return;
+  }
+  if (shown && shown.innerHTML === row.innerHTML) {
+    shown.dataset.changed = row.dataset.changed; // written again, the same on the page
+    return;
+  }
+  row.classList.add("fresh");
+  if (shown) {
+    shown.replaceWith(row);
+    seen.updated += 1;
+  } else {
+    place(tbody, row);
+    seen.added += 1;
+  }
+}
+
+// The changes come `limit` at a time; a page that says there is more (X-Next-Cursor) is
+// followed by the next, so a burst of callbacks leaves none out. A table that does not hold
+// every row of its filter (a full page, or trimmed to data-keep) asks only about rows
+// received since its oldest: one older than that would belong to a later page.
+async function poll(table, state) {
   const tbody = table.tBodies[0];
-  const limit = Number(new URL(table.dataset.live, location.href).searchParams.get("limit")) || 10;
-  let added = 0;
+  const url = new URL(table.dataset.live, location.href);
+  url.searchParams.set("changed_since", earlier(state.mark, OVERLAP_MS));
+  const oldest = tbody.rows[tbody.rows.length - 1];
+  if (!state.complete && oldest) url.searchParams.set("since", oldest.dataset.received);
+  const seen = { added: 0, updated: 0, gone: 0 };
   for (let round = 0; round < ROUNDS; round += 1) {
-    const since = newestReceived(tbody);
-    const url = table.dataset.live + (since ? "&since=" + encodeURIComponent(since) : "");
     let response;
     try {
       response = await fetch(url, {
@@ -50,26 +99,49 @@ async function poll(table) {
     if (!response.ok) break;
     const holder = document.createElement("template");
     holder.innerHTML = "<table><tbody>" + (await response.text()) + "</tbody></table>";
-    const rows = [...holder.content.querySelectorAll("tr[data-id]")];
-    for (const row of since ? rows : rows.reverse()) {
-      if (tbody.querySelector(`tr[data-id="${CSS.escape(row.dataset.id)}"]`)) continue;
-      row.classList.add("fresh");
-      tbody.prepend(row);
-      added += 1;
+    for (const row of holder.content.querySelectorAll("tr[data-id]")) {
+      take(tbody, row, seen);
+      if (row.dataset.changed > state.mark) state.mark = row.dataset.changed;
     }
-    if (!since || rows.length < limit) break;
+    const next = response.headers.get("X-Next-Cursor");
+    if (!next) break;
+    url.searchParams.set("cursor", next);
   }
   const keep = Number(table.dataset.keep);
-  while (keep && tbody.rows.length > keep) tbody.lastElementChild.remove();
-  if (added) {
+  while (keep && tbody.rows.length > keep) {
+    tbody.lastElementChild.remove();
+    state.complete = false;
+  }
+  if (seen.added) {
     const empty = table.parentElement.querySelector(".empty");
     if (empty) empty.remove();
-    say(`${added} new just now`);
+  }
+  const told = [
+    [seen.added, "new"],
+    [seen.updated, "updated"],
+    [seen.gone, "no longer matching"],
+  ].filter(([count]) => count);
+  if (told.length) say(told.map(([count, what]) => `${count} ${what}`).join(", ") + " just now");
+}
+
+async function tick(table) {
+  const state = live.get(table);
+  if (!state || state.busy) return; // the last poll still runs: it goes on from where it is
+  state.busy = true;
+  try {
+    await poll(table, state);
+  } finally {
+    state.busy = false;
   }
 }
 
 document.addEventListener("DOMContentLoaded", () => {
   for (const table of document.querySelectorAll("table[data-live]")) {
-    timers.set(table, setInterval(() => poll(table), 2000));
+    live.set(table, {
+      timer: setInterval(() => tick(table), 2000),
+      mark: table.dataset.changedSince,
+      complete: "complete" in table.dataset,
+      busy: false,
+    });
   }
 });
