@@ -25,7 +25,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from receiver.store import EvaluationFilter, Store
-from receiver.store.queries import encode_cursor
+from receiver.store.queries import CHANGED, encode_cursor
 from receiver.times import format_time
 
 F = EvaluationFilter
@@ -163,6 +163,43 @@ def cases(store: Store, now: datetime) -> dict[str, Callable[[], int]]:
         found[f"search q={name}"] = page(F(q=text))
     found["search q=label word + status"] = page(F(q="Collar", status="completed"))
     found["search q=label word + disjoint status"] = page(F(q="Collar", status="failed"))
+    # The live tables' poll (changed_since: what was written since, oldest change first) and
+    # the API's; `flag` as the dashboard asks (time bounds only, each row says if it matches).
+    back = {span: format_time(now - timedelta(seconds=span)) for span in (10, 3600, 86400)}
+    back[30 * 86400] = ago[30]
+    page_oldest = store.list_evaluations(F(status="failed"), 50)[0][-1]["received_at"]
+
+    def changes(
+        where: EvaluationFilter, flag: bool = False, deep: bool = False
+    ) -> Callable[[], int]:
+        cursor = None
+        if deep:  # from the middle of the time range, as after many pages
+            start = parse(where.changed_since or "")
+            cursor = encode_cursor(CHANGED, format_time(start + (now - start) / 2), "")
+
+        def timed() -> int:
+            items, _ = store.list_changes(where, 50, cursor, flag=flag)
+            return len(items)
+
+        return timed
+
+    found["changes: live poll, 10 s (overview, evaluations)"] = changes(
+        F(changed_since=back[10]), flag=True
+    )
+    found["changes: live poll, 10 s, status=failed page"] = changes(
+        F(changed_since=back[10], status="failed", since=page_oldest), flag=True
+    )
+    found["changes: live poll, 10 s, passed=false+q"] = changes(
+        F(changed_since=back[10], passed=False, q="Collar"), flag=True
+    )
+    found["changes: last hour"] = changes(F(changed_since=back[3600]))
+    found["changes: 24 h"] = changes(F(changed_since=back[86400]))
+    found["changes: 24 h status=failed"] = changes(F(changed_since=back[86400], status="failed"))
+    found["changes: 30 d, deep"] = changes(F(changed_since=back[30 * 86400]), deep=True)
+    found["changes: 30 d client_ref"] = changes(F(changed_since=back[30 * 86400], client_ref=ref))
+    found["changes: 30 d client_ref (largest)"] = changes(
+        F(changed_since=back[30 * 86400], client_ref=big_ref)
+    )
     found["detail get_evaluation"] = lambda: 1 if store.get_evaluation(sample["id"]) else 0
     found["detail lineage"] = lambda: len(store.lineage(sample["id"]))
     found["client_ref page"] = lambda: len((store.get_client_ref(ref) or {})["evaluations"])
