@@ -88,6 +88,7 @@ async function poll(table, state) {
         credentials: "same-origin",
         headers: { Accept: "text/html" },
         redirect: "manual", // a redirect is to /login: the session is over
+        signal: AbortSignal.timeout(15000), // a stalled answer must not stop the ticks
       });
     } catch (error) {
       break; // offline for a moment: try again at the next tick
