@@ -3,6 +3,7 @@ them on its thread pool, where each thread reads through its own read-only conne
 
 from __future__ import annotations
 
+import asyncio
 import json
 from collections.abc import Mapping
 
@@ -13,7 +14,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from .auth import CSRF_HEADER, bearer_ok, identify
 from .context import context
-from .errors import BadRequest, Forbidden, NotFound, Unauthorized
+from .errors import BadRequest, Forbidden, NotFound, StoreUnavailable, Unauthorized
 from .feedback import send_feedback
 from .logs import REASON
 from .normalize import STATUSES
@@ -25,6 +26,9 @@ from .web import read_body, whole
 FILTERS = ("client_ref", "status", "passed", "task_type", "failure_code", "since", "until", "q")
 CHANGES = "changed_since"  # lists only: the evaluations written since, oldest change first
 MAX_LIMIT = 500
+# How long /readyz waits for its write: the writer may wait without end for another process's
+# turn (the writers' flock) or a hung PostgreSQL, and a probe that never answers says nothing.
+READY_TIMEOUT = 5.0
 MAX_ROW_ID = 2**63 - 1  # SQLite's largest rowid; a larger path number would overflow the query
 
 
@@ -155,7 +159,13 @@ async def readyz(request: Request) -> Response:
     """Ready when an (empty) write transaction commits right now and the worker (if it runs
     in this process) is running."""
     ctx = context(request)
-    await ctx.store.probe()
+    try:
+        await asyncio.wait_for(ctx.store.probe(), READY_TIMEOUT)
+    except TimeoutError:
+        raise StoreUnavailable(
+            f"the store took no write within {READY_TIMEOUT:g} s (another process holds"
+            " the writer's turn, or the database hangs)"
+        ) from None
     if ctx.worker is not None and not ctx.worker.running:
         request.scope[REASON] = "the worker is not running"
         return JSONResponse({"ok": False, "error": "the worker is not running"}, status_code=503)

@@ -165,16 +165,22 @@ class Worker:
         sink: Sink | None,
         wake: asyncio.Event,
     ) -> None:
-        while not self._stopping:
-            try:
-                worked = await round_(sink)
-            except Exception:
-                log.exception("worker round failed; trying again shortly")
-                worked = 0
-            if not worked and not self._stopping:
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(wake.wait(), self.poll_interval)
-                wake.clear()
+        try:
+            while not self._stopping:
+                try:
+                    worked = await round_(sink)
+                except Exception:
+                    log.exception("worker round failed; trying again shortly")
+                    worked = 0
+                if not worked and not self._stopping:
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(wake.wait(), self.poll_interval)
+                    wake.clear()
+        except BaseException as exc:  # a CancelledError from a client library, say
+            if not self._stopping:  # /readyz turns 503; this says which loop and why
+                what = f"sink {sink.spec.name!r}" if sink else "refetches and polls"
+                log.error("worker loop for %s stopped: %r", what, exc)
+            raise
 
     async def _sink_round(self, sink: Sink | None) -> int:
         assert sink is not None

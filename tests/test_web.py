@@ -1,12 +1,15 @@
 from __future__ import annotations
 
+import fcntl
 import json
+import os
 import sqlite3
 from pathlib import Path
 
 import pytest
 from starlette.testclient import TestClient
 
+from receiver import api
 from receiver.app import create_app
 from receiver.config import Settings
 from receiver.signing import sign
@@ -187,6 +190,26 @@ def test_a_store_that_cannot_write_answers_503_never_200(tmp_path: Path) -> None
             blocker.execute("ROLLBACK")
         again = post_callback(client, fixture("evaluation-completed.json"))
         assert again.json()["outcome"] == "stored"
+        assert client.get("/readyz").status_code == 200
+
+
+@sqlite_only
+def test_readiness_answers_503_when_the_writer_cannot_get_its_turn(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Another process holding the writers' flock (a long CLI write) made /readyz hang for
+    as long as it held it: a probe must answer, and 503 says the store cannot write now."""
+    monkeypatch.setattr(api, "READY_TIMEOUT", 0.2)
+    settings = make_settings(tmp_path)
+    with TestClient(create_app(settings)) as client:
+        turns = os.open(f"{settings.database}-writer.lock", os.O_RDONLY | os.O_CREAT)
+        fcntl.flock(turns, fcntl.LOCK_EX)
+        try:
+            response = client.get("/readyz")
+        finally:
+            os.close(turns)
+        assert response.status_code == 503
+        assert "took no write within 0.2 s" in response.json()["error"]
         assert client.get("/readyz").status_code == 200
 
 

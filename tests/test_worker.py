@@ -891,3 +891,31 @@ async def test_a_rate_limited_chat_sink_delivers_a_burst_and_dead_letters_none(
     assert states == {"done": 10}
     subjects = [payload["text"] for payload in slack.payloads()]
     assert len(subjects) == len(set(subjects)) == 10
+
+
+class Cancelling(RecordingSink):
+    """A client library that raises CancelledError of its own (nothing cancelled it)."""
+
+    async def deliver(self, events: Sequence[Event]) -> list[SinkError | None]:
+        raise asyncio.CancelledError
+
+
+async def test_a_sink_loop_that_dies_says_which_and_why(
+    tmp_path: Path, http: httpx.AsyncClient, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Only Exception is caught per round: anything else ended the sink's loop without a
+    line, and /readyz's 503 did not say which sink stopped forwarding."""
+    rig = rig_for(tmp_path, http, [Cancelling(spec("chat"))])
+    await rig.worker.start()
+    try:
+        await rig.post("evaluation-completed.json")
+        rig.worker.notify()
+        for _ in range(200):
+            if not rig.worker.running:
+                break
+            await asyncio.sleep(0.01)
+        assert not rig.worker.running
+    finally:
+        await rig.worker.stop()
+        rig.store.close()
+    assert "worker loop for sink 'chat' stopped: CancelledError()" in caplog.text
