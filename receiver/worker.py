@@ -231,15 +231,21 @@ class Worker:
 
     async def _send(self, sink: Sink, batch: Batch) -> None:
         """Deliver the batch, renewing its lease while it is sent: a slow one (a chat sink
-        posts one event at a time) must not be claimed and sent again by another worker."""
+        posts one event at a time) must not be claimed and sent again by another worker. A
+        renewal the store refuses for a moment does not stop the sending: what went out is
+        recorded as always, and the lease has two more renewals before it runs out."""
         ids = [claim.outbox_id for claim, _ in batch.sending]
         events = [event for _, event in batch.sending]
         delivering = asyncio.create_task(self._deliver(sink, events, batch.sent))
         try:
             while not (await asyncio.wait({delivering}, timeout=self.lease.total_seconds() / 3))[0]:
                 renewed = format_time(self.clock() + self.lease)
-                await self.store.lease_forwards(ids, batch.lease, renewed)
-                batch.lease = renewed
+                try:
+                    await self.store.lease_forwards(ids, batch.lease, renewed)
+                except StoreUnavailable as exc:  # for a moment: the next tick tries again
+                    log.warning("renewing the lease of a batch failed: %s", exc)
+                else:
+                    batch.lease = renewed
         finally:
             delivering.cancel()  # done already, unless this round is being cancelled
         delivering.result()  # a sink's own bug: the round fails, and its claims run out

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import sqlite3
 from collections.abc import AsyncIterator, Iterator, Sequence
@@ -20,6 +21,7 @@ from starlette.routing import Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from receiver.config import Settings
+from receiver.errors import StoreUnavailable
 from receiver.events import event_id
 from receiver.fakes.chat import FakeSlack
 from receiver.fakes.runflow import FakeRunflow
@@ -919,3 +921,43 @@ async def test_a_sink_loop_that_dies_says_which_and_why(
         await rig.worker.stop()
         rig.store.close()
     assert "worker loop for sink 'chat' stopped: CancelledError()" in caplog.text
+
+
+async def test_a_lease_renewal_the_store_refuses_for_a_moment_does_not_send_the_batch_again(
+    tmp_path: Path, http: httpx.AsyncClient
+) -> None:
+    """A slow batch's lease renewal meets the store failing for a moment (locked, PostgreSQL
+    restarting): the batch goes on and is recorded. The failed renewal used to cancel the
+    sending and drop what went out, so the events already posted were posted again once the
+    lease ran out, the very case recording with retries (_until_stored) was made for."""
+    chat = OneAtATime(spec("chat"), delay=0.07)
+    rig = rig_for(tmp_path, http, [chat])  # type: ignore[list-item]
+    rig.worker.lease = timedelta(seconds=0.3)  # renewed every 0.1 s; the batch takes 0.28 s
+    template = json.loads(fixture("evaluation-completed.json"))
+    lease_forwards = rig.store.lease_forwards
+    refused: list[int] = []
+
+    async def failing_once(ids: list[int], held: str, until: str) -> None:
+        if ids and not refused:
+            refused.append(len(ids))
+            raise StoreUnavailable("database is locked")
+        await lease_forwards(ids, held, until)
+
+    rig.store.lease_forwards = failing_once  # type: ignore[method-assign]
+    try:
+        for n in range(4):
+            await rig.post(
+                json.dumps({**template, "id": f"0193a7c2-0000-7000-8000-{n:012d}"}).encode()
+            )
+        for _ in range(100):  # bounded: rounds until every forward is recorded
+            with contextlib.suppress(StoreUnavailable):
+                await rig.worker.run_once()
+            if rig.rows("SELECT count(*) FROM outbox WHERE state = 'pending'") == [(0,)]:
+                break
+            await asyncio.sleep(0.05)
+        states = rig.rows("SELECT state, attempts FROM outbox")
+    finally:
+        rig.store.close()
+    assert refused
+    assert len(chat.received) == len(set(chat.received)) == 4
+    assert states == [("done", 1)] * 4
