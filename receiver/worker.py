@@ -277,6 +277,8 @@ class Worker:
         if deferred:
             wait = min(wait, self.settings.retry_max)
             log.info("sink %r is rate limited: sending again in %gs", sink.spec.name, wait)
+            if limited and isinstance(sink, OneByOne):  # new events wait as long (README)
+                sink.hold(wait)
             resume = format_time(finished + timedelta(seconds=wait))
             held = partial(self.store.lease_forwards, deferred, batch.lease, resume)
             await self._until_stored(held)

@@ -720,7 +720,7 @@ class RefusedOnce(OneByOne):
 
     concurrency = 1
 
-    def __init__(self, spec: SinkSpec, retry_after: float) -> None:
+    def __init__(self, spec: SinkSpec, retry_after: float | None) -> None:
         super().__init__(spec)
         self.retry_after = retry_after
         self.posts: list[str] = []
@@ -751,6 +751,31 @@ async def test_a_429_holds_back_the_rest_for_its_retry_after_without_an_attempt(
     assert len(chat.posts) == 1
     assert [(state, attempts) for state, attempts, _ in rows] == [("pending", 0)] * 3
     assert all(next_at >= before for _, _, next_at in rows)
+
+
+@pytest.mark.parametrize("retry_after", [None, 0.5], ids=["no-retry-after", "shorter"])
+async def test_a_429_holds_a_chat_sink_at_least_retry_base(
+    tmp_path: Path, http: httpx.AsyncClient, retry_after: float | None
+) -> None:
+    """After a 429 nothing more is posted there for at least RECEIVER_RETRY_BASE (README), as
+    the refused event waits. Without a Retry-After (or with one shorter) the sink was not held
+    (or held for less), so each round posted the next new verdict into the limit: another 429,
+    counted against the sender."""
+    chat = RefusedOnce(spec("chat"), retry_after=retry_after)
+    rig = rig_for(tmp_path, http, [chat], retry_base=600, retry_max=3600)  # type: ignore[list-item]
+    template = json.loads(fixture("evaluation-completed.json"))
+    try:
+        for n in range(2):
+            await rig.post(
+                json.dumps({**template, "id": f"0193a7c2-0000-7000-8000-{n:012d}"}).encode()
+            )
+            await rig.worker.run_once()
+            await asyncio.sleep(0.6)  # past the shorter Retry-After, far from RETRY_BASE
+        rows = rig.rows("SELECT state, attempts FROM outbox ORDER BY id")
+    finally:
+        rig.store.close()
+    assert len(chat.posts) == 1
+    assert rows == [("pending", 0)] * 2
 
 
 async def test_a_429_holds_a_chat_sink_no_longer_than_retry_max(
