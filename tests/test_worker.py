@@ -778,6 +778,49 @@ async def test_a_429_holds_a_chat_sink_at_least_retry_base(
     assert rows == [("pending", 0)] * 2
 
 
+class RefusedWhileStopping(RefusedOnce):
+    """Its first post is answered (a 429) only once `gate` opens: the test stops the worker
+    meanwhile."""
+
+    def __init__(self, spec: SinkSpec, retry_after: float) -> None:
+        super().__init__(spec, retry_after)
+        self.entered, self.gate = asyncio.Event(), asyncio.Event()
+
+    async def send(self, event: Event) -> None:
+        self.entered.set()
+        await self.gate.wait()
+        await super().send(event)
+
+
+async def test_a_stop_during_a_429_gives_the_held_back_events_back_for_its_retry_after(
+    tmp_path: Path, http: httpx.AsyncClient
+) -> None:
+    """A deploy stops the worker while a chat post is answered 429 (Retry-After 600): the
+    rest of the batch is held back, not merely unsent. It was given back due at once, so the
+    next process posted it straight into the limit."""
+    chat = RefusedWhileStopping(spec("chat"), retry_after=600)
+    rig = rig_for(tmp_path, http, [chat], retry_max=3600)  # type: ignore[list-item]
+    template = json.loads(fixture("evaluation-completed.json"))
+    try:
+        for n in range(3):
+            await rig.post(
+                json.dumps({**template, "id": f"0193a7c2-0000-7000-8000-{n:012d}"}).encode()
+            )
+        before = format_time(utcnow() + timedelta(seconds=600))
+        await rig.worker.start()
+        await asyncio.wait_for(chat.entered.wait(), 10)
+        stopping = asyncio.create_task(rig.worker.stop(timeout=10))
+        await asyncio.sleep(0)  # stop() has begun: the worker is stopping
+        chat.gate.set()
+        await stopping
+        rows = rig.rows("SELECT state, attempts, next_attempt_at FROM outbox ORDER BY id")
+    finally:
+        rig.store.close()
+    assert len(chat.posts) == 1
+    assert [(state, attempts) for state, attempts, _ in rows] == [("pending", 0)] * 3
+    assert all(next_at >= before for _, _, next_at in rows)
+
+
 async def test_a_429_holds_a_chat_sink_no_longer_than_retry_max(
     tmp_path: Path, http: httpx.AsyncClient
 ) -> None:

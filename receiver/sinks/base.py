@@ -115,10 +115,10 @@ class OneByOne:
             nonlocal limited
             async with gate:
                 wait = self._resume_at - clock()
-                if halted():
-                    result: SinkError | None = NotSent()
-                elif wait > 0 or limited:
-                    result = Deferred(max(wait, 0.0))
+                if wait > 0 or limited:  # also when stopping: given back for then, not now
+                    result: SinkError | None = Deferred(max(wait, 0.0))
+                elif halted():
+                    result = NotSent()
                 else:
                     result = await self._send(event)
                     if result is not None and not result.permanent:
