@@ -271,9 +271,11 @@ class Worker:
             else:
                 batch.outcomes.append(self._outcome(sink, claim, error, finished))
         stamp = format_time(self.clock())
+        deadline = asyncio.get_running_loop().time() + self.lease.total_seconds() / 2
         recorded = partial(self.store.finish_forwards, batch.outcomes, stamp, batch.lease)
-        await self._until_stored(recorded)
-        await self._until_stored(partial(self.store.lease_forwards, unsent, batch.lease, stamp))
+        await self._until_stored(recorded, deadline)
+        given_back = partial(self.store.lease_forwards, unsent, batch.lease, stamp)
+        await self._until_stored(given_back, deadline)
         if deferred:
             wait = min(wait, self.settings.retry_max)
             log.info("sink %r is rate limited: sending again in %gs", sink.spec.name, wait)
@@ -281,19 +283,19 @@ class Worker:
                 sink.hold(wait)
             resume = format_time(finished + timedelta(seconds=wait))
             held = partial(self.store.lease_forwards, deferred, batch.lease, resume)
-            await self._until_stored(held)
+            await self._until_stored(held, deadline)
         counters = self.metrics.forward_results(sink.spec.name)
         for outcome in batch.outcomes:
             counters[outcome.state].inc()
         counters["pending"].inc(limited)  # a 429 counts as a retry
 
-    async def _until_stored(self, write: Callable[[], Awaitable[None]]) -> None:
+    async def _until_stored(self, write: Callable[[], Awaitable[None]], deadline: float) -> None:
         """Record what a batch did, trying again while the store fails for a moment (locked
         past its busy timeout, PostgreSQL restarting, a full disk freed): only the worker knows
         what went out, and a forward left pending would be sent again once its lease ran out.
-        Not past half the lease (another worker may take the rows then), nor once stopping."""
+        Not past `deadline` (loop time: half a lease after the batch ended, when another
+        worker may soon take the rows), nor once stopping."""
         loop = asyncio.get_running_loop()
-        deadline = loop.time() + self.lease.total_seconds() / 2
         delay = STORE_RETRY
         while True:
             try:
