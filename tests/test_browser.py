@@ -436,3 +436,33 @@ def test_a_burst_larger_than_a_page_reaches_the_list_whole(
     )
     assert ids_shown(page, "evaluations") == [*reversed(burst), *before]
     assert page.evaluate("window.sameDocument") is True
+
+
+def test_a_table_that_empties_takes_in_no_older_row(
+    tab: Watched, world: World, browser: BrowserContext
+) -> None:
+    """A full page (one more matches, on the next) whose rows all leave the filter: it still
+    covers only what it covered, so an older evaluation written again stays on its own page
+    (before, the emptied table asked about rows of any age and put that one at the top)."""
+    old = world.submit("old-8000", "order-8000")  # pending, received first: the next page
+    shown = [world.submit(f"pending-{n}", "order-8000") for n in range(50)]
+    page = live_pages(world, browser, tab, "/evaluations?client_ref=order-8000&status=pending")[
+        0
+    ].page
+    assert ids_shown(page, "evaluations") == list(reversed(shown))
+    for n in range(50):
+        world.finish(f"pending-{n}", PASSED)
+    page.wait_for_function(
+        "() => !document.querySelector('#evaluations tbody tr[data-id]')", timeout=TIMEOUT_MS
+    )
+    answer = httpx.patch(  # rated: written again, still pending
+        f"{world.url}/api/evaluations/{old}/feedback",
+        json={"is_positive": True},
+        headers={"authorization": f"Bearer {TOKEN}"},
+    )
+    assert answer.status_code == 200, answer.text
+    newest = world.submit("new-8000", "order-8000")
+    row_of(page, "evaluations", newest).wait_for()
+    assert ids_shown(page, "evaluations") == [newest]
+    assert row_of(page, "evaluations", old).count() == 0
+    assert page.evaluate("window.sameDocument") is True

@@ -11,7 +11,9 @@ const ROUNDS = 20; // catching up after a burst: at most this many pages per tic
 // a write stamped a moment before another may commit after it. What comes back unchanged is
 // skipped, so the overlap costs a little reading and nothing on the page.
 const OVERLAP_MS = 2000;
-const live = new Map(); // table → {timer, mark: the newest updated_at seen, complete, busy}
+// table → {timer, mark: the newest updated_at seen, complete, floor: the received_at of the
+// oldest row the page covers, busy}
+const live = new Map();
 
 // A stored time (2026-11-20T09:14:43.352000Z) moved back by `ms`, in ISO 8601.
 function earlier(stamp, ms) {
@@ -73,13 +75,13 @@ function take(tbody, row, seen) {
 // The changes come `limit` at a time; a page that says there is more (X-Next-Cursor) is
 // followed by the next, so a burst of callbacks leaves none out. A table that does not hold
 // every row of its filter (a full page, or trimmed to data-keep) asks only about rows
-// received since its oldest: one older than that would belong to a later page.
+// received since the oldest it covers (state.floor): one older than that belongs to a later
+// page, also once the rows above it have left the filter.
 async function poll(table, state) {
   const tbody = table.tBodies[0];
   const url = new URL(table.dataset.live, location.href);
   url.searchParams.set("changed_since", earlier(state.mark, OVERLAP_MS));
-  const oldest = tbody.rows[tbody.rows.length - 1];
-  if (!state.complete && oldest) url.searchParams.set("since", oldest.dataset.received);
+  if (!state.complete) url.searchParams.set("since", state.floor);
   const seen = { added: 0, updated: 0, gone: 0 };
   for (let round = 0; round < ROUNDS; round += 1) {
     let response;
@@ -109,9 +111,10 @@ async function poll(table, state) {
     url.searchParams.set("cursor", next);
   }
   const keep = Number(table.dataset.keep);
-  while (keep && tbody.rows.length > keep) {
-    tbody.lastElementChild.remove();
+  if (keep && tbody.rows.length > keep) {
+    while (tbody.rows.length > keep) tbody.lastElementChild.remove();
     state.complete = false;
+    state.floor = tbody.lastElementChild.dataset.received;
   }
   if (seen.added) {
     const empty = table.parentElement.querySelector(".empty");
@@ -138,10 +141,12 @@ async function tick(table) {
 
 document.addEventListener("DOMContentLoaded", () => {
   for (const table of document.querySelectorAll("table[data-live]")) {
+    const rows = table.tBodies[0].rows;
     live.set(table, {
       timer: setInterval(() => tick(table), 2000),
       mark: table.dataset.changedSince,
       complete: "complete" in table.dataset,
+      floor: rows.length ? rows[rows.length - 1].dataset.received : "", // when not complete
       busy: false,
     });
   }
