@@ -466,3 +466,20 @@ def test_a_table_that_empties_takes_in_no_older_row(
     assert ids_shown(page, "evaluations") == [newest]
     assert row_of(page, "evaluations", old).count() == 0
     assert page.evaluate("window.sameDocument") is True
+
+
+def test_the_placeholder_comes_back_when_every_row_has_gone(
+    tab: Watched, world: World, browser: BrowserContext
+) -> None:
+    page = live_pages(world, browser, tab, "/evaluations?client_ref=order-8100&status=pending")[
+        0
+    ].page
+    placeholder = page.locator("p.empty", has_text="No evaluations yet.")
+    assert placeholder.is_visible()
+    world.submit("placeholder", "order-8100")
+    row_of(page, "evaluations", world.ids["placeholder"]).wait_for()
+    assert not placeholder.is_visible()
+    world.finish("placeholder", PASSED)
+    row_of(page, "evaluations", world.ids["placeholder"]).wait_for(state="detached")
+    placeholder.wait_for(state="visible")
+    assert page.evaluate("window.sameDocument") is True

@@ -116,10 +116,8 @@ async function poll(table, state) {
     state.complete = false;
     state.floor = tbody.lastElementChild.dataset.received;
   }
-  if (seen.added) {
-    const empty = table.parentElement.querySelector(".empty");
-    if (empty) empty.remove();
-  }
+  const empty = table.nextElementSibling; // "No evaluations yet.", shown while no row is
+  if (empty && empty.matches(".empty")) empty.hidden = tbody.rows.length > 0;
   const told = [
     [seen.added, "new"],
     [seen.updated, "updated"],
