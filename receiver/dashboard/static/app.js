@@ -2,8 +2,12 @@
 // since it last looked (changed_since), oldest change first, as rows the server rendered
 // (already escaped). A row it shows comes back changed: replaced in place. A new one, or one
 // that now passes the page's filters: inserted where the table's order puts it. One that no
-// longer passes them comes as a hidden data-gone row: removed. No inline script: the CSP
-// forbids it.
+// longer passes them comes as a hidden data-gone row: removed, not replaced by the next
+// older row: that one is on the next page (its link starts after this page's last row), and
+// pulled up here it would be shown on both (the overview has no filter to leave). A row
+// deleted by `receiver prune` (untouched for its --older-than: seldom on a live table) stays
+// until a reload, its link saying there is no such evaluation: a delete leaves no change to
+// poll. No inline script: the CSP forbids it.
 "use strict";
 
 const ROUNDS = 20; // catching up after a burst: at most this many pages per tick
