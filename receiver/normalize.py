@@ -203,6 +203,40 @@ def columns(fields: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+# What the evaluation was asked to do: the same for each of its verdicts, unlike the verdict's
+# own fields (status, passed, score, failure_code, issues, action, completed_at, …).
+REQUEST_FIELDS = (
+    "client_ref",
+    "task_type",
+    "task_description",
+    "generation_prompt",
+    "generated_image_url",
+    "input_attributes",
+    "reference_images",
+    "evaluation_instructions",
+    "run_id",
+    "parent_evaluation_id",
+    "attempt_number",
+    "org_id",
+    "job_class_code",
+    "source_code",
+    "submitted_at",
+    "created_at",
+)
+
+
+def verdict_fields(own: dict[str, Any], state: dict[str, Any]) -> dict[str, Any]:
+    """An older verdict as its own callback told it, for its event once a newer verdict is the
+    stored state: only what the evaluation was asked to do comes from the state, where the
+    callback does not say it (an envelope carries few fields)."""
+    asked = {
+        key: state[key]
+        for key in REQUEST_FIELDS
+        if own.get(key) is None and state.get(key) is not None
+    }
+    return {**own, **asked} if asked else own
+
+
 def judge_issues(fields: dict[str, Any]) -> list[tuple[str | None, str | None, str | None, str]]:
     """(judge, category, subcategory, detail) for every issue of the `judges` embed."""
     found = []

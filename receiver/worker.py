@@ -201,6 +201,24 @@ class Worker:
         outcomes: list[Outcome] = []
         sending: list[tuple[Claim, Event]] = []
         for claim in claims:
+            if claim.superseded:  # no callback of its own left to tell it: never the newer one
+                log.info(
+                    "forward %s to %s skipped: %s was followed by %s before it was sent,"
+                    " and no stored callback describes it",
+                    claim.outbox_id,
+                    name,
+                    claim.event_type,
+                    claim.superseded,
+                )
+                outcomes.append(
+                    Outcome(
+                        claim.outbox_id,
+                        "skipped",
+                        format_time(now),
+                        f"superseded by {claim.superseded} before it was sent",
+                    )
+                )
+                continue
             event = build_event(
                 claim.fields,
                 claim.event_type,

@@ -1029,3 +1029,185 @@ async def test_a_lease_renewal_the_store_refuses_for_a_moment_does_not_send_the_
     assert refused
     assert len(chat.received) == len(set(chat.received)) == 4
     assert states == [("done", 1)] * 4
+
+
+# Two verdicts of one evaluation queued before the worker sent the first: each event describes
+# its own verdict (its callback), not the newer state. The evaluation was first seen running,
+# with what it was asked to do; the verdict envelopes carry only their own fields.
+VERDICT_ID = "0193a7c2-5b1e-7c3d-9f10-2a4b6c8d0e77"
+ASKED = {
+    "id": VERDICT_ID,
+    "status_code": "running",
+    "client_ref": "job-77",
+    "task_type": "headshot",
+    "generated_image_url": "https://cdn.example.com/renders/job-77.png",
+    "attempt_number": 1,
+}
+FAILED_CALLBACK = {
+    "event": "evaluation.failed",
+    "evaluation_id": VERDICT_ID,
+    "status": "failed",
+    "failure_code": "timed_out",
+    "completed_at": "2026-11-20T09:15:03.500000+00:00",
+}
+COMPLETED_CALLBACK = {
+    "event": "evaluation.completed",
+    "evaluation_id": VERDICT_ID,
+    "status": "completed",
+    "overall_passed": True,
+    "weighted_pass_rate": 0.9,
+    "top_issues": [],
+    "completed_at": "2026-11-20T09:16:10.000000+00:00",
+}
+FAILED_DATA = {
+    "status": "failed",
+    "passed": None,
+    "score": None,
+    "failure_code": "timed_out",
+    "completed_at": "2026-11-20T09:15:03.500000Z",
+}
+COMPLETED_DATA = {
+    "status": "completed",
+    "passed": True,
+    "score": 0.9,
+    "completed_at": "2026-11-20T09:16:10.000000Z",
+}
+ASKED_DATA = {
+    "client_ref": "job-77",
+    "task_type": "headshot",
+    "image_url": "https://cdn.example.com/renders/job-77.png",
+    "attempt_number": 1,
+}
+TWO_VERDICTS = {
+    # sink filters → the events it gets, in order
+    "all": ({}, ["failed", "completed"]),
+    # The failed event used to look completed and passed: this sink skipped it.
+    "only-failures": ({"only_failures": True}, ["failed"]),
+    "failed-only": ({"events": frozenset({"evaluation.failed"})}, ["failed"]),
+    "completed-only": ({"events": frozenset({"evaluation.completed"})}, ["completed"]),
+    "task-type": ({"task_types": frozenset({"headshot"})}, ["failed", "completed"]),
+}
+
+
+@pytest.mark.parametrize(("filters", "expected"), TWO_VERDICTS.values(), ids=TWO_VERDICTS.keys())
+async def test_each_verdict_is_forwarded_as_itself_when_a_newer_one_came_first(
+    tmp_path: Path, http: httpx.AsyncClient, filters: dict[str, Any], expected: list[str]
+) -> None:
+    sink = RecordingSink(spec("s", **filters))
+    rig = rig_for(tmp_path, http, [sink])
+    try:
+        for body in (ASKED, FAILED_CALLBACK, COMPLETED_CALLBACK):
+            await rig.post(json.dumps(body).encode())
+        await rig.drain()
+        stored = rig.rows("SELECT status, passed FROM evaluations")
+    finally:
+        rig.store.close()
+    assert stored == [("completed", 1)]
+    assert [e["type"] for e in sink.received] == [f"io.runflow.evaluation.{v}" for v in expected]
+    own = {"failed": FAILED_DATA, "completed": COMPLETED_DATA}
+    for verdict, event in zip(expected, sink.received, strict=True):
+        assert event["id"] == event_id(VERDICT_ID, f"evaluation.{verdict}")
+        assert event["time"] == own[verdict]["completed_at"]
+        assert event["data"]["refetched"] is False
+        wanted = {**own[verdict], **ASKED_DATA}
+        assert {key: event["data"][key] for key in wanted} == wanted
+
+
+async def test_a_refetch_that_finds_a_newer_verdict_forwards_both_as_themselves(
+    tmp_path: Path, http: httpx.AsyncClient, runflow: tuple[FakeRunflow, str]
+) -> None:
+    """The failed callback is refetched, and Runflow already answers completed (it tried
+    again): the completed verdict is the refetched state, the failed one its callback."""
+    fake, url = runflow
+    fake.faults.clear()
+    fake.add(VERDICT_ID, **{key: ASKED[key] for key in ASKED if key != "status_code"})
+    sink = RecordingSink(spec("s"))
+    rig = rig_for(tmp_path, http, [sink], runflow_api_key=API_KEY, runflow_api_base=url)
+    try:
+        await rig.post(json.dumps(FAILED_CALLBACK).encode())
+        await rig.drain()
+        forwards = rig.rows("SELECT event_type, delivery_id IS NULL FROM outbox ORDER BY id")
+    finally:
+        rig.store.close()
+    assert forwards == [("evaluation.failed", 0), ("evaluation.completed", 1)]
+    failed, completed = sink.received
+    assert failed["type"] == "io.runflow.evaluation.failed"
+    assert {key: failed["data"][key] for key in FAILED_DATA} == FAILED_DATA
+    assert failed["data"]["refetched"] is False
+    assert failed["data"]["issues"] == []
+    assert failed["data"]["client_ref"] == "job-77"
+    assert completed["type"] == "io.runflow.evaluation.completed"
+    assert completed["data"]["status"] == "completed"
+    assert completed["data"]["refetched"] is True
+    assert completed["data"]["issues"]
+
+
+async def test_a_polled_verdict_followed_by_a_callback_is_forwarded_from_the_poll(
+    tmp_path: Path, http: httpx.AsyncClient, runflow: tuple[FakeRunflow, str]
+) -> None:
+    """Reconciliation found the failed verdict (a GET with the embeds); the completed callback
+    came before the worker sent it: the failed event is the polled object, refetched."""
+    fake, url = runflow
+    fake.faults.clear()
+    fake.add(
+        VERDICT_ID,
+        **{key: ASKED[key] for key in ASKED if key != "status_code"},
+        status_code="failed",
+        failure_code="timed_out",
+        overall_passed=None,
+        weighted_pass_rate=None,
+        completed_at=FAILED_CALLBACK["completed_at"],
+    )
+    sink = RecordingSink(spec("s"))
+    rig = rig_for(
+        tmp_path, http, [sink], runflow_api_key=API_KEY, runflow_api_base=url, reconcile_after=0
+    )
+    try:
+        await rig.post(json.dumps(ASKED).encode())
+        assert (await rig.worker.reconcile())["verdicts"] == 1
+        await rig.post(json.dumps(COMPLETED_CALLBACK).encode())
+        await rig.drain()
+    finally:
+        rig.store.close()
+    failed, completed = sink.received
+    assert failed["type"] == "io.runflow.evaluation.failed"
+    assert {key: failed["data"][key] for key in FAILED_DATA} == FAILED_DATA
+    assert failed["data"]["refetched"] is True
+    assert completed["type"] == "io.runflow.evaluation.completed"
+    assert completed["data"]["passed"] is True
+
+
+async def test_a_superseded_verdict_with_no_callback_of_its_own_is_skipped(
+    tmp_path: Path, http: httpx.AsyncClient
+) -> None:
+    """A verdict only a refetch saw (no delivery) and that a newer one followed before it was
+    sent: nothing stored describes it any more, and the newer state is not sent under its
+    type. It is skipped, saying why; the current verdict goes out."""
+    sink = RecordingSink(spec("s"))
+    rig = rig_for(tmp_path, http, [sink])
+    try:
+        await rig.post(json.dumps(FAILED_CALLBACK).encode())
+        refetched = {**ASKED, **COMPLETED_CALLBACK, "status_code": "completed"}
+        del refetched["status"], refetched["event"], refetched["evaluation_id"]
+        refetched["updated_at"] = "2026-11-20T09:16:10.000000+00:00"
+        await rig.store.refetched(refetched, format_time(utcnow()))
+        later = {**FAILED_CALLBACK, "updated_at": "2026-11-20T09:17:00.000000+00:00"}
+        await rig.post(json.dumps(later).encode())  # a later failed verdict is current again
+        await rig.drain()
+        forwards = rig.rows(
+            "SELECT event_type, delivery_id IS NULL, state, last_error FROM outbox ORDER BY id"
+        )
+    finally:
+        rig.store.close()
+    assert forwards == [
+        ("evaluation.failed", 0, "done", None),
+        (
+            "evaluation.completed",
+            1,
+            "skipped",
+            "superseded by evaluation.failed before it was sent",
+        ),
+    ]
+    (event,) = sink.received
+    assert event["type"] == "io.runflow.evaluation.failed"
+    assert event["data"]["status"] == "failed"

@@ -13,8 +13,13 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..errors import BadRequest, NotFound
+from ..normalize import normalize, parse_body, verdict_fields
 from .apply import Forwarding, apply_evaluation, queue_forwards
 from .dialect import is_postgres
+
+# The embeds a refetch adds (Runflow's GET ?embed=…): a polled body with one of them is as full
+# as a refetch.
+EMBEDS = ("judges", "action", "gate_failures")
 
 
 def _skip_locked(conn: sqlite3.Connection, table: str) -> str:
@@ -25,7 +30,10 @@ def _skip_locked(conn: sqlite3.Connection, table: str) -> str:
 
 @dataclass(frozen=True)
 class Claim:
-    """A forward to attempt now, with the evaluation state to build its event from."""
+    """A forward to attempt now, with the fields to build its event from: the evaluation's
+    state while the verdict is current, else the verdict's own callback (own_verdict).
+    `superseded` names the current verdict when this one has no callback of its own to be
+    built from: the worker skips it instead of sending the newer state under its type."""
 
     outbox_id: int
     sink: str
@@ -34,6 +42,7 @@ class Claim:
     fields: dict[str, Any]
     refetched: bool
     received_at: str
+    superseded: str | None = None
 
 
 @dataclass(frozen=True)
@@ -56,33 +65,85 @@ def claim_forwards(
     limit: int,
 ) -> list[Claim]:
     """Due rows of `sink` whose evaluation is ready: refetched, not refetching, or waited for
-    longer than the refetch budget (`refetch_cutoff`), oldest first."""
+    longer than the refetch budget (`refetch_cutoff`), oldest first. A verdict that is still
+    the evaluation's status is built from its state, as merged from every callback and
+    refetch; one a newer verdict followed before it was sent (failed, then completed) from its
+    own callback (own_verdict), since the state now describes the newer one."""
     claimed = conn.execute(
         "UPDATE outbox SET next_attempt_at = :lease WHERE id IN ("
         " SELECT o.id FROM outbox o JOIN evaluations e ON e.id = o.evaluation_id"
         " WHERE o.sink = :sink AND o.state = 'pending' AND o.next_attempt_at <= :now"
         " AND (e.refetch_state IS NOT 'pending' OR o.created_at <= :cutoff)"
         f" ORDER BY o.next_attempt_at, o.id LIMIT :limit{_skip_locked(conn, 'o')})"
-        " RETURNING id, event_type, attempts, evaluation_id",
+        " RETURNING id, event_type, attempts, evaluation_id, delivery_id",
         {"lease": lease_until, "sink": sink, "now": now, "cutoff": refetch_cutoff, "limit": limit},
     ).fetchall()
     claims = []
-    for outbox_id, event_type, attempts, evaluation_id in sorted(claimed):
-        data, refetched, received_at = conn.execute(
-            "SELECT data, refetched, received_at FROM evaluations WHERE id = ?", (evaluation_id,)
+    for outbox_id, event_type, attempts, evaluation_id, delivery_id in sorted(claimed):
+        data, refetched, received_at, status = conn.execute(
+            "SELECT data, refetched, received_at, status FROM evaluations WHERE id = ?",
+            (evaluation_id,),
         ).fetchone()
+        state = json.loads(data)
+        if event_type == f"evaluation.{status}":
+            claims.append(
+                Claim(outbox_id, sink, event_type, attempts, state, bool(refetched), received_at)
+            )
+            continue
+        own = own_verdict(conn, delivery_id, event_type)
+        if own is None:
+            claims.append(
+                Claim(
+                    outbox_id,
+                    sink,
+                    event_type,
+                    attempts,
+                    state,
+                    bool(refetched),
+                    received_at,
+                    superseded=f"evaluation.{status}",
+                )
+            )
+            continue
+        fields, own_refetched, own_received_at = own
         claims.append(
             Claim(
                 outbox_id,
                 sink,
                 event_type,
                 attempts,
-                json.loads(data),
-                bool(refetched),
-                received_at,
+                verdict_fields(fields, state),
+                own_refetched,
+                own_received_at,
             )
         )
     return claims
+
+
+def own_verdict(
+    conn: sqlite3.Connection, delivery_id: int | None, event_type: str
+) -> tuple[dict[str, Any], bool, str] | None:
+    """The fields of the callback that brought the verdict `event_type` (the outbox row's
+    delivery), whether it is a full GET with embeds (a reconciliation poll that found them),
+    and when it arrived. None when no stored callback says that verdict: it came from a
+    refetch (no delivery), or the row was queued by a delivery of another status (a replay
+    for a sink added later)."""
+    if delivery_id is None:
+        return None
+    row = conn.execute(
+        "SELECT body, source, received_at FROM deliveries WHERE id = ?", (delivery_id,)
+    ).fetchone()
+    if row is None:
+        return None
+    body, source, received_at = row
+    try:
+        fields = normalize(parse_body(bytes(body))).fields
+    except BadRequest:  # it was applied, so it parses; a body edited by hand may not
+        return None
+    if f"evaluation.{fields.get('status_code')}" != event_type:
+        return None
+    refetched = source == "poll" and any(key in fields for key in EMBEDS)
+    return fields, refetched, received_at
 
 
 def has_due(conn: sqlite3.Connection, sink: str, now: str) -> bool:
