@@ -134,12 +134,17 @@ def merge(existing: dict[str, Any], incoming: dict[str, Any]) -> dict[str, Any]:
     """The evaluation after `incoming`: newer values win, no key is lost, no state regresses.
 
     A terminal status never goes back to pending/running, and a superseded evaluation stays
-    superseded, whatever order the bodies arrive in.
+    superseded, whatever order the bodies arrive in. A completed verdict after a failed one
+    keeps no failure_code it did not give itself: the failure it names is over (Runflow's own
+    GET of a completed evaluation says null), and kept, it made the completed evaluation count
+    as a failure in every failure_code filter, statistic and event.
     """
-    if _newer_or_equal(incoming, existing):
-        merged = {**existing, **incoming}
-    else:
-        merged = {**incoming, **existing}
+    newer, older = (
+        (incoming, existing) if _newer_or_equal(incoming, existing) else (existing, incoming)
+    )
+    merged = {**older, **newer}
+    if merged.get("status_code") == "completed" and older.get("status_code") == "failed":
+        merged["failure_code"] = newer.get("failure_code")
     merged["superseded_at"] = existing.get("superseded_at") or incoming.get("superseded_at")
     return merged
 

@@ -463,6 +463,55 @@ def _at(second: int) -> str:
                 "superseded_at": None,
             },
         ),
+        (
+            {"id": "e", "status_code": "failed", "failure_code": "timed_out", "client_ref": "c"},
+            {"id": "e", "status_code": "completed", "overall_passed": True},
+            {
+                "id": "e",
+                "status_code": "completed",
+                "overall_passed": True,
+                "failure_code": None,
+                "client_ref": "c",
+                "superseded_at": None,
+            },
+        ),
+        (
+            {"id": "e", "status_code": "completed", "overall_passed": True, "updated_at": _at(5)},
+            {
+                "id": "e",
+                "status_code": "failed",
+                "failure_code": "timed_out",
+                "updated_at": _at(4),
+            },
+            {
+                "id": "e",
+                "status_code": "completed",
+                "overall_passed": True,
+                "failure_code": None,
+                "updated_at": _at(5),
+                "superseded_at": None,
+            },
+        ),
+        (
+            {"id": "e", "status_code": "failed", "failure_code": "timed_out"},
+            {"id": "e", "status_code": "completed", "failure_code": "processing_failed"},
+            {
+                "id": "e",
+                "status_code": "completed",
+                "failure_code": "processing_failed",
+                "superseded_at": None,
+            },
+        ),
+        (
+            {"id": "e", "status_code": "running", "failure_code": "timed_out"},
+            {"id": "e", "status_code": "failed"},
+            {
+                "id": "e",
+                "status_code": "failed",
+                "failure_code": "timed_out",
+                "superseded_at": None,
+            },
+        ),
     ],
     ids=[
         "pending-to-running",
@@ -480,6 +529,10 @@ def _at(second: int) -> str:
         "superseded-sticky-when-incoming-lacks-it",
         "superseded-taken-from-older-body",
         "losing-body-only-adds-missing-keys",
+        "completed-after-failed-drops-its-failure-code",
+        "late-failed-adds-no-failure-code-to-completed",
+        "completed-keeps-a-failure-code-it-gives",
+        "failed-keeps-an-earlier-failure-code",
     ],
 )
 def test_merge_table(

@@ -1070,6 +1070,7 @@ COMPLETED_DATA = {
     "status": "completed",
     "passed": True,
     "score": 0.9,
+    "failure_code": None,
     "completed_at": "2026-11-20T09:16:10.000000Z",
 }
 ASKED_DATA = {
@@ -1099,10 +1100,10 @@ async def test_each_verdict_is_forwarded_as_itself_when_a_newer_one_came_first(
         for body in (ASKED, FAILED_CALLBACK, COMPLETED_CALLBACK):
             await rig.post(json.dumps(body).encode())
         await rig.drain()
-        stored = rig.rows("SELECT status, passed FROM evaluations")
+        stored = rig.rows("SELECT status, passed, failure_code FROM evaluations")
     finally:
         rig.store.close()
-    assert stored == [("completed", 1)]
+    assert stored == [("completed", 1, None)]
     assert [e["type"] for e in sink.received] == [f"io.runflow.evaluation.{v}" for v in expected]
     own = {"failed": FAILED_DATA, "completed": COMPLETED_DATA}
     for verdict, event in zip(expected, sink.received, strict=True):
