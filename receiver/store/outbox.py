@@ -84,39 +84,16 @@ def claim_forwards(
             "SELECT data, refetched, received_at, status FROM evaluations WHERE id = ?",
             (evaluation_id,),
         ).fetchone()
-        state = json.loads(data)
-        if event_type == f"evaluation.{status}":
-            claims.append(
-                Claim(outbox_id, sink, event_type, attempts, state, bool(refetched), received_at)
-            )
-            continue
-        own = own_verdict(conn, delivery_id, event_type)
-        if own is None:
-            claims.append(
-                Claim(
-                    outbox_id,
-                    sink,
-                    event_type,
-                    attempts,
-                    state,
-                    bool(refetched),
-                    received_at,
-                    superseded=f"evaluation.{status}",
-                )
-            )
-            continue
-        fields, own_refetched, own_received_at = own
-        claims.append(
-            Claim(
-                outbox_id,
-                sink,
-                event_type,
-                attempts,
-                verdict_fields(fields, state),
-                own_refetched,
-                own_received_at,
-            )
-        )
+        fields = json.loads(data)
+        built = (bool(refetched), received_at)
+        superseded = None
+        if event_type != f"evaluation.{status}":  # a newer verdict came before it was sent
+            own = own_verdict(conn, delivery_id, event_type)
+            if own is None:
+                superseded = f"evaluation.{status}"
+            else:
+                fields, built = verdict_fields(own[0], fields), own[1:]
+        claims.append(Claim(outbox_id, sink, event_type, attempts, fields, *built, superseded))
     return claims
 
 
