@@ -56,7 +56,7 @@ def overview(request: Request) -> Response:
     depth: dict[str, dict[str, int]] = {spec.name: {} for spec in ctx.settings.sinks}
     depth |= store.outbox_depth()
     days = list(reversed(stats["per_day"][:30]))
-    shown_at = now()  # before the read: the live table asks for the changes since
+    shown_at = now()  # after stats caught up, before the read: the live table's changes since
     recent, more = store.list_evaluations(EvaluationFilter(), 10)
     return render(
         request,
@@ -100,7 +100,10 @@ def evaluations(request: Request) -> Response:
         "first_page_url": None,
         "live": None,
     }
-    shown_at = now()  # before the read: the live table asks for the changes since
+    # Once what was acknowledged is applied (the read would apply it after this stamp) and
+    # before the read: the live table asks for the changes since.
+    context(request).store.catch_up()
+    shown_at = now()
     try:
         where = evaluation_filter(chosen)
         if sort not in ("newest", "oldest"):
