@@ -34,7 +34,6 @@ from .runflow_requests import (
 log = logging.getLogger(__name__)
 Sleep = Callable[[float], Awaitable[None]]
 MAX_TRIES = 5  # Runflow suggests at most 5 tries (contract §5)
-RUN_FEEDBACK_REFUSED = "run feedback needs a user session: Runflow refuses it for API keys"
 
 
 class RunflowError(ReceiverError):
@@ -192,25 +191,6 @@ class RunflowClient:
         path = f"/v1/evaluations/{_checked_uuid(evaluation_id, 'evaluation id')}/feedback"
         body = validate_feedback(is_positive, reason)
         return _evaluation(await self._retrying("PATCH", path, json=body), f"PATCH {path}")
-
-    async def run_feedback(
-        self, run_id: str, is_positive: bool | None, reason: str | None = None
-    ) -> Any:
-        """Rate a run. Runflow only lets user sessions do this; with an API key the refusal
-        (403) is raised as exactly that, and never retried."""
-        path = f"/v1/runs/{_checked_uuid(run_id, 'run id')}/feedback"
-        body = validate_feedback(is_positive, reason)
-        try:
-            return await self._retrying("PATCH", path, json=body)
-        except RunflowError as exc:
-            if exc.http_status != 403:
-                raise
-            raise RunflowError(
-                f"{RUN_FEEDBACK_REFUSED} ({_detail(403, exc.code, exc.runflow_message)})",
-                http_status=403,
-                code=exc.code,
-                runflow_message=exc.runflow_message,
-            ) from None
 
 
 def _evaluation(found: Any, what: str) -> dict[str, Any]:

@@ -14,14 +14,12 @@ import pytest
 from receiver.errors import BadRequest
 from receiver.fakes.runflow import FakeRunflow
 from receiver.fakes.server import serve_in_thread
-from receiver.runflow import RUN_FEEDBACK_REFUSED, RunflowClient, RunflowError
+from receiver.runflow import RunflowClient, RunflowError
 from receiver.runflow_requests import SubmitRequest
 
 pytestmark = pytest.mark.anyio
 API_KEY = "rf_test_key_do_not_log"
-USER_TOKEN = "user-session-token"
 EVALUATION_ID = "0193a7c2-5b1e-7c3d-9f10-2a4b6c8d0e11"
-RUN_ID = "0193a7c2-7000-7000-8000-0000000000f1"
 REQUEST: dict[str, Any] = {
     "generated_image_url": "https://cdn.example.com/renders/job-123.png",
     "task_type": "headshot",
@@ -37,7 +35,7 @@ def anyio_backend() -> str:
 
 @pytest.fixture(scope="module")
 def served() -> Iterator[tuple[FakeRunflow, str]]:
-    fake = FakeRunflow(API_KEY, user_tokens=[USER_TOKEN], callback_delay=0.01)
+    fake = FakeRunflow(API_KEY, callback_delay=0.01)
     with serve_in_thread(fake.app) as url:
         yield fake, url
 
@@ -258,8 +256,6 @@ async def test_invalid_feedback_is_refused_locally(
     evaluation_id = arguments.pop("evaluation_id", EVALUATION_ID)
     with pytest.raises(BadRequest, match=message):
         await client.evaluation_feedback(evaluation_id, **arguments)
-    with pytest.raises(BadRequest, match=message.replace("evaluation id", "run id")):
-        await client.run_feedback(RUN_ID if evaluation_id == EVALUATION_ID else "x", **arguments)
     assert fake.requests == []
 
 
@@ -403,26 +399,3 @@ async def test_evaluation_feedback_set_change_and_clear(
     assert {r["path"] for r in fake.requests} == {f"/v1/evaluations/{EVALUATION_ID}/feedback"}
     fetched = await client.get_evaluation(EVALUATION_ID)
     assert fetched["feedback_is_positive"] is None
-
-
-async def test_run_feedback_with_an_api_key_is_refused_clearly_and_once(
-    fake: FakeRunflow, client: RunflowClient, sleeps: Sleeps
-) -> None:
-    with pytest.raises(RunflowError) as caught:
-        await client.run_feedback(RUN_ID, False, "Wrong background")
-    error = caught.value
-    assert str(error).startswith(RUN_FEEDBACK_REFUSED)
-    assert "user session" in str(error)
-    assert "API keys" in str(error)
-    assert (error.http_status, error.code, error.retryable) == (403, "FORBIDDEN", False)
-    assert len(fake.requests) == 1
-    assert fake.requests[0]["path"] == f"/v1/runs/{RUN_ID}/feedback"
-    assert sleeps.delays == []
-
-
-async def test_run_feedback_from_a_user_session_is_accepted(
-    served: tuple[FakeRunflow, str], fake: FakeRunflow, http: httpx.AsyncClient
-) -> None:
-    client = RunflowClient(http, base=served[1], api_key=USER_TOKEN)
-    rated = await client.run_feedback(RUN_ID, True, "Good run")
-    assert rated == {"id": RUN_ID, "feedback_is_positive": True, "feedback_reason": "Good run"}
