@@ -58,6 +58,11 @@ def runflow() -> Iterator[tuple[FakeRunflow, str]]:
         yield fake, url
 
 
+def numbered(n: int) -> str:
+    """The n-th of a run of evaluation ids (UUIDs, in order)."""
+    return f"0193a7c2-0000-7000-8000-{n:012d}"
+
+
 class Rig:
     """Store + worker + sinks on one temp database."""
 
@@ -76,6 +81,11 @@ class Rig:
         if fields:
             body = json.dumps({**json.loads(body), **fields}).encode()
         await self.store.ingest(Delivery(body, normalize(parse_body(body))))
+
+    async def post_verdicts(self, count: int) -> None:
+        """`count` completed verdicts of as many evaluations, ids in order."""
+        for n in range(count):
+            await self.post("evaluation-completed.json", id=numbered(n))
 
     async def drain(self, rounds: int = 50) -> None:
         """Run rounds until nothing is due (bounded)."""
@@ -361,11 +371,8 @@ async def test_two_workers_on_one_database_never_deliver_a_row_twice(
         rig.store.open()
         rig.worker.batch_size = 7
     try:
-        template = json.loads(fixture("evaluation-completed.json"))
         for n in range(120):
-            await rigs[n % 2].post(
-                json.dumps({**template, "id": f"0193a7c2-0000-7000-8000-{n:012d}"}).encode()
-            )
+            await rigs[n % 2].post("evaluation-completed.json", id=numbered(n))
         for _ in range(40):
             done = await asyncio.gather(*(rig.worker.run_once() for rig in rigs))
             if not any(done):
@@ -691,12 +698,8 @@ async def test_a_stop_mid_batch_sends_nothing_twice(
     post in flight finishes (halted) or hangs past stop's timeout (cancelled)."""
     chat = OneAtATime(spec("chat"), delay=0.02, hang_after=5 if hangs else None)
     rig = rig_for(tmp_path, http, [chat])  # type: ignore[list-item]
-    template = json.loads(fixture("evaluation-completed.json"))
     try:
-        for n in range(40):
-            await rig.post(
-                json.dumps({**template, "id": f"0193a7c2-0000-7000-8000-{n:012d}"}).encode()
-            )
+        await rig.post_verdicts(40)
         await rig.worker.start()
         while len(chat.received) < 5:
             await asyncio.sleep(0.01)
@@ -736,12 +739,8 @@ async def test_a_429_holds_back_the_rest_for_its_retry_after_without_an_attempt(
 ) -> None:
     chat = RefusedOnce(spec("chat"), retry_after=600)
     rig = rig_for(tmp_path, http, [chat], retry_max=3600)  # type: ignore[list-item]
-    template = json.loads(fixture("evaluation-completed.json"))
     try:
-        for n in range(3):
-            await rig.post(
-                json.dumps({**template, "id": f"0193a7c2-0000-7000-8000-{n:012d}"}).encode()
-            )
+        await rig.post_verdicts(3)
         before = format_time(utcnow() + timedelta(seconds=600))
         await rig.worker.run_once()
         await rig.worker.run_once()
@@ -763,12 +762,9 @@ async def test_a_429_holds_a_chat_sink_at_least_retry_base(
     counted against the sender."""
     chat = RefusedOnce(spec("chat"), retry_after=retry_after)
     rig = rig_for(tmp_path, http, [chat], retry_base=600, retry_max=3600)  # type: ignore[list-item]
-    template = json.loads(fixture("evaluation-completed.json"))
     try:
         for n in range(2):
-            await rig.post(
-                json.dumps({**template, "id": f"0193a7c2-0000-7000-8000-{n:012d}"}).encode()
-            )
+            await rig.post("evaluation-completed.json", id=numbered(n))
             await rig.worker.run_once()
             await asyncio.sleep(0.6)  # past the shorter Retry-After, far from RETRY_BASE
         rows = rig.rows("SELECT state, attempts FROM outbox ORDER BY id")
@@ -800,12 +796,8 @@ async def test_a_stop_during_a_429_gives_the_held_back_events_back_for_its_retry
     next process posted it straight into the limit."""
     chat = RefusedWhileStopping(spec("chat"), retry_after=600)
     rig = rig_for(tmp_path, http, [chat], retry_max=3600)  # type: ignore[list-item]
-    template = json.loads(fixture("evaluation-completed.json"))
     try:
-        for n in range(3):
-            await rig.post(
-                json.dumps({**template, "id": f"0193a7c2-0000-7000-8000-{n:012d}"}).encode()
-            )
+        await rig.post_verdicts(3)
         before = format_time(utcnow() + timedelta(seconds=600))
         await rig.worker.start()
         await asyncio.wait_for(chat.entered.wait(), 10)
@@ -943,13 +935,9 @@ async def test_a_rate_limited_chat_sink_delivers_a_burst_and_dead_letters_none(
         rig.store = Store(settings.database, forwarding=Forwarding((chat,)))
         rig.worker = Worker(settings, rig.store, [build_sink(chat, http)], None)
         rig.store.open()
-        template = json.loads(fixture("evaluation-completed.json"))
         try:
             for n in range(10):
-                number = f"0193a7c2-0000-7000-8000-{n:012d}"
-                await rig.post(
-                    json.dumps({**template, "id": number, "client_ref": f"job-{n}"}).encode()
-                )
+                await rig.post("evaluation-completed.json", id=numbered(n), client_ref=f"job-{n}")
             for _ in range(100):
                 if not rig.rows("SELECT 1 FROM outbox WHERE state = 'pending'"):
                     break
@@ -1001,7 +989,6 @@ async def test_a_lease_renewal_the_store_refuses_for_a_moment_does_not_send_the_
     chat = OneAtATime(spec("chat"), delay=0.07)
     rig = rig_for(tmp_path, http, [chat])  # type: ignore[list-item]
     rig.worker.lease = timedelta(seconds=0.3)  # renewed every 0.1 s; the batch takes 0.28 s
-    template = json.loads(fixture("evaluation-completed.json"))
     lease_forwards = rig.store.lease_forwards
     refused: list[int] = []
 
@@ -1013,10 +1000,7 @@ async def test_a_lease_renewal_the_store_refuses_for_a_moment_does_not_send_the_
 
     rig.store.lease_forwards = failing_once  # type: ignore[method-assign]
     try:
-        for n in range(4):
-            await rig.post(
-                json.dumps({**template, "id": f"0193a7c2-0000-7000-8000-{n:012d}"}).encode()
-            )
+        await rig.post_verdicts(4)
         for _ in range(100):  # bounded: rounds until every forward is recorded
             with contextlib.suppress(StoreUnavailable):
                 await rig.worker.run_once()
