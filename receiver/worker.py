@@ -77,8 +77,8 @@ class Worker:
         self.metrics = metrics if metrics is not None else Metrics()
         for sink in self.sinks:  # every sink's counters exist (at zero) from the start
             self.metrics.forward_results(sink.spec.name)
-            if isinstance(sink, OneByOne):  # a Retry-After holds it no longer than retries wait
-                sink.longest_hold = settings.retry_max
+            if isinstance(sink, OneByOne):  # a 429 holds it as long as retries wait
+                sink.shortest_hold, sink.longest_hold = settings.retry_base, settings.retry_max
         self._wake = [asyncio.Event() for _ in range(len(self.sinks) + 1)]
         self._started: set[str] = set()
         self._tasks: list[asyncio.Task[None]] = []
@@ -297,8 +297,6 @@ class Worker:
         if deferred:
             wait = min(wait, self.settings.retry_max)
             log.info("sink %r is rate limited: sending again in %gs", sink.spec.name, wait)
-            if limited and isinstance(sink, OneByOne):  # new events wait as long (README)
-                sink.hold(wait)
             resume = format_time(finished + timedelta(seconds=wait))
             held = partial(self.store.lease_forwards, deferred, batch.lease, resume)
             await self._until_stored(held, deadline)

@@ -30,6 +30,11 @@ class SinkError(Exception):
         self.permanent = permanent
         self.limited = limited
 
+    @property
+    def asks_to_wait(self) -> bool:
+        """The destination asked to be left alone for a while (a 429, or a Retry-After)."""
+        return not self.permanent and (self.limited or bool(self.retry_after))
+
 
 class NotSent(SinkError):
     """The worker stopped before this event was sent: give it back, it was not an attempt."""
@@ -80,7 +85,8 @@ class OneByOne:
     sender (Discord bans one that makes too many refused requests)."""
 
     concurrency = 8
-    longest_hold = 3600.0  # seconds; the worker sets RECEIVER_RETRY_MAX
+    shortest_hold = 0.0  # seconds; the worker sets RECEIVER_RETRY_BASE …
+    longest_hold = 3600.0  # … and RECEIVER_RETRY_MAX
 
     def __init__(self, spec: SinkSpec) -> None:
         self.spec = spec
@@ -96,10 +102,11 @@ class OneByOne:
         raise NotImplementedError
 
     def hold(self, seconds: float) -> None:
-        """Send nothing more for `seconds`, at most `longest_hold` (the destination said it
-        would refuse it)."""
+        """Send nothing more for `seconds`, within [shortest_hold, longest_hold] (the
+        destination said it would refuse it; a 429 without a Retry-After says 0)."""
         now = asyncio.get_running_loop().time()
-        self._resume_at = max(self._resume_at, now + min(seconds, self.longest_hold))
+        wait = min(max(seconds, self.shortest_hold), self.longest_hold)
+        self._resume_at = max(self._resume_at, now + wait)
 
     async def deliver(
         self,
@@ -109,22 +116,18 @@ class OneByOne:
     ) -> list[SinkError | None]:
         gate = asyncio.Semaphore(self.concurrency)
         clock = asyncio.get_running_loop().time
-        limited = False  # a 429 without a Retry-After: the rest of the batch waits too
 
         async def one(index: int, event: Event) -> SinkError | None:
-            nonlocal limited
             async with gate:
                 wait = self._resume_at - clock()
-                if wait > 0 or limited:  # also when stopping: given back for then, not now
-                    result: SinkError | None = Deferred(max(wait, 0.0))
+                if wait > 0:  # also when stopping: given back for then, not now
+                    result: SinkError | None = Deferred(wait)
                 elif halted():
                     result = NotSent()
                 else:
                     result = await self._send(event)
-                    if result is not None and not result.permanent:
-                        limited = limited or result.limited
-                        if result.retry_after:
-                            self.hold(result.retry_after)
+                    if result is not None and result.asks_to_wait:
+                        self.hold(result.retry_after or 0.0)
             if progress is not None:
                 progress(index, result)
             return result
