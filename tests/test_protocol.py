@@ -429,6 +429,8 @@ def test_the_logged_duration_counts_the_wait_for_the_body_on_both_protocols(
             lines = [r for r in caplog.records if r.name == "receiver.web"]
             durations[name] = [getattr(r, "duration_ms", 0.0) for r in lines]
             caplog.clear()
+    # Half the wait, not all of it: the server may read the headers a little after they were
+    # sent, and a loaded machine makes that gap unbounded; the bug logged about 1 ms.
     for name, (answered, timed_out) in durations.items():
-        assert answered >= late * 1000, (name, answered)
-        assert timed_out >= budget * 900, (name, timed_out)
+        assert answered >= late * 500, (name, answered)
+        assert timed_out >= budget * 500, (name, timed_out)
