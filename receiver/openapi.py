@@ -270,7 +270,8 @@ def document() -> dict[str, Any]:
                     " its last write of the evaluation: a verdict, refetch, feedback,"
                     " superseding); same forms as since. The answer is ordered by updated_at,"
                     " then id; follow next_cursor for more, or ask again from the newest"
-                    " updated_at seen",
+                    " updated_at seen (on PostgreSQL with several processes writing, from 2 s"
+                    " before it: their commits need not land in the order of their clocks)",
                     "schema": _STR,
                 },
                 {
