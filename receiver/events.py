@@ -12,6 +12,9 @@ from .times import normalize_time
 # Fixed forever: event ids derive from it, and consumers dedupe on them.
 NAMESPACE = uuid.UUID("6f1d2c3e-8a4b-5c6d-9e0f-a1b2c3d4e5f6")
 TYPE_PREFIX = "io.runflow."
+# The media type of a structured-mode CloudEvent in JSON: the HTTP, AMQP and NATS bindings of
+# CloudEvents 1.0 tell a consumer the body is the whole event (not just its data) by it.
+CONTENT_TYPE = "application/cloudevents+json; charset=utf-8"
 
 
 def event_id(evaluation_id: str, event: str) -> str:

@@ -37,6 +37,9 @@ pytestmark = pytest.mark.anyio
 
 EVALUATION: dict[str, Any] = json.loads(fixture("get-evaluation-embedded.json"))
 KINDS = ("redis", "rabbitmq", "nats")
+# What tells an AMQP or NATS consumer the body is a whole CloudEvent (structured mode), as the
+# CloudEvents bindings say; without it a NATS message with headers reads as binary mode.
+STRUCTURED = "application/cloudevents+json; charset=utf-8"
 READ_TIMEOUT = 15.0  # seconds a read-back may wait for messages that should already be there
 RECONNECT_TIMEOUT = 60.0  # seconds a restarted server and a reconnecting client may take
 
@@ -117,10 +120,7 @@ class RedisHarness(Harness):
 class RabbitMQHarness(Harness):
     @property
     def meta(self) -> dict[str, Any]:
-        return {
-            "content_type": "application/json",
-            "delivery_mode": aio_pika.DeliveryMode.PERSISTENT,
-        }
+        return {"content_type": STRUCTURED, "delivery_mode": aio_pika.DeliveryMode.PERSISTENT}
 
     def spec(self) -> SinkSpec:
         options = {"exchange": f"test.{self.unique}"}
@@ -167,7 +167,7 @@ class NatsHarness(Harness):
 
     @property
     def meta(self) -> dict[str, Any]:
-        return {"stream": self.stream}
+        return {"stream": self.stream, "content_type": STRUCTURED}
 
     def spec(self) -> SinkSpec:
         options = {"subject": self.subject, "stream": self.stream_option}
@@ -190,15 +190,14 @@ class NatsHarness(Harness):
             await subscription.unsubscribe()
         finally:
             await client.close()
-        return [
-            Received(
-                m.subject,
-                (m.headers or {}).get("Nats-Msg-Id", ""),
-                json.loads(m.data),
-                {"stream": m.metadata.stream},
+        received = []
+        for m in messages:
+            headers = m.headers or {}
+            meta = {"stream": m.metadata.stream, "content_type": headers.get("Content-Type")}
+            received.append(
+                Received(m.subject, headers.get("Nats-Msg-Id", ""), json.loads(m.data), meta)
             )
-            for m in messages
-        ]
+        return received
 
 
 HARNESSES = {"redis": RedisHarness, "rabbitmq": RabbitMQHarness, "nats": NatsHarness}

@@ -10,12 +10,12 @@ from typing import TypeVar
 import httpx
 
 from ..errors import ConfigError
+from ..events import CONTENT_TYPE
 from ..sinkspec import SinkSpec
 from ..webhook_signing import parse_private_key, parse_secret, webhook_headers
 from .base import Event
 from .web import WebSink, json_body, response_error
 
-CONTENT_TYPE = "application/cloudevents+json; charset=utf-8"  # structured-mode CloudEvent
 MAX_TIMEOUT = 600
 T = TypeVar("T")
 

@@ -1,4 +1,6 @@
-"""NATS JetStream sink: publish to `<subject>.<completed|failed>` with `Nats-Msg-Id` = event id."""
+"""NATS JetStream sink: publish to `<subject>.<completed|failed>` with `Nats-Msg-Id` = event id
+and `Content-Type: application/cloudevents+json` (structured mode of the CloudEvents NATS
+binding: a message with headers but without it would read as binary mode)."""
 
 from __future__ import annotations
 
@@ -11,6 +13,7 @@ from nats.aio.client import Client
 from nats.js.client import JetStreamContext
 from nats.js.errors import NoStreamResponseError, NotFoundError
 
+from ..events import CONTENT_TYPE
 from ..sinkspec import SinkSpec
 from ._queues import DEDUPE_SECONDS, body, option, reason, where
 from .base import Event, SinkError
@@ -105,7 +108,7 @@ class NatsSink:
                 body(event),
                 timeout=self.timeout,
                 stream=self.stream,
-                headers={"Nats-Msg-Id": event["id"]},
+                headers={"Nats-Msg-Id": event["id"], "Content-Type": CONTENT_TYPE},
             )
 
         try:

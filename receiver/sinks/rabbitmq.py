@@ -1,4 +1,5 @@
-"""RabbitMQ sink: a durable topic exchange, routing key = event type, persistent messages."""
+"""RabbitMQ sink: a durable topic exchange, routing key = event type, persistent messages in
+the structured mode of the CloudEvents AMQP binding (content type application/cloudevents+json)."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import aio_pika
 from aio_pika.abc import AbstractExchange, AbstractRobustConnection
 from aio_pika.exceptions import DeliveryError, PublishError
 
+from ..events import CONTENT_TYPE
 from ..sinkspec import SinkSpec
 from ._queues import body, option, reason, where
 from .base import Event, SinkError
@@ -69,7 +71,7 @@ class RabbitMQSink:
     async def _publish(self, exchange: AbstractExchange, event: Event) -> SinkError | None:
         message = aio_pika.Message(
             body(event),
-            content_type="application/json",
+            content_type=CONTENT_TYPE,
             delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
             message_id=event["id"],
         )
