@@ -15,6 +15,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from functools import partial
+from typing import TypeVar
 
 import httpx
 
@@ -35,6 +36,7 @@ POLLS_PER_SECOND = 5.0  # reconciliation's bound on Runflow API requests
 LIMITED = "limited"  # a poll Runflow answered 429: the pass stops there
 STORE_RETRY = 0.05  # seconds before recording a batch is tried again, doubling …
 STORE_RETRY_MAX = 5.0  # … up to this
+T = TypeVar("T")
 
 
 def utcnow() -> datetime:
@@ -276,13 +278,14 @@ class Worker:
         finished = self.clock()
         unsent = []
         deferred: list[int] = []
-        limited = 0
+        limited: set[int] = set()  # refused by a 429: counted as a retry once held back
         wait = self.settings.retry_base
         for index, (claim, _) in enumerate(batch.sending):
             error = batch.sent.get(index, NotSent())
             if isinstance(error, Deferred) or (error is not None and error.limited):
                 deferred.append(claim.outbox_id)
-                limited += not isinstance(error, Deferred)
+                if not isinstance(error, Deferred):
+                    limited.add(claim.outbox_id)
                 wait = max(wait, error.retry_after or 0.0)
             elif isinstance(error, NotSent):
                 unsent.append(claim.outbox_id)
@@ -290,22 +293,33 @@ class Worker:
                 batch.outcomes.append(self._outcome(sink, claim, error, finished))
         stamp = format_time(self.clock())
         deadline = asyncio.get_running_loop().time() + self.lease.total_seconds() / 2
-        recorded = partial(self.store.finish_forwards, batch.outcomes, stamp, batch.lease)
-        await self._until_stored(recorded, deadline)
+        finish = partial(self.store.finish_forwards, batch.outcomes, stamp, batch.lease)
+        recorded = await self._until_stored(finish, deadline)
         given_back = partial(self.store.lease_forwards, unsent, batch.lease, stamp)
         await self._until_stored(given_back, deadline)
+        held: set[int] = set()
         if deferred:
             wait = min(wait, self.settings.retry_max)
             log.info("sink %r is rate limited: sending again in %gs", sink.spec.name, wait)
             resume = format_time(finished + timedelta(seconds=wait))
-            held = partial(self.store.lease_forwards, deferred, batch.lease, resume)
-            await self._until_stored(held, deadline)
+            hold = partial(self.store.lease_forwards, deferred, batch.lease, resume)
+            held = await self._until_stored(hold, deadline)
+        # Only what was recorded is counted: a row whose lease ran out meanwhile is another
+        # worker's now, and that worker counts how its own attempt ends.
+        lost = len(batch.outcomes) - len(recorded) + len(limited - held)
+        if lost:
+            log.info(
+                "sink %r: %d forwards not recorded: their lease ran out and another worker"
+                " holds them now",
+                sink.spec.name,
+                lost,
+            )
         counters = self.metrics.forward_results(sink.spec.name)
-        for outcome in batch.outcomes:
+        for outcome in recorded:
             counters[outcome.state].inc()
-        counters["pending"].inc(limited)  # a 429 counts as a retry
+        counters["pending"].inc(len(limited & held))  # a 429 counts as a retry
 
-    async def _until_stored(self, write: Callable[[], Awaitable[None]], deadline: float) -> None:
+    async def _until_stored(self, write: Callable[[], Awaitable[T]], deadline: float) -> T:
         """Record what a batch did, trying again while the store fails for a moment (locked
         past its busy timeout, PostgreSQL restarting, a full disk freed): only the worker knows
         what went out, and a forward left pending would be sent again once its lease ran out.
@@ -315,8 +329,7 @@ class Worker:
         delay = STORE_RETRY
         while True:
             try:
-                await write()
-                return
+                return await write()
             except StoreUnavailable as exc:
                 if self._stopping or loop.time() + delay > deadline:
                     raise

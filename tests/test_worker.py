@@ -640,15 +640,37 @@ class GatedSink(RecordingSink):
         return await super().deliver(events)
 
 
+def forwards_counted(rig: Rig, sink: str) -> dict[str, float]:
+    """receiver_forwards_total of `sink` by result, as /metrics shows them (zeros left out)."""
+    counted = {}
+    for result in ("done", "retry", "dead", "skipped"):
+        labels = {"sink": sink, "result": result}
+        value = rig.worker.metrics.registry.get_sample_value("receiver_forwards_total", labels)
+        if value:
+            counted[result] = value
+    return counted
+
+
+STALLED_ANSWERS = {
+    "delivered": None,
+    "404": SinkError("404 Not Found", permanent=True),
+    "503": SinkError("503 Service Unavailable"),
+    "429": SinkError("429 Too Many Requests", retry_after=30, limited=True),
+}
+
+
+@pytest.mark.parametrize("answer", STALLED_ANSWERS.values(), ids=STALLED_ANSWERS.keys())
 async def test_a_worker_that_lost_its_lease_does_not_overwrite_the_new_holder(
-    tmp_path: Path, http: httpx.AsyncClient
+    tmp_path: Path, http: httpx.AsyncClient, answer: SinkError | None
 ) -> None:
     """Worker A stalls past its lease (a paused process) while sending; worker B claims the
-    row when it runs out and delivers it. A's late answer, here a 404 (dead), comes before
-    B's: it must not decide the row, or the forward B delivered stays dead, and `forwards
-    --retry-all-dead` sends it once more."""
+    row when it runs out and delivers it. A's late answer comes before B's: it must not decide
+    the row (a 404 would leave the forward B delivered dead, and `forwards --retry-all-dead`
+    send it once more), nor be counted: receiver_forwards_total counted A's dropped outcome
+    too, so a delivery B recorded showed as two (or as a retry or dead letter besides)."""
     stalled, holder = GatedSink(spec("s")), GatedSink(spec("s"))
-    stalled.failures.append(SinkError("404 Not Found", permanent=True))
+    if answer is not None:
+        stalled.failures.append(answer)
     settings = make_settings(tmp_path)
     first, second = Rig(settings, [stalled], http), Rig(settings, [holder], http)
     second.worker.clock = lambda: utcnow() + first.worker.lease + timedelta(seconds=1)
@@ -670,6 +692,8 @@ async def test_a_worker_that_lost_its_lease_does_not_overwrite_the_new_holder(
             rig.store.close()
     assert len(holder.received) == 1
     assert states == [("done", 1, None)]
+    assert forwards_counted(first, "s") == {}
+    assert forwards_counted(second, "s") == {"done": 1}
 
 
 class OneAtATime(OneByOne):
@@ -992,11 +1016,11 @@ async def test_a_lease_renewal_the_store_refuses_for_a_moment_does_not_send_the_
     lease_forwards = rig.store.lease_forwards
     refused: list[int] = []
 
-    async def failing_once(ids: list[int], held: str, until: str) -> None:
+    async def failing_once(ids: list[int], held: str, until: str) -> set[int]:
         if ids and not refused:
             refused.append(len(ids))
             raise StoreUnavailable("database is locked")
-        await lease_forwards(ids, held, until)
+        return await lease_forwards(ids, held, until)
 
     rig.store.lease_forwards = failing_once  # type: ignore[method-assign]
     try:

@@ -238,13 +238,15 @@ class Store:
 
     async def finish_forwards(
         self, outcomes: list[Outcome], stamp: str, held: str | None = None
-    ) -> None:
-        await self.writer.run(
+    ) -> list[Outcome]:
+        return await self.writer.run(
             partial(outbox.finish_forwards, outcomes=outcomes, stamp=stamp, held=held)
         )
 
-    async def lease_forwards(self, ids: list[int], held: str, until: str) -> None:
-        await self.writer.run(partial(outbox.lease_forwards, ids=ids, held=held, until=until))
+    async def lease_forwards(self, ids: list[int], held: str, until: str) -> set[int]:
+        return await self.writer.run(
+            partial(outbox.lease_forwards, ids=ids, held=held, until=until)
+        )
 
     async def claim_refetches(
         self, *, now: str, lease_until: str, limit: int

@@ -134,29 +134,49 @@ def has_due(conn: sqlite3.Connection, sink: str, now: str) -> bool:
 
 def finish_forwards(
     conn: sqlite3.Connection, outcomes: list[Outcome], stamp: str, held: str | None = None
-) -> None:
-    """Record attempts of rows claimed under the lease `held` (None: rows nobody claimed). A
-    row whose lease ran out and that another worker claimed meanwhile is that worker's to
-    record: a late answer here (a stalled process) must not overwrite it."""
+) -> list[Outcome]:
+    """Record attempts of rows claimed under the lease `held` (None: rows nobody claimed);
+    returns the outcomes recorded. A row whose lease ran out and that another worker claimed
+    meanwhile is that worker's to record (and count): a late answer here (a stalled process)
+    must not overwrite it. The rows still held are locked first (PostgreSQL: FOR UPDATE), so
+    what is returned is what was written."""
+    if not outcomes:
+        return []
+    marks = ", ".join("?" * len(outcomes))
+    lock = " FOR UPDATE" if is_postgres(conn) else ""
+    still_held = {
+        row[0]
+        for row in conn.execute(
+            f"SELECT id FROM outbox WHERE id IN ({marks}) AND state = 'pending'"
+            f" AND next_attempt_at = coalesce(?, next_attempt_at) ORDER BY id{lock}",
+            (*(o.outbox_id for o in outcomes), held),
+        )
+    }
+    recorded = [o for o in outcomes if o.outbox_id in still_held]
     conn.executemany(
         "UPDATE outbox SET state = ?, attempts = attempts + 1, next_attempt_at = ?,"
-        " last_error = ?, updated_at = ? WHERE id = ? AND state = 'pending'"
-        " AND next_attempt_at = coalesce(?, next_attempt_at)",
-        [(o.state, o.at, o.error, stamp, o.outbox_id, held) for o in outcomes],
+        " last_error = ?, updated_at = ? WHERE id = ?",
+        [(o.state, o.at, o.error, stamp, o.outbox_id) for o in recorded],
     )
+    return recorded
 
 
-def lease_forwards(conn: sqlite3.Connection, ids: list[int], held: str, until: str) -> None:
+def lease_forwards(conn: sqlite3.Connection, ids: list[int], held: str, until: str) -> set[int]:
     """Move the lease of claimed rows still pending and still held (their lease is `held`: not
     run out and claimed by another worker meanwhile) to `until`: later, while a slow batch
-    is still being sent; now, to give back rows a stopping worker did not send."""
-    if ids:
-        marks = ", ".join("?" * len(ids))
-        conn.execute(
+    is still being sent; now, to give back rows a stopping worker did not send. Returns the
+    ids moved."""
+    if not ids:
+        return set()
+    marks = ", ".join("?" * len(ids))
+    return {
+        row[0]
+        for row in conn.execute(
             f"UPDATE outbox SET next_attempt_at = ? WHERE id IN ({marks})"
-            " AND state = 'pending' AND next_attempt_at = ?",
+            " AND state = 'pending' AND next_attempt_at = ? RETURNING id",
             (until, *ids, held),
-        )
+        ).fetchall()
+    }
 
 
 def claim_refetches(
