@@ -1,7 +1,9 @@
 """Crash safety, for real: `receiver serve` killed with SIGKILL at random moments while a load
 generator posts signed callbacks (and sends some again, as Runflow retries), restarted on the
 same database each time. Afterwards every callback that got a 200 is stored, every stored
-verdict is in the Redis stream, and no event id is in it twice.
+verdict is in the Redis stream, and no event id is in it twice. And `receiver worker` killed
+mid-batch while it forwards to Redis, NATS JetStream and RabbitMQ: every verdict arrives at
+each, under the id a consumer dedupes on.
 
 The kill moments come from a seeded random generator: RECEIVER_CRASH_SEED=<n> replays a run.
 """
@@ -15,17 +17,22 @@ import random
 import signal
 import sqlite3
 import time
+import uuid
 from collections import Counter
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
+import aio_pika
 import httpx
+import nats
+import nats.js.errors
 import pytest
 import redis
+import redis.asyncio
 
-from receiver.events import build_event, event_id
+from receiver.events import CONTENT_TYPE, build_event, event_id
 from receiver.signing import sign
 from receiver.sinks import SinkError
 from receiver.sinks._queues import DEDUPE_SECONDS
@@ -33,9 +40,10 @@ from receiver.sinks.redis import RedisSink
 from receiver.sinkspec import SinkSpec
 from receiver.times import format_time
 
+from .database import connect
 from .helpers import SECRET_A, fixture
-from .servers import ReceiverProcess
-from .services import RedisService
+from .servers import ReceiverProcess, WorkerProcess
+from .services import NatsService, RabbitMQService, RedisService
 
 SEED = int(os.environ.get("RECEIVER_CRASH_SEED", "20261123"))
 CALLBACKS = 300  # unique evaluations
@@ -275,3 +283,208 @@ async def test_the_redis_sink_adds_an_event_id_once_and_never_loses_one(
         client.close()
     assert redis_server.stream_ids(stream) == [second["id"]]  # `first` went with the delete
     assert 0 < ttl <= DEDUPE_SECONDS
+
+
+# `receiver worker` killed mid-batch, against every queue sink.
+
+QUEUED = 1200  # verdicts waiting in the outbox: six batches per sink
+WORKER_LIVES = 12  # at most this many workers are killed before the last one drains the rest
+CAUGHT = 2  # kills that must land between a send and its record (else the test proves nothing)
+LEASE = "2"  # seconds: a killed worker's rows are due again soon after (RECEIVER_LEASE)
+
+
+@dataclass
+class Queues:
+    """A unique destination on each queue server, read the way a consumer reads it."""
+
+    redis: RedisService
+    stream: str
+    nats: NatsService
+    rabbitmq: RabbitMQService
+    unique: str = field(default_factory=lambda: uuid.uuid4().hex[:12])
+
+    @property
+    def subject(self) -> str:
+        return f"crash.{self.unique}"
+
+    @property
+    def nats_stream(self) -> str:
+        return f"CRASH_{self.unique.upper()}"  # the name the sink derives from the subject
+
+    @property
+    def exchange(self) -> str:
+        return f"crash.{self.unique}"
+
+    def config(self) -> str:
+        return (
+            f'[[sinks]]\nname = "redis"\ntype = "redis"\nurl = "{self.redis.url}"\n'
+            f'stream = "{self.stream}"\n\n'
+            f'[[sinks]]\nname = "nats"\ntype = "nats"\nurl = "{self.nats.url}"\n'
+            f'subject = "{self.subject}"\n\n'
+            f'[[sinks]]\nname = "rabbitmq"\ntype = "rabbitmq"\nurl = "{self.rabbitmq.url}"\n'
+            f'exchange = "{self.exchange}"\n'
+        )
+
+    async def bind(self) -> None:
+        """The consumer's durable queue, bound before anything is published."""
+        async with await aio_pika.connect(self.rabbitmq.url) as connection:
+            channel = await connection.channel()
+            exchange = await channel.declare_exchange(
+                self.exchange, aio_pika.ExchangeType.TOPIC, durable=True
+            )
+            queue = await channel.declare_queue(self.exchange, durable=True)
+            await queue.bind(exchange, "#")
+
+    async def stored(self) -> dict[str, int]:
+        """Messages at each destination now, duplicates included (Redis and JetStream drop
+        theirs, so there these are the distinct events that went out)."""
+        client = redis.asyncio.Redis.from_url(self.redis.url)
+        try:
+            in_redis = await client.xlen(self.stream)
+        finally:
+            await client.aclose()
+        nc = await nats.connect(self.nats.url)
+        try:
+            try:
+                in_nats = (await nc.jetstream().stream_info(self.nats_stream)).state.messages
+            except nats.js.errors.NotFoundError:  # the first worker has not made it yet
+                in_nats = 0
+        finally:
+            await nc.close()
+        async with await aio_pika.connect(self.rabbitmq.url) as connection:
+            queue = await (await connection.channel()).declare_queue(self.exchange, passive=True)
+            in_rabbitmq = queue.declaration_result.message_count or 0
+        return {"redis": in_redis, "nats": in_nats, "rabbitmq": in_rabbitmq}
+
+    async def consume(self) -> dict[str, list[tuple[str, dict[str, Any], str | None]]]:
+        """(dedupe key, event, content type) of every message at each destination."""
+        client = redis.asyncio.Redis.from_url(self.redis.url)
+        try:
+            entries = cast(list[tuple[bytes, dict[bytes, bytes]]], await client.xrange(self.stream))
+        finally:
+            await client.aclose()
+        in_redis = [(f[b"id"].decode(), json.loads(f[b"event"]), None) for _, f in entries]
+        nc = await nats.connect(self.nats.url)
+        try:
+            js = nc.jetstream()
+            count = (await js.stream_info(self.nats_stream)).state.messages
+            subscription = await js.pull_subscribe(f"{self.subject}.>", stream=self.nats_stream)
+            messages: list[Any] = []
+            while len(messages) < count:  # acked as read: a consumer holds 1000 unacked
+                fetched = await subscription.fetch(min(count - len(messages), 200), timeout=5)
+                for message in fetched:
+                    await message.ack()
+                messages += fetched
+            await subscription.unsubscribe()
+            await js.delete_stream(self.nats_stream)
+        finally:
+            await nc.close()
+        in_nats = [
+            (m.headers["Nats-Msg-Id"], json.loads(m.data), m.headers.get("Content-Type"))
+            for m in messages
+        ]
+        in_rabbitmq = []
+        async with await aio_pika.connect(self.rabbitmq.url) as connection:
+            channel = await connection.channel()
+            queue = await channel.get_queue(self.exchange)
+            while (message := await queue.get(no_ack=True, fail=False)) is not None:
+                event = json.loads(message.body)
+                in_rabbitmq.append((message.message_id or "", event, message.content_type))
+            await queue.delete()
+            await channel.exchange_delete(self.exchange)
+        return {"redis": in_redis, "nats": in_nats, "rabbitmq": in_rabbitmq}
+
+
+async def post_all(url: str, numbers: range) -> None:
+    """Every callback once, acknowledged (CONNECTIONS at a time)."""
+    end, load = time.monotonic() + RUN_LIMIT, Load()
+    limits = httpx.Limits(max_connections=CONNECTIONS)
+    async with httpx.AsyncClient(base_url=url, timeout=30.0, limits=limits) as client:
+        gate = asyncio.Semaphore(CONNECTIONS)
+
+        async def post(number: int) -> bool:
+            async with gate:
+                return await send(client, load, callback(number), end)
+
+        assert all(await asyncio.gather(*(post(n) for n in numbers))), load
+
+
+def recorded(database: str) -> dict[str, int]:
+    """Forwards each sink's outbox rows say went out."""
+    conn = connect(database)
+    try:
+        found = conn.execute(
+            "SELECT sink, count(*) FROM outbox WHERE state = 'done' GROUP BY sink"
+        ).fetchall()
+    finally:
+        conn.close()
+    return {"redis": 0, "nats": 0, "rabbitmq": 0, **{sink: count for sink, count in found}}
+
+
+def progress(queues: Queues, database: str) -> tuple[dict[str, int], dict[str, int]]:
+    """What is at the destinations, and what the outbox says went out."""
+    return asyncio.run(queues.stored()), recorded(database)
+
+
+def test_a_worker_killed_mid_batch_forwards_every_verdict_to_every_queue_with_its_id(
+    tmp_path: Path,
+    redis_server: RedisService,
+    stream: str,
+    nats_server: NatsService,
+    rabbitmq_server: RabbitMQService,
+) -> None:
+    """`receiver worker` SIGKILLed again and again while it drains a backlog into Redis,
+    JetStream and RabbitMQ, each kill checked to land between events going out and the outbox
+    recording them (some must). Every verdict reaches every queue with its event id where the
+    sink documents it; Redis and JetStream keep one copy (their dedupe keys), and the copies
+    RabbitMQ keeps (it has no dedupe) carry the same message_id, for the consumer to drop."""
+    queues = Queues(redis_server, stream, nats_server, rabbitmq_server)
+    asyncio.run(queues.bind())
+    config = tmp_path / "receiver.toml"
+    config.write_text(queues.config())
+    env = {"RECEIVER_CONFIG": str(config), "RECEIVER_LEASE": LEASE, "RECEIVER_WORKER": "false"}
+    server = ReceiverProcess(tmp_path, **env)
+    database = server.env["RECEIVER_DATABASE"]
+    with server:
+        asyncio.run(post_all(server.url, range(QUEUED)))
+    expected = {event_id(callback(n)[0], "evaluation.completed") for n in range(QUEUED)}
+    rng = random.Random(SEED)
+    kills = caught = 0
+    for life in range(WORKER_LIVES):
+        if caught >= CAUGHT or set(recorded(database).values()) == {QUEUED}:
+            break
+        (tmp_path / f"worker-{life}").mkdir()
+        worker = WorkerProcess(tmp_path / f"worker-{life}", server.env).start()
+        before, deadline = progress(queues, database), time.monotonic() + SETTLE_LIMIT
+        while progress(queues, database) == before:  # it is at work: kill it in a while
+            assert time.monotonic() < deadline, worker.log.read_text()
+        time.sleep(rng.uniform(0, 0.05))
+        worker.stop(signal.SIGKILL)
+        kills += 1
+        sent, done = asyncio.run(queues.stored()), recorded(database)
+        caught += any(sent[sink] > done[sink] for sink in ("redis", "nats"))
+    assert caught >= CAUGHT, f"{kills} kills, none between a send and its record"
+    (tmp_path / "worker-last").mkdir()
+    with WorkerProcess(tmp_path / "worker-last", server.env):
+        deadline = time.monotonic() + SETTLE_LIMIT + 2 * float(LEASE)
+        while set(recorded(database).values()) != {QUEUED}:
+            assert time.monotonic() < deadline, recorded(database)
+            time.sleep(0.1)
+    got = asyncio.run(queues.consume())
+    summary = (
+        f"seed {SEED}: {kills} kills, {caught} between a send and its record;"
+        f" RabbitMQ kept {len(got['rabbitmq']) - QUEUED} second copies"
+    )
+    for sink in ("redis", "nats"):
+        keys = [key for key, _, _ in got[sink]]
+        assert len(keys) == len(set(keys)) == QUEUED, (sink, summary)  # deduped by the sink
+    for sink, messages in got.items():
+        assert {key for key, _, _ in messages} == expected, (sink, summary)  # each, no other
+        assert all(key == event["id"] for key, event, _ in messages), (sink, summary)
+    assert {kind for _, _, kind in got["nats"] + got["rabbitmq"]} == {CONTENT_TYPE}
+    conn = connect(database)
+    try:
+        states = conn.execute("SELECT state, count(*) FROM outbox GROUP BY state").fetchall()
+    finally:
+        conn.close()
+    assert [tuple(row) for row in states] == [("done", 3 * QUEUED)]
