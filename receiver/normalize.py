@@ -130,21 +130,47 @@ def _newer_or_equal(incoming: dict[str, Any], existing: dict[str, Any]) -> bool:
     return stamp_in is None or stamp_old is None or stamp_in >= stamp_old
 
 
+# What only one verdict says (contract §4): Runflow's own GET of an evaluation with the other
+# verdict says null for each (a failed one has no pass, score, issues, action or cost; a
+# completed one no failure_code). Everything else (what was asked, times, feedback) is shared.
+VERDICT_ONLY = {
+    "completed": (
+        "overall_passed",
+        "weighted_pass_rate",
+        "override_reason",
+        "top_issues",
+        "top_strengths",
+        "check_summary",
+        "analysis_modules_executed",
+        "primary_action_code",
+        "cost",
+        "judges",
+        "action",
+        "gate_failures",
+    ),
+    "failed": ("failure_code",),
+}
+
+
 def merge(existing: dict[str, Any], incoming: dict[str, Any]) -> dict[str, Any]:
     """The evaluation after `incoming`: newer values win, no key is lost, no state regresses.
 
     A terminal status never goes back to pending/running, and a superseded evaluation stays
-    superseded, whatever order the bodies arrive in. A completed verdict after a failed one
-    keeps no failure_code it did not give itself: the failure it names is over (Runflow's own
-    GET of a completed evaluation says null), and kept, it made the completed evaluation count
-    as a failure in every failure_code filter, statistic and event.
+    superseded, whatever order the bodies arrive in. A verdict that follows the other one
+    (completed after failed, or failed after completed) keeps none of the other's own fields
+    (VERDICT_ONLY) that it did not give itself, whichever body arrived first: kept, a failed
+    evaluation showed as passed with a score (and a completed one as a failure) in every
+    filter, statistic and event.
     """
     newer, older = (
         (incoming, existing) if _newer_or_equal(incoming, existing) else (existing, incoming)
     )
     merged = {**older, **newer}
-    if merged.get("status_code") == "completed" and older.get("status_code") == "failed":
-        merged["failure_code"] = newer.get("failure_code")
+    verdict, other = merged.get("status_code"), older.get("status_code")
+    if verdict in TERMINAL and other in TERMINAL and verdict != other:
+        for key in VERDICT_ONLY[other]:
+            if key in older:
+                merged[key] = newer.get(key)
     merged["superseded_at"] = existing.get("superseded_at") or incoming.get("superseded_at")
     return merged
 

@@ -6,7 +6,15 @@ from typing import Any
 import pytest
 
 from receiver.errors import BadRequest
-from receiver.normalize import Callback, columns, judge_issues, merge, normalize, parse_body
+from receiver.normalize import (
+    VERDICT_ONLY,
+    Callback,
+    columns,
+    judge_issues,
+    merge,
+    normalize,
+    parse_body,
+)
 
 from .helpers import fixture
 
@@ -335,6 +343,25 @@ def _at(second: int) -> str:
     return f"2026-11-20T09:00:{second:02d}+00:00"
 
 
+# A completed verdict with every field only a completed one has (normalize.VERDICT_ONLY).
+COMPLETED_OWN: dict[str, Any] = {
+    "status_code": "completed",
+    "overall_passed": True,
+    "weighted_pass_rate": 0.9,
+    "override_reason": None,
+    "top_issues": ["Collar asymmetry"],
+    "top_strengths": ["Lighting matches prompt"],
+    "check_summary": {"passed": 3, "failed": 0, "total": 3},
+    "analysis_modules_executed": 3,
+    "primary_action_code": "accept",
+    "cost": "0.0400",
+    "judges": [{"name": "anatomy", "issues": [{"category": "anatomy"}]}],
+    "action": {"primary_action": "accept"},
+    "gate_failures": [{"output_key": "k", "module": "m", "reason": "r"}],
+    "completed_at": _at(5),
+}
+
+
 @pytest.mark.parametrize(
     ("existing", "incoming", "expected"),
     [
@@ -512,6 +539,56 @@ def _at(second: int) -> str:
                 "superseded_at": None,
             },
         ),
+        (
+            {"id": "e", "client_ref": "c", "feedback_is_positive": True, **COMPLETED_OWN},
+            {"id": "e", "status_code": "failed", "failure_code": "timed_out"},
+            {
+                "id": "e",
+                "status_code": "failed",
+                "failure_code": "timed_out",
+                "client_ref": "c",
+                "feedback_is_positive": True,
+                "completed_at": _at(5),
+                **dict.fromkeys(COMPLETED_OWN.keys() - {"status_code", "completed_at"}),
+                "superseded_at": None,
+            },
+        ),
+        (
+            {"id": "e", "status_code": "failed", "failure_code": "timed_out", "updated_at": _at(6)},
+            {**COMPLETED_OWN, "id": "e", "updated_at": _at(5)},
+            {
+                "id": "e",
+                "status_code": "failed",
+                "failure_code": "timed_out",
+                "completed_at": _at(5),
+                "updated_at": _at(6),
+                **dict.fromkeys(COMPLETED_OWN.keys() - {"status_code", "completed_at"}),
+                "superseded_at": None,
+            },
+        ),
+        (
+            {"id": "e", "status_code": "completed", "overall_passed": True, "updated_at": _at(5)},
+            {"id": "e", "status_code": "failed", "weighted_pass_rate": 0.2, "updated_at": _at(5)},
+            {
+                "id": "e",
+                "status_code": "failed",
+                "overall_passed": None,
+                "weighted_pass_rate": 0.2,
+                "updated_at": _at(5),
+                "superseded_at": None,
+            },
+        ),
+        (
+            {"id": "e", "status_code": "running", "top_issues": ["x"], "cost": "0.01"},
+            {"id": "e", "status_code": "failed"},
+            {
+                "id": "e",
+                "status_code": "failed",
+                "top_issues": ["x"],
+                "cost": "0.01",
+                "superseded_at": None,
+            },
+        ),
     ],
     ids=[
         "pending-to-running",
@@ -533,6 +610,10 @@ def _at(second: int) -> str:
         "late-failed-adds-no-failure-code-to-completed",
         "completed-keeps-a-failure-code-it-gives",
         "failed-keeps-an-earlier-failure-code",
+        "failed-after-completed-drops-its-verdict",
+        "late-completed-adds-no-verdict-to-failed",
+        "failed-keeps-a-score-it-gives-on-a-tie",
+        "failed-keeps-what-a-running-body-said",
     ],
 )
 def test_merge_table(
@@ -719,3 +800,7 @@ def test_judge_issues_of_the_embedded_fixture() -> None:
 )
 def test_judge_issues_table(judges: object, expected: list[tuple[Any, ...]]) -> None:
     assert judge_issues({"judges": judges}) == expected
+
+
+def test_the_merge_table_covers_every_field_only_a_completed_verdict_has() -> None:
+    assert set(VERDICT_ONLY["completed"]) == COMPLETED_OWN.keys() - {"status_code", "completed_at"}

@@ -30,7 +30,8 @@ from receiver.normalize import normalize, parse_body
 from receiver.runflow import RunflowClient
 from receiver.sinks import Deferred, Event, OneByOne, SinkError, build_sink
 from receiver.sinkspec import SinkSpec
-from receiver.store import Delivery, Forwarding, Store
+from receiver.store import Delivery, EvaluationFilter, Forwarding, Store
+from receiver.store.stats import stats as scan_stats
 from receiver.times import format_time
 from receiver.worker import Worker, utcnow
 
@@ -1219,4 +1220,126 @@ async def test_a_superseded_verdict_with_no_callback_of_its_own_is_skipped(
     ]
     (event,) = sink.received
     assert event["type"] == "io.runflow.evaluation.failed"
-    assert event["data"]["status"] == "failed"
+    assert {key: event["data"][key] for key in FAILED_DATA} == FAILED_DATA
+
+
+# Both verdicts of one evaluation in every arrival order: the stored row, the API's answer,
+# the statistics and each forwarded event say only the winning (or the event's own) verdict's
+# fields. "refetch" is a worker round whose refetch GETs the completed object with its judges.
+def verdict_body(status: str, second: int | None) -> bytes:
+    own = (
+        {**COMPLETED_CALLBACK, "top_issues": ["Collar asymmetry"], "cost": "0.0400"}
+        if status == "completed"
+        else FAILED_CALLBACK
+    )
+    stamp = {} if second is None else {"updated_at": f"2026-11-20T09:16:{second:02d}+00:00"}
+    return json.dumps({**own, **stamp}).encode()
+
+
+OWN_DATA = {
+    "completed": {
+        **COMPLETED_DATA,
+        "top_issues": ["Collar asymmetry"],
+        "top_strengths": [],
+        "cost": "0.0400",
+    },
+    "failed": {
+        **FAILED_DATA,
+        "top_issues": [],
+        "top_strengths": [],
+        "issues": [],
+        "gate_failures": [],
+        "action": {"primary_action": None, "failure_summary": None, "improved_prompt": None},
+        "cost": None,
+    },
+}
+ROWS = {
+    "completed": ("completed", 1, 0.9, None, '["Collar asymmetry"]'),
+    "failed": ("failed", None, None, "timed_out", "[]"),
+}
+ORDERS = {
+    # steps (verdict, updated_at second; "refetch": a worker round) → stored verdict, events
+    "failed-then-completed": ([("failed", 1), ("completed", 2)], "completed"),
+    "completed-then-failed": ([("completed", 1), ("failed", 2)], "failed"),
+    "same-updated-at-completed-last": ([("failed", 1), ("completed", 1)], "completed"),
+    "same-updated-at-failed-last": ([("completed", 1), ("failed", 1)], "failed"),
+    "older-failed-arrives-last": ([("completed", 2), ("failed", 1)], "completed"),
+    "older-completed-arrives-last": ([("failed", 2), ("completed", 1)], "failed"),
+    "no-updated-at-completed-last": ([("failed", 1), ("completed", None)], "completed"),
+    "no-updated-at-failed-last": ([("completed", 1), ("failed", None)], "failed"),
+    "refetch-in-between": ([("completed", 1), ("refetch", 0), ("failed", 2)], "failed"),
+}
+
+
+@pytest.mark.parametrize("sent_between", [False, True], ids=["queued", "sent-between"])
+@pytest.mark.parametrize(("steps", "stored"), ORDERS.values(), ids=ORDERS.keys())
+async def test_two_verdicts_in_any_order_keep_only_their_own_fields(
+    tmp_path: Path,
+    http: httpx.AsyncClient,
+    runflow: tuple[FakeRunflow, str],
+    steps: list[tuple[str, int | None]],
+    stored: str,
+    sent_between: bool,
+) -> None:
+    fake, url = runflow
+    fake.faults.clear()
+    refetched = {"overall_passed": True, "weighted_pass_rate": 0.9, "failure_code": None}
+    fake.add(
+        VERDICT_ID,
+        **{key: ASKED[key] for key in ASKED if key != "status_code"},
+        **{
+            **refetched,
+            "top_issues": ["Collar asymmetry"],
+            "top_strengths": [],
+            "completed_at": COMPLETED_CALLBACK["completed_at"],
+            "updated_at": "2026-11-20T09:16:01+00:00",
+        },
+    )
+    sink = RecordingSink(spec("s"))
+    refetch = {"runflow_api_key": API_KEY, "runflow_api_base": url}
+    rig = rig_for(tmp_path, http, [sink], **(refetch if ("refetch", 0) in steps else {}))
+    try:
+        await rig.post(json.dumps(ASKED).encode())
+        for verdict, second in steps:
+            if verdict != "refetch":
+                await rig.post(verdict_body(verdict, second))
+            if sent_between or verdict == "refetch":
+                await rig.drain()
+        await rig.drain()
+        row = rig.rows("SELECT status, passed, score, failure_code, top_issues FROM evaluations")
+        found = rig.store.get_evaluation(VERDICT_ID)
+        passed = rig.store.list_evaluations(EvaluationFilter(passed=True))[0]
+        overview = rig.store.stats(EvaluationFilter())
+        conn = connect(rig.settings.database)
+        try:
+            scanned = scan_stats(conn, EvaluationFilter(), exact=True)
+        finally:
+            conn.close()
+    finally:
+        rig.store.close()
+    assert row == [ROWS[stored]]
+    assert found is not None
+    status, passed_flag, score, failure_code, labels = ROWS[stored]
+    assert {key: found["evaluation"][key] for key in ("status", "passed", "score")} == {
+        "status": status,
+        "passed": None if passed_flag is None else bool(passed_flag),
+        "score": score,
+    }
+    assert found["evaluation"]["failure_code"] == failure_code
+    assert found["evaluation"]["top_issues"] == json.loads(labels)
+    runflow_object = found["evaluation"]["runflow"]
+    assert runflow_object["overall_passed"] == (True if stored == "completed" else None)
+    assert runflow_object.get("failure_code") == failure_code
+    assert not runflow_object.get("judges") or stored == "completed"
+    assert (found["issues"] != []) == (stored == "completed" and ("refetch", 0) in steps)
+    assert [item["id"] for item in passed] == ([VERDICT_ID] if stored == "completed" else [])
+    assert overview == scanned
+    assert overview["by_status"] == {stored: 1}
+    for event in sink.received:
+        verdict = event["type"].removeprefix("io.runflow.evaluation.")
+        wanted = OWN_DATA[verdict]
+        assert {key: event["data"][key] for key in wanted} == wanted, verdict
+        assert event["id"] == event_id(VERDICT_ID, f"evaluation.{verdict}")
+    sent = [event["type"].removeprefix("io.runflow.evaluation.") for event in sink.received]
+    assert sent[-1] == stored
+    assert len(sent) == len(set(sent))

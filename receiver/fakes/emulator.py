@@ -24,6 +24,7 @@ from urllib.parse import urlsplit
 
 import httpx
 
+from ..normalize import VERDICT_ONLY
 from ..runflow_requests import is_loopback_host
 from ..signing import sign
 
@@ -134,17 +135,7 @@ def finished(evaluation: dict[str, Any], verdict: Verdict, duration_ms: int) -> 
         done["failure_code"] = verdict.failure_code or "processing_failed"
         return done
     base = template()
-    for key in (
-        "overall_passed",
-        "weighted_pass_rate",
-        "top_issues",
-        "top_strengths",
-        "check_summary",
-        "analysis_modules_executed",
-        "primary_action_code",
-        "cost",
-        *EMBED_FIELDS,
-    ):
+    for key in VERDICT_ONLY["completed"]:
         done[key] = base[key]
     if verdict.passed:
         done.update(

@@ -195,7 +195,8 @@ def apply_evaluation(
         ahead = conn.execute(_STORED, (evaluation_id, evaluation_id)).fetchone()
     has_newer_attempt, *stored = ahead
     row = stored if stored[0] is not None else None
-    merged = merge(json.loads(row[0]), fields) if row else fields
+    before_data = json.loads(row[0]) if row else None
+    merged = merge(before_data, fields) if before_data is not None else fields
     cols = columns(merged)
     status = cols["status"]
     written = now()
@@ -242,7 +243,9 @@ def apply_evaluation(
         )
         conn.execute(f"UPDATE evaluations SET {assignments} WHERE id = :id", values)
     issues = None
-    if "judges" in fields:
+    # Also when merge dropped the judges of the other verdict: their issues are not this one's.
+    dropped = before_data is not None and bool(before_data.get("judges")) and not merged["judges"]
+    if "judges" in fields or dropped:
         replaced = conn.execute(
             "DELETE FROM issues WHERE evaluation_id = ? RETURNING category, subcategory",
             (evaluation_id,),
