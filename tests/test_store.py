@@ -17,6 +17,7 @@ import pytest
 from sqlite_utils import Database
 
 from receiver.errors import BadRequest, ConfigError, StoreUnavailable
+from receiver.events import build_event
 from receiver.normalize import normalize, parse_body
 from receiver.sinkspec import SinkSpec
 from receiver.store import Delivery, EvaluationFilter, Receipt, Store, rollups
@@ -24,7 +25,7 @@ from receiver.store import apply as apply_module
 from receiver.store.apply import NO_FORWARDING, Forwarding, apply_queued
 from receiver.store.dialect import Later
 from receiver.store.ingest import accept
-from receiver.store.outbox import replay_delivery
+from receiver.store.outbox import claim_forwards, replay_delivery
 from receiver.store.queries import list_changes
 from receiver.store.schema import MIGRATIONS
 from receiver.store.stats import stats as scan_stats
@@ -224,7 +225,7 @@ async def test_migration_11_searches_labels_written_before_as_text(path: str) ->
     conn.commit()
     conn.close()
     store = Store(path)
-    assert store.migrate() == [11, 12]
+    assert store.migrate() == [11, 12, 13]
     for text, found in (('5" crop', ["e-1"]), ("left", ["e-2"]), ("[", []), ('","', [])):
         assert [item["id"] for item in store.list_evaluations(EvaluationFilter(q=text))[0]] == (
             found
@@ -241,6 +242,135 @@ async def test_migration_11_searches_labels_written_before_as_text(path: str) ->
         assert overview == scan_stats(conn, EvaluationFilter(), exact=True)
     finally:
         conn.close()
+
+
+# Migration 13: rows the merge before it wrote, each verdict keeping the other's fields.
+COMPLETED_VERDICT = {
+    "overall_passed": True,
+    "weighted_pass_rate": 0.9,
+    "top_issues": ["Collar asymmetry"],
+    "cost": "0.0400",
+    "judges": [{"name": "anatomy", "issues": [{"category": "anatomy", "detail": "hand"}]}],
+}
+CF_VERDICT = {**COMPLETED_VERDICT, "weighted_pass_rate": 0.5}  # counted: mean 0.8, not 0.9
+
+
+@pytest.mark.anyio
+async def test_migration_13_gives_each_verdict_only_its_own_fields(path: str) -> None:
+    """A failed evaluation that kept a completed verdict's pass, score, labels, cost and
+    judges, and a completed one that kept a failed verdict's failure_code, are rewritten as
+    merge now leaves them: their columns, issues, statistics, search, client_ref pointers and
+    API answer follow; no forward is queued or queued again, and no other row is touched."""
+    sink = SinkSpec(name="s", type="http", url="https://a.example.com/hooks")
+    store = Store(path, forwarding=Forwarding(sinks=(sink,)))
+    store.open()
+    try:
+        await ingest_all(
+            store,
+            evaluation("cf", client_ref="ref-cf", second=1, **CF_VERDICT),
+            evaluation("cf", "failed", client_ref="ref-cf", second=2, failure_code="timed_out"),
+            evaluation("fc", "failed", client_ref="ref-fc", second=1, failure_code="timed_out"),
+            evaluation("fc", client_ref="ref-fc", second=2, **COMPLETED_VERDICT),
+            evaluation("own", failure_code="processing_failed", **COMPLETED_VERDICT),
+            evaluation("ok", "failed", failure_code="invalid_media"),
+            evaluation("fine", **COMPLETED_VERDICT),
+        )
+    finally:
+        store.close()
+    conn = connect(path)
+    # As the merge before migration 13 left them: apply_evaluation keeps the columns, issue
+    # rows, rollups, text index and client_ref pointers in step with what it writes.
+    stale = {"cf": CF_VERDICT, "fc": {"failure_code": "timed_out"}}
+    for evaluation_id, kept in stale.items():
+        (data,) = conn.execute("SELECT data FROM evaluations WHERE id = ?", (evaluation_id,))
+        apply_module.apply_evaluation(
+            conn, {**json.loads(data[0]), **kept}, source="webhook", stamp=now()
+        )
+    conn.execute("UPDATE outbox SET state = 'done', attempts = 1 WHERE event_type LIKE '%failed'")
+    conn.execute("DELETE FROM migrations WHERE version = 13")
+    conn.commit()
+    assert (row(path, "cf")["passed"], row(path, "fc")["failure_code"]) == (1, "timed_out")
+    before = {r[0]: r[1] for r in query(path, "SELECT id, updated_at FROM evaluations")}
+    forwards = [tuple(r) for r in query(path, "SELECT * FROM outbox ORDER BY id")]
+    conn.close()
+
+    store = Store(path)
+    assert store.migrate() == [13]
+    try:
+        cf = store.get_evaluation("cf")
+        fc = store.get_evaluation("fc")
+        assert cf is not None
+        assert fc is not None
+        assert {key: cf["evaluation"][key] for key in ("status", "passed", "score")} == {
+            "status": "failed",
+            "passed": None,
+            "score": None,
+        }
+        assert (cf["evaluation"]["failure_code"], cf["evaluation"]["top_issues"]) == (
+            "timed_out",
+            [],
+        )
+        assert {
+            key: cf["evaluation"]["runflow"][key] for key in COMPLETED_VERDICT
+        } == dict.fromkeys(COMPLETED_VERDICT)
+        assert cf["issues"] == []
+        assert (fc["evaluation"]["status"], fc["evaluation"]["passed"]) == ("completed", True)
+        assert fc["evaluation"]["failure_code"] is None
+        assert fc["evaluation"]["runflow"]["failure_code"] is None
+        assert [issue["category"] for issue in fc["issues"]] == ["anatomy"]
+        passed = store.list_evaluations(EvaluationFilter(passed=True))[0]
+        assert sorted(item["id"] for item in passed) == ["fc", "fine", "own"]
+        timed_out = store.list_evaluations(EvaluationFilter(failure_code="timed_out"))[0]
+        assert [item["id"] for item in timed_out] == ["cf"]
+        collar = store.list_evaluations(EvaluationFilter(q="collar"))[0]
+        assert sorted(item["id"] for item in collar) == ["fc", "fine", "own"]
+        overview = store.stats(EvaluationFilter())
+    finally:
+        store.close()
+    assert overview["by_status"] == {"completed": 3, "failed": 2}
+    assert (overview["passed"], overview["mean_score"]) == (3, 0.9)
+    assert {entry["failure_code"]: entry["count"] for entry in overview["failure_codes"]} == {
+        "timed_out": 1,
+        "invalid_media": 1,
+        "processing_failed": 1,
+    }
+    assert [(entry["category"], entry["count"]) for entry in overview["top_issue_categories"]] == [
+        ("anatomy", 3)
+    ]
+    conn = connect(path)
+    try:
+        assert overview == scan_stats(conn, EvaluationFilter(), exact=True)
+        latest = "SELECT latest_passed, latest_score FROM client_refs WHERE client_ref = ?"
+        assert [tuple(r) for r in query(path, latest, "ref-cf")] == [(None, None)]
+    finally:
+        conn.close()
+    after = {r[0]: r[1] for r in query(path, "SELECT id, updated_at FROM evaluations")}
+    assert {key for key in before if after[key] != before[key]} == {"cf", "fc"}
+    assert [tuple(r) for r in query(path, "SELECT * FROM outbox ORDER BY id")] == forwards
+    # The forwards still pending go out as their own verdicts: fc's from its repaired state,
+    # cf's older completed one from its own callback, as before.
+    conn = connect(path)
+    try:
+        stamp = now()
+        claims = claim_forwards(
+            conn, "s", now=stamp, lease_until=stamp, refetch_cutoff=stamp, limit=10
+        )
+    finally:
+        conn.close()
+    built = {
+        claim.fields["id"]: build_event(
+            claim.fields, claim.event_type, refetched=False, received_at=stamp
+        )["data"]
+        for claim in claims
+    }
+    assert {
+        key: {k: data[k] for k in ("status", "passed", "score", "failure_code")}
+        for key, data in built.items()
+        if key in ("cf", "fc")
+    } == {
+        "cf": {"status": "completed", "passed": True, "score": 0.5, "failure_code": None},
+        "fc": {"status": "completed", "passed": True, "score": 0.9, "failure_code": None},
+    }
 
 
 class Recording:

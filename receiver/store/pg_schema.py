@@ -15,7 +15,14 @@ from typing import cast
 from ..times import now
 from . import rollups
 from .pg_connection import PgConnection
-from .schema import CHANGES_INDEX, DELIVERY_KEY, REPAIRS, refuse_newer, repair_nul_labels
+from .schema import (
+    CHANGES_INDEX,
+    DELIVERY_KEY,
+    REPAIRS,
+    refuse_newer,
+    repair_nul_labels,
+    repair_verdicts,
+)
 
 LOCK = 0x72656376  # "recv": the advisory lock key of migrations
 T = 'text COLLATE "C"'
@@ -161,6 +168,11 @@ V11_ISSUE_TEXT: tuple[str | Callable[[PgConnection], object], ...] = (
     lambda conn: rollups.rebuild(cast(sqlite3.Connection, conn)),  # sqlite3's surface
 )
 
+# schema.repair_verdicts: each row as a callback is applied, its rollups moved with it.
+V13_VERDICTS: tuple[Callable[[PgConnection], object], ...] = (
+    lambda conn: repair_verdicts(cast(sqlite3.Connection, conn)),
+)
+
 MIGRATIONS: list[tuple[int, str, tuple[str | Callable[[PgConnection], object], ...]]] = [
     (1, "core tables", V1_CORE),
     (2, "refetch state and outbox claiming", V2_FORWARDING),
@@ -174,6 +186,7 @@ MIGRATIONS: list[tuple[int, str, tuple[str | Callable[[PgConnection], object], .
     (10, "repairs: first polls, scores", REPAIRS),
     (11, "issue labels searched as text", V11_ISSUE_TEXT),
     (12, "changes index", CHANGES_INDEX),
+    (13, "verdicts keep only their own fields", V13_VERDICTS),
 ]
 
 

@@ -5,13 +5,15 @@ from __future__ import annotations
 import json
 import sqlite3
 from collections.abc import Callable
+from typing import Any
 
 from sqlite_utils import Database
 
-from ..errors import ConfigError
+from ..errors import BadRequest, ConfigError
+from ..normalize import VERDICT_ONLY, merge, normalize, parse_body
 from ..times import now
 from . import rollups, search
-from .apply import dumps
+from .apply import apply_evaluation, dumps
 
 # One unique key in arrival order: Runflow's ids are UUIDv7 (time-ordered), so a new delivery's
 # entry lands beside the last ones instead of on a random leaf of a sha256 index, and each ack
@@ -285,6 +287,61 @@ def _v12_changes(db: Database) -> None:
         db.execute(statement)
 
 
+# Rows an older merge wrote, before it kept each verdict to its own fields (VERDICT_ONLY): a
+# completed evaluation with a failure_code, or a failed one with a pass, a score or top issue
+# labels. Each kind is read from an index that holds its columns, not the table: failure_code's
+# partial list index, which has only the rows with a failure_code (`status || ''` keeps SQLite
+# from walking every completed row of status's instead), and status's for the failed rows.
+STALE_VERDICTS = (
+    "SELECT id FROM evaluations WHERE failure_code IS NOT NULL AND status || '' = 'completed'"
+    " UNION SELECT id FROM evaluations WHERE status = 'failed'"
+    " AND (passed IS NOT NULL OR score IS NOT NULL OR top_issues <> '[]')"
+)
+
+
+def _own_fields(conn: sqlite3.Connection, evaluation_id: str, verdict: str) -> dict[str, Any]:
+    """What the stored callbacks and polls of `verdict` said, merged in arrival order."""
+    own: dict[str, Any] = {}
+    for (body,) in conn.execute(
+        "SELECT body FROM deliveries WHERE evaluation_id = ? ORDER BY id", (evaluation_id,)
+    ).fetchall():
+        try:
+            fields = normalize(parse_body(bytes(body))).fields
+        except BadRequest:  # it was applied, so it parses; a body edited by hand may not
+            continue
+        if fields.get("status_code") == verdict:
+            own = merge(own, fields) if own else fields
+    return own
+
+
+def repair_verdicts(conn: sqlite3.Connection) -> int:
+    """Rewrite the rows STALE_VERDICTS finds as merge now leaves them: the other verdict's
+    fields as this verdict's own callbacks said them, else null (a refetch is not stored, and
+    Runflow's GET says null for them). Written through apply_evaluation, so the columns, issue
+    rows, rollups, text index and client_ref pointers follow as for a callback, and with no
+    sinks: no forward is queued, an event already sent is not sent again. Returns how many
+    rows changed (a completed one whose own callback gave its failure_code stays as it is)."""
+    stamp = now()
+    repaired = 0
+    for (evaluation_id,) in conn.execute(STALE_VERDICTS).fetchall():
+        (text,) = conn.execute(
+            "SELECT data FROM evaluations WHERE id = ?", (evaluation_id,)
+        ).fetchone()
+        data: dict[str, Any] = json.loads(text)
+        verdict = data.get("status_code")
+        other = "failed" if verdict == "completed" else "completed"
+        own = _own_fields(conn, evaluation_id, str(verdict))
+        fixed = {**data, **{key: own.get(key) for key in VERDICT_ONLY[other] if key in data}}
+        if fixed != data:
+            apply_evaluation(conn, fixed, source="migration", stamp=stamp)
+            repaired += 1
+    return repaired
+
+
+def _v13_verdicts(db: Database) -> None:
+    repair_verdicts(db.conn)
+
+
 MIGRATIONS: list[tuple[int, str, Callable[[Database], None]]] = [
     (1, "core tables", _v1_core),
     (2, "refetch state and outbox claiming", _v2_forwarding),
@@ -298,6 +355,7 @@ MIGRATIONS: list[tuple[int, str, Callable[[Database], None]]] = [
     (10, "repairs: first polls, scores", _v10_repairs),
     (11, "issue labels searched as text", _v11_issue_text),
     (12, "changes index", _v12_changes),
+    (13, "verdicts keep only their own fields", _v13_verdicts),
 ]
 
 
