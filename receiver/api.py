@@ -18,7 +18,7 @@ from .errors import BadRequest, Forbidden, NotFound, StoreUnavailable, Unauthori
 from .feedback import send_feedback
 from .logs import REASON
 from .normalize import STATUSES
-from .store import EvaluationFilter
+from .store import ACK_TIMEOUT, EvaluationFilter
 from .store.outbox import STATES
 from .times import now, parse_moment
 from .web import read_body, whole
@@ -28,7 +28,8 @@ CHANGES = "changed_since"  # lists only: the evaluations written since, oldest c
 MAX_LIMIT = 500
 # How long /readyz waits for its write: the writer may wait without end for another process's
 # turn (the writers' flock) or a hung PostgreSQL, and a probe that never answers says nothing.
-READY_TIMEOUT = 5.0
+# The bound of a callback's commit, so that ready means a callback would be answered 200.
+READY_TIMEOUT = ACK_TIMEOUT
 MAX_ROW_ID = 2**63 - 1  # SQLite's largest rowid; a larger path number would overflow the query
 
 

@@ -22,7 +22,7 @@ from starlette.types import Message, Receive, Scope, Send
 from . import api, dashboard, openapi, web
 from .config import Settings
 from .context import STATE_KEY, Context
-from .errors import ReceiverError
+from .errors import ReceiverError, StoreTimeout
 from .headers import SecurityHeaders
 from .logs import REASON, AccessLog, lean_records
 from .metrics import Metrics
@@ -49,6 +49,8 @@ async def receiver_error(request: Request, exc: Exception) -> Response:
         request.scope[REASON] = str(exc)  # for the access line, at ERROR
     if headers:
         response.headers.update(headers)
+    if isinstance(exc, StoreTimeout):
+        response.headers["Retry-After"] = str(exc.retry_after)
     if exc.status in (408, 413):
         # The body was not read to its end: the connection cannot carry another request,
         # and closing it is what cuts a slow or oversized sender off (uvicorn honours it).

@@ -41,6 +41,16 @@ class StoreUnavailable(ReceiverError):
     status = 503
 
 
+class StoreTimeout(StoreUnavailable):
+    """The store did not commit within its bound (another process holds the writers' turn or
+    a lock, the database hangs): answered at once, with Retry-After, rather than after the
+    sender gave up."""
+
+    def __init__(self, reason: str, retry_after: int) -> None:
+        super().__init__(reason)
+        self.retry_after = retry_after
+
+
 class ConfigError(ReceiverError):
     """A setting is missing or malformed; the message names the variable and what is expected."""
 

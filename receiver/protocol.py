@@ -7,10 +7,10 @@ Here a POST to the webhook with a small body (up to 64 KiB, arriving within
 RECEIVER_BODY_TIMEOUT), signed by a current secret and parseable, is stored through the same
 writer and answered in one write, with the status, headers, body, metrics and log line of the
 endpoint in web.py. Anything else (a refusal, a larger or slower body, `Expect:
-100-continue`, a query string, a store error, any failure) goes to the app as uvicorn would
-have sent it, body included, and the endpoint answers: every reason, limit and the quarantine
-stay in one place. Every connection also keeps one keep-alive timer instead of one per
-response.
+100-continue`, a query string, a store error or timeout, any failure) goes to the app as
+uvicorn would have sent it, body included, and the endpoint answers: every reason, limit and
+the quarantine stay in one place. Every connection also keeps one keep-alive timer instead of
+one per response.
 
 Built on uvicorn's protocol internals (`_start_asgi_task`, `RequestResponseCycle`), so
 pyproject.toml pins uvicorn's minor version and tests/test_protocol.py checks both paths.
@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from asyncio import CancelledError
 from collections.abc import Iterable
 from functools import partial
 from typing import Any, cast
@@ -28,12 +29,13 @@ from uvicorn.protocols.http.flow_control import HIGH_WATER_LIMIT
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol, RequestResponseCycle
 
 from .context import STATE_KEY, Context
+from .errors import StoreTimeout
 from .headers import HEADERS
 from .logs import WEBHOOK_PATH
 from .normalize import normalize, parse_body
 from .signing import SIGNATURE_HEADER, verify
 from .store import Receipt
-from .web import BODY_WAITED, STARTED, acknowledged, kept_headers, received, whole
+from .web import BODY_WAITED, GAVE_UP, STARTED, acknowledged, kept_headers, received, whole
 
 # After uvicorn's date and server headers: what Response and SecurityHeaders add, in order.
 _HEAD = b"HTTP/1.1 200 OK\r\n"
@@ -199,8 +201,11 @@ class WebhookProtocol(HttpToolsProtocol):
         verifying: float,
         stored: asyncio.Future[Receipt],
     ) -> None:
-        if stored.cancelled() or stored.exception() is not None:
-            # the endpoint tries again: a 503 if the store is down
+        error = CancelledError() if stored.cancelled() else stored.exception()
+        if error is not None:
+            if isinstance(error, StoreTimeout):  # the endpoint answers it without storing
+                cast(dict[str, Any], cycle.scope)[GAVE_UP] = error
+            # else the endpoint tries again: a 503 if the store is down
             return self._to_app(cycle, started)
         try:
             body = acknowledged(ctx, stored.result(), secret_index, request_id, started, verifying)

@@ -39,6 +39,9 @@ BODY_WAITED = "receiver.body_waited"
 # When (time.perf_counter()) the HTTP protocol began a request it handed on: a callback's
 # `duration_ms` runs from there, the time spent holding its body or storing it included.
 STARTED = "receiver.started"
+# The StoreTimeout of a callback the HTTP protocol already waited for: answered as it is, not
+# stored again (that would double the wait the sender sees).
+GAVE_UP = "receiver.gave_up"
 
 
 def kept_headers(raw: Iterable[tuple[bytes, bytes]]) -> dict[str, str]:
@@ -202,6 +205,8 @@ async def _accept(request: Request, ctx: Context) -> tuple[Receipt, int | None, 
     except BadRequest as exc:
         await ctx.store.quarantine(body, str(exc), headers, request_id)
         raise
+    if (gave_up := request.scope.get(GAVE_UP)) is not None:
+        raise gave_up
     receipt = await ctx.store.accept(received(body, callback, headers, secret_index))
     return receipt, secret_index, verifying
 

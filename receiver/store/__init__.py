@@ -21,6 +21,7 @@ from ..errors import ConfigError, StoreUnavailable
 from . import maintenance, outbox
 from .apply import NO_FORWARDING, Applied, Forwarding, apply_evaluation, apply_queued
 from .backlog import Backlog
+from .deadlines import Deadlines
 from .dialect import Later
 from .ingest import Delivery, Receipt, accept_later, ingest, quarantine
 from .lineage import lineage
@@ -48,6 +49,9 @@ __all__ = ["Claim", "Delivery", "EvaluationFilter", "Forwarding", "Outcome", "Re
 MAX_BACKLOG = 100_000
 MIGRATION_WAIT = 600.0  # seconds a starter waits for another's migration (SQLite)
 CATCH_UP_TIMEOUT = 5.0  # seconds a read waits for callbacks accepted before it
+# Seconds a callback waits for its commit before it is a 503 (store/deadlines.py): Runflow
+# expects an answer within a few seconds, and retries.
+ACK_TIMEOUT = 5.0
 # One snapshot for every statement of a read (READ COMMITTED, the default, takes one each).
 SNAPSHOT_POSTGRES = "BEGIN ISOLATION LEVEL REPEATABLE READ, READ ONLY"
 
@@ -66,8 +70,10 @@ class Store:
         forwarding: Forwarding = NO_FORWARDING,
         pool_size: int = 10,
         max_backlog: int = MAX_BACKLOG,
+        ack_timeout: float = ACK_TIMEOUT,
     ) -> None:
         self.path = path
+        self.deadlines = Deadlines(ack_timeout)
         self.forwarding = forwarding
         self.postgres = is_postgres_url(path)
         self.writer: Writer | PgWriter
@@ -163,7 +169,8 @@ class Store:
 
     def accepting(self, delivery: Delivery) -> asyncio.Future[Receipt]:
         """`accept` for a caller on the event loop that cannot await (protocol.py): the
-        future resolves once the delivery is durable."""
+        future resolves once the delivery is durable, or fails with StoreTimeout after
+        `ack_timeout` seconds."""
 
         def accepted(conn: sqlite3.Connection) -> Later[Receipt]:
             sent = accept_later(conn, delivery)
@@ -176,7 +183,7 @@ class Store:
 
             return Later(read)
 
-        return self.writer.defer(accepted)
+        return self.deadlines.watch(self.writer.defer(accepted))
 
     def _apply(
         self,
@@ -218,8 +225,13 @@ class Store:
     async def quarantine(
         self, body: bytes, reason: str, headers: dict[str, str], request_id: str | None
     ) -> int:
-        return await self.writer.run(
-            partial(quarantine, body=body, reason=reason, headers=headers, request_id=request_id)
+        """Keep a signed body that cannot be used; bounded like `accepting`."""
+        return await self.deadlines.watch(
+            self.writer.schedule(
+                partial(
+                    quarantine, body=body, reason=reason, headers=headers, request_id=request_id
+                )
+            )
         )
 
     async def claim_forwards(

@@ -23,7 +23,7 @@ from psycopg import errors
 from ..errors import ReceiverError, StoreUnavailable
 from .dialect import Later
 from .pg_connection import PgConnection, connect, describe
-from .writer import Batches, Deferred, Item, Result, settle
+from .writer import Batches, Deferred, Item, Result, settle, waits
 
 log = logging.getLogger("receiver.store")
 
@@ -97,6 +97,7 @@ class PgWriter(Batches):
         self, conn: PgConnection, batch: list[Item], durable: bool, isolate: bool
     ) -> list[Result]:
         results: list[Result] = []
+        batch = waits(batch)  # a caller that gave up while an earlier attempt waited on a lock
         # Acks (operations that answer Later) send every statement before reading any answer.
         ahead = not isolate and all(isinstance(operation, Deferred) for operation, _ in batch)
         with conn.pipeline() if ahead else contextlib.nullcontext():

@@ -131,7 +131,8 @@ class Batches:
 
     def _batches(self) -> Iterator[tuple[list[Item], bool]]:
         """Each batch of callers still waiting (one that went away before its batch began is
-        skipped: it was never acknowledged) and whether its commit must be durable, until
+        skipped: it was never acknowledged; the writers skip those that go away before their
+        transaction begins, see `waits`) and whether its commit must be durable, until
         close()."""
         while (taken := self._take()) is not None:
             if taken is APPLY:
@@ -237,9 +238,12 @@ class Writer(Batches):
         results: list[Result] = []
         # A lone operation (applying the backlog is one) needs no savepoint to fail alone, and
         # a savepoint first copies every page it changes: 12% of applying a chunk.
-        isolate = len(batch) > 1
         try:
             conn.execute("BEGIN IMMEDIATE")
+            # After the writers' turn and SQLite's lock, which may each take long: a caller
+            # that gave up meanwhile (store/deadlines.py) got a 503, so its write is dropped.
+            batch = waits(batch)
+            isolate = len(batch) > 1
             for operation, waiter in batch:
                 if isolate:
                     conn.execute("SAVEPOINT op")
@@ -298,10 +302,17 @@ def _turn(turns: int | None) -> Iterator[None]:
 
 
 def _begin(waiter: Waiter) -> bool:
-    """Whether the caller still waits (a cancelled one is skipped, never acknowledged)."""
+    """Whether the caller still waits (a cancelled one, or one that timed out, is skipped,
+    never acknowledged)."""
     if isinstance(waiter, Future):
         return waiter.set_running_or_notify_cancel()
-    return not waiter.cancelled()
+    return not waiter.done()
+
+
+def waits(batch: list[Item]) -> list[Item]:
+    """The operations of `batch` whose caller still waits as its transaction begins: a
+    coroutine's may have given up since `_begin` (a thread's, once running, cannot)."""
+    return [item for item in batch if isinstance(item[1], Future) or not item[1].done()]
 
 
 def settle(results: list[Result]) -> None:
