@@ -1467,3 +1467,30 @@ async def test_the_wal_shrinks_back_after_a_long_read_ends(store: Store, path: s
     await callbacks(range(1510, 1560))  # a checkpoint with no reader behind it
     await callbacks(range(1560, 1610))  # … and the write that starts the WAL over
     assert wal.stat().st_size < peak / 2
+
+
+@pytest.mark.anyio
+@pytest.mark.skipif(not POSTGRES, reason="a PostgreSQL session's lock")
+async def test_a_table_another_session_locks_fails_the_batch_instead_of_holding_the_writer(
+    path: str,
+) -> None:
+    """A session holding LOCK TABLE deliveries held the writer (every write after it) for as
+    long as it liked: lock_timeout (the ack bound) fails that batch with the reason, and the
+    writer goes on with the next, while the lock is still held. Migrations run on their own
+    connection, without it."""
+    import psycopg
+
+    store = Store(path, ack_timeout=0.5)
+    store.open()
+    try:
+        with psycopg.connect(path) as holder:
+            holder.execute("LOCK TABLE deliveries IN ACCESS EXCLUSIVE MODE")
+            with pytest.raises(StoreUnavailable, match="lock timeout"):
+                await asyncio.wait_for(
+                    store.writer.run(lambda conn: conn.execute("SELECT 1 FROM deliveries")), 30
+                )
+            await asyncio.wait_for(store.probe(), 30)  # the writer is free again
+        receipt = await store.accept(delivery(evaluation("t-1")))
+        assert receipt.outcome == "stored"
+    finally:
+        store.close()

@@ -82,7 +82,9 @@ class Store:
             from .pg_backend import PgReaders
             from .pg_writer import PgWriter
 
-            self.writer = PgWriter(path)
+            # Twice the bound: the callbacks behind a lock have had their 503 (with Retry-After)
+            # by then; what the lock_timeout fails is their batch, so the writer goes on.
+            self.writer = PgWriter(path, lock_timeout=2 * ack_timeout)
             self._pool = PgReaders(path, pool_size)
         else:
             self.writer = Writer(path, busy_timeout)

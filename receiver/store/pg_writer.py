@@ -6,6 +6,9 @@ answer read after all are sent), and every future resolves only after
 COMMIT returned with `synchronous_commit = on` (WAL flushed). Other replicas write at the same
 time: a deadlock or serialization failure retries the whole batch; a lost connection fails it
 with StoreUnavailable (the caller answers 503, never a false 200) and the next batch reconnects.
+A lock another session holds (`LOCK TABLE`, a long transaction of a script) fails the batch
+after `lock_timeout` instead of holding every write after it: its callers get a 503 and
+Runflow retries. Only this connection has it: migrations run on their own and wait.
 """
 
 from __future__ import annotations
@@ -29,14 +32,18 @@ log = logging.getLogger("receiver.store")
 
 RETRIES = 8  # whole-batch attempts after a deadlock or serialization failure
 RETRYABLE = (errors.DeadlockDetected, errors.SerializationFailure)
+# What fails the whole batch at once: run again with a savepoint per operation, each would
+# wait out the lock again.
+WHOLE_BATCH = (*RETRYABLE, errors.LockNotAvailable)
 
 
 class PgWriter(Batches):
     """Owns the only write connection of this process, on a thread of its own."""
 
-    def __init__(self, url: str) -> None:
+    def __init__(self, url: str, lock_timeout: float) -> None:
         super().__init__()
         self._url = url
+        self._lock_timeout = f"{max(1, round(lock_timeout * 1000))}ms"
         self._conn: PgConnection | None = None
 
     def start(self) -> None:
@@ -54,6 +61,7 @@ class PgWriter(Batches):
             self._disconnect()
             self._conn = connect(self._url)
             self._conn.execute("SET synchronous_commit = on")
+            self._conn.execute("SELECT set_config('lock_timeout', ?, false)", (self._lock_timeout,))
         return self._conn
 
     def _disconnect(self) -> None:
@@ -112,7 +120,7 @@ class PgWriter(Batches):
                     if isinstance(outcome, Later) and not ahead:
                         outcome = outcome.read()
                 except Exception as exc:
-                    if isinstance(exc, RETRYABLE) or conn.broken:
+                    if isinstance(exc, WHOLE_BATCH) or conn.broken:
                         raise
                     if not isolate:
                         raise _Isolate from exc
@@ -126,7 +134,7 @@ class PgWriter(Batches):
                 try:
                     results = [(waiter, ok, later.read()) for waiter, ok, later in results]
                 except Exception as exc:  # a failed statement fails the pipeline's others
-                    if isinstance(exc, RETRYABLE) or conn.broken:
+                    if isinstance(exc, WHOLE_BATCH) or conn.broken:
                         raise
                     raise _Isolate from exc
         conn.execute("COMMIT")
