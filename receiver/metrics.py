@@ -26,6 +26,8 @@ from prometheus_client.exposition import choose_encoder
 from prometheus_client.multiprocess import MultiProcessCollector
 from prometheus_client.registry import Collector
 
+from .errors import StoreUnavailable
+
 log = logging.getLogger("receiver.metrics")
 
 # `receiver_callbacks_total{outcome}`: the webhook's answers, acknowledged then refused.
@@ -168,7 +170,9 @@ class StoreCollector(Collector):
     """`receiver_outbox{sink,state}` and `receiver_dead_letters{sink}` (one grouped count query
     per scrape), and `receiver_apply_backlog` when the store has one. Configured sinks always
     appear (zeros included), so alerts on them work from the first scrape; a failing read
-    drops these gauges from that scrape, not the rest."""
+    drops these gauges from that scrape, not the rest, and sets `receiver_store_up` to 0 (the
+    store's reads wait briefly for a connection: a scrape with the database down answers at
+    once)."""
 
     def __init__(
         self,
@@ -184,13 +188,19 @@ class StoreCollector(Collector):
         return self._families()  # registering must not touch the store (it is not open yet)
 
     def collect(self) -> Iterable[Metric]:
+        readable, outbox, dead, *applying = self._families()
         try:
             depth = self.depth()
             backlog = None if self.backlog is None else self.backlog()
+        except StoreUnavailable as exc:  # the database is down: one line each scrape
+            log.warning("cannot read the outbox depth for /metrics: %s", exc)
+            readable.add_metric([], 0)
+            return [readable]
         except Exception:
             log.exception("cannot read the outbox depth for /metrics")
-            return []
-        outbox, dead, *applying = self._families()
+            readable.add_metric([], 0)
+            return [readable]
+        readable.add_metric([], 1)
         for sink in sorted({*self.sinks, *depth}):
             states = depth.get(sink, {})
             for state in sorted({*OUTBOX_STATES, *states}):
@@ -198,10 +208,15 @@ class StoreCollector(Collector):
             dead.add_metric([sink], states.get("dead", 0))
         for family in applying:
             family.add_metric([], backlog or 0)
-        return [outbox, dead, *applying]
+        return [readable, outbox, dead, *applying]
 
     def _families(self) -> list[GaugeMetricFamily]:
         families = [
+            GaugeMetricFamily(
+                "receiver_store_up",
+                "1 when this scrape read the store's gauges, 0 when it could not (then they are"
+                " left out)",
+            ),
             GaugeMetricFamily(
                 "receiver_outbox",
                 "Forwards in the outbox, by sink and state",

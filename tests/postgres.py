@@ -13,6 +13,7 @@ import glob
 import itertools
 import os
 import shutil
+import signal
 import subprocess
 import tempfile
 from pathlib import Path
@@ -118,6 +119,13 @@ class PostgresService(Service):
     def drop(self, url: str) -> None:
         name = url.rsplit("/", 1)[1]
         self.admin(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+
+    def stop(self) -> None:
+        """Fast shutdown: SIGTERM alone (smart) waits for every client, open pools included,
+        to leave first."""
+        if self.process is not None and self.running:
+            self.process.send_signal(signal.SIGINT)
+        super().stop()
 
     def close(self) -> None:
         super().close()

@@ -4,6 +4,7 @@ summed over the processes of `receiver serve --workers 2`."""
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import sqlite3
@@ -32,6 +33,7 @@ from receiver.worker import Worker
 
 from .database import POSTGRES, connect, sqlite_only
 from .helpers import SECRET_A, TOKEN, RecordingSink, auth, fixture, make_settings, post_callback
+from .postgres import PostgresService
 from .servers import ReceiverProcess
 
 EVALUATION_ID = "0193a7c2-5b1e-7c3d-9f10-2a4b6c8d0e11"
@@ -162,6 +164,7 @@ def test_a_failing_outbox_read_drops_only_those_gauges(caplog: pytest.LogCapture
     found = samples(body.decode())
     assert value(found, "receiver_callbacks_total", outcome="stored") == 0
     assert value(found, "receiver_dead_letters", sink="hook") is None
+    assert value(found, "receiver_store_up") == 0
     assert "cannot read the outbox depth" in caplog.text
 
 
@@ -175,6 +178,7 @@ def test_registering_the_outbox_collector_does_not_read_the_store() -> None:
     Metrics().expose(depth, ["hook"], apply_backlog=lambda: calls.append(1) or 0)
     assert calls == []
     assert [family.name for family in StoreCollector(depth, []).describe()] == [
+        "receiver_store_up",
         "receiver_outbox",
         "receiver_dead_letters",
     ]
@@ -186,6 +190,54 @@ def test_the_apply_backlog_is_a_gauge(queued: int) -> None:
     metrics.expose(dict, ["hook"], apply_backlog=lambda: queued)
     body, _ = metrics.render(None)
     assert value(samples(body.decode()), "receiver_apply_backlog") == queued
+
+
+@pytest.mark.skipif(not POSTGRES, reason="a PostgreSQL server that is down")
+def test_a_scrape_answers_at_once_while_postgresql_is_down(
+    tmp_path: Path, postgres_server: PostgresService
+) -> None:
+    """The outbox read waited POOL_TIMEOUT (10 s) for a connection, as long as a scraper
+    waits: the scrape failed whole. Now the store's gauges are left out and say so, and the
+    rest is served."""
+    settings = make_settings(tmp_path, worker=False)
+    with serve_in_thread(create_app(settings)) as url:
+        assert value(scraped(url), "receiver_apply_backlog") == 0
+        postgres_server.stop()
+        try:
+            found = scraped(url, timeout=8.0)  # under POOL_TIMEOUT: the old scrape got nothing
+        finally:
+            postgres_server.start()
+        assert value(found, "receiver_store_up") == 0
+        assert value(found, "receiver_apply_backlog") is None  # needs the database
+        assert value(found, "receiver_callbacks_total", outcome="stored") == 0
+        assert any(name.startswith("process_") for name, _ in found)
+
+
+@sqlite_only
+def test_a_scrape_answers_while_another_process_holds_the_writers_turn_and_lock(
+    tmp_path: Path,
+) -> None:
+    """SQLite's readers do not wait for writers (WAL): the gauges are read while another
+    process holds the writers' flock and a write transaction."""
+    settings = make_settings(tmp_path, worker=False)
+    with serve_in_thread(create_app(settings)) as url:
+        turns = os.open(f"{settings.database}-writer.lock", os.O_RDONLY | os.O_CREAT)
+        writer = sqlite3.connect(settings.database, isolation_level=None)
+        try:
+            fcntl.flock(turns, fcntl.LOCK_EX)
+            writer.execute("BEGIN IMMEDIATE")
+            found = scraped(url, timeout=8.0)
+        finally:
+            writer.close()
+            os.close(turns)
+    assert value(found, "receiver_store_up") == 1
+    assert value(found, "receiver_apply_backlog") == 0
+
+
+def scraped(url: str, timeout: float = 30.0) -> Samples:
+    response = httpx.get(f"{url}/metrics", headers=auth(), timeout=timeout)
+    assert response.status_code == 200, response.text
+    return samples(response.text)
 
 
 # access

@@ -52,6 +52,9 @@ CATCH_UP_TIMEOUT = 5.0  # seconds a read waits for callbacks accepted before it
 # Seconds a callback waits for its commit before it is a 503 (store/deadlines.py): Runflow
 # expects an answer within a few seconds, and retries.
 ACK_TIMEOUT = 5.0
+# Seconds a glance at the store (/metrics) waits for a pooled connection: with PostgreSQL down
+# the pool would wait its own timeout, as long as a scraper waits for the whole answer.
+GLANCE_WAIT = 1.0
 # One snapshot for every statement of a read (READ COMMITTED, the default, takes one each).
 SNAPSHOT_POSTGRES = "BEGIN ISOLATION LEVEL REPEATABLE READ, READ ONLY"
 
@@ -373,11 +376,12 @@ class Store:
     # reads
 
     @contextlib.contextmanager
-    def read(self) -> Iterator[sqlite3.Connection]:
+    def read(self, wait: float | None = None) -> Iterator[sqlite3.Connection]:
         """A connection to read with (this thread's SQLite reader, or one from the pool), in
         one read transaction: the writer commits between any two statements, and a read of
-        several (an evaluation, then its issues) must show one state, not a mix of two."""
-        with self._connection() as conn:
+        several (an evaluation, then its issues) must show one state, not a mix of two.
+        `wait`: seconds to wait for a pooled connection, if not the pool's own timeout."""
+        with self._connection(wait) as conn:
             conn.execute(SNAPSHOT_POSTGRES if self.postgres else "BEGIN")
             try:
                 yield conn
@@ -386,11 +390,11 @@ class Store:
                     conn.execute("ROLLBACK")  # it wrote nothing
 
     @contextlib.contextmanager
-    def _connection(self) -> Iterator[sqlite3.Connection]:
+    def _connection(self, wait: float | None = None) -> Iterator[sqlite3.Connection]:
         if self._pool is None:
             yield self.reader()
             return
-        with self._pool.connection() as conn:
+        with self._pool.connection(wait) as conn:
             yield cast(sqlite3.Connection, conn)  # the adapter has sqlite3's surface
 
     def reader(self) -> sqlite3.Connection:
@@ -457,12 +461,15 @@ class Store:
             return outbox.list_forwards(conn, state=state, sink=sink, limit=limit, after=after)
 
     def outbox_depth(self) -> dict[str, dict[str, int]]:
-        with self.read() as conn:
+        """Forwards per sink and state: a glance (/metrics, the dashboard), which waits at
+        most GLANCE_WAIT for a connection."""
+        with self.read(GLANCE_WAIT) as conn:
             return outbox.outbox_depth(conn)
 
     def apply_backlog(self) -> int:
-        """How many acknowledged callbacks wait to be applied (without applying them)."""
-        with self.read() as conn:
+        """How many acknowledged callbacks wait to be applied (without applying them); a
+        glance, like `outbox_depth`."""
+        with self.read(GLANCE_WAIT) as conn:
             (count,) = conn.execute("SELECT count(*) FROM apply_queue").fetchone()
         return int(count)
 

@@ -83,13 +83,14 @@ class PgReaders:
         self._lock = threading.Lock()
 
     @contextmanager
-    def connection(self) -> Iterator[PgConnection]:
+    def connection(self, wait: float | None = None) -> Iterator[PgConnection]:
+        """A pooled connection, waiting up to `wait` seconds for one (POOL_TIMEOUT if None)."""
         with self._lock:
             if not self._opened:
                 self._pool.open(wait=False)
                 self._opened = True
         try:
-            with self._pool.connection() as raw:
+            with self._pool.connection(wait) as raw:
                 yield PgConnection(raw)
         except (PoolTimeout, psycopg.OperationalError) as exc:
             raise StoreUnavailable(f"the store cannot be read: {describe(exc)}") from None
