@@ -222,7 +222,20 @@ def document() -> dict[str, Any]:
                 "requestBody": {"content": {"application/json": {"schema": {"type": "object"}}}},
                 "responses": {
                     "200": _json(_ref("Receipt"), "stored durably"),
-                    **{code: _ERROR for code in ("400", "401", "408", "413", "503")},
+                    **{code: _ERROR for code in ("400", "401", "408", "413")},
+                    "503": {
+                        **_json(
+                            _ref("Error"),
+                            "not stored (Runflow retries): the store cannot write, or did not"
+                            " commit within 5 s",
+                        ),
+                        "headers": {
+                            "Retry-After": {
+                                "description": "seconds; sent when the commit took too long",
+                                "schema": {"type": "integer"},
+                            }
+                        },
+                    },
                 },
             }
         },

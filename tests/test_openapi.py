@@ -25,3 +25,9 @@ def test_every_content_type_of_metrics_is_in_the_document(
         response = client.get("/metrics", headers=headers)
     assert response.status_code == 200
     assert response.headers["content-type"].split(";")[0] in documented
+
+
+def test_the_webhooks_503_documents_its_retry_after() -> None:
+    """A callback the store did not commit in time gets Retry-After (store/deadlines.py)."""
+    documented = openapi.document()["paths"]["/webhooks/runflow"]["post"]["responses"]["503"]
+    assert documented["headers"]["Retry-After"]["schema"] == {"type": "integer"}
