@@ -6,6 +6,7 @@ import asyncio
 import gc
 import os
 import signal
+import socket
 import sys
 from datetime import UTC, datetime
 from functools import partial
@@ -51,6 +52,22 @@ def exit_zero_after_graceful_stop() -> None:
         signal.signal(sig, stop)
 
 
+def check_listen(host: str, port: int) -> None:
+    """Bind and let go before the banner: a taken port (8000 often is) or a wrong --host
+    otherwise shows as a uvicorn log line with exit status 3 after a banner that says it
+    serves."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET  # as uvicorn binds
+    try:
+        with socket.socket(family, socket.SOCK_STREAM) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            probe.bind((host, port))
+    except OSError as exc:
+        raise click.ClickException(
+            f"cannot listen on {host}:{port}: {exc.strerror or exc}; "
+            "choose another port with --port or PORT, or another --host"
+        ) from None
+
+
 @cli.command()
 @click.option("--host", default="127.0.0.1", show_default=True, help="Interface to listen on.")
 @click.option("--port", type=click.IntRange(1, 65535), help="Port (default: $PORT or 8000).")
@@ -67,6 +84,7 @@ def serve(host: str, port: int | None, workers: int) -> None:
     check_sinks(settings)  # a sink that cannot work stops the start here, before any worker
     Store(settings.database).migrate()
     port = port or settings.port
+    check_listen(host, port)
     shown = "127.0.0.1" if host in ("0.0.0.0", "::") else host  # noqa: S104
     shown = f"[{shown}]" if ":" in shown else shown  # an IPv6 address, in a URL
     base = f"http://{shown}:{port}"

@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import socket
 from pathlib import Path
 
 import pytest
@@ -171,3 +172,27 @@ def test_commands_that_forward_nothing_need_no_sink_secrets(
     refused = run_cli("worker", cwd=tmp_path, env=environ)
     assert refused.returncode == 1
     assert "SLACK_WEBHOOK_URL is not set" in refused.stderr
+
+
+@pytest.mark.parametrize("workers", ["1", "2"])
+def test_serve_on_a_taken_port_says_so_in_one_line(tmp_path: Path, workers: str) -> None:
+    """The default 8000 is often taken: say which address and how to choose another, exit 1,
+    and print no banner claiming to serve there (it was a uvicorn log line and status 3)."""
+    environ = {
+        "PATH": "/usr/bin:/bin",
+        "RECEIVER_DATABASE": str(tmp_path / "r.db"),
+        "RUNFLOW_WEBHOOK_SECRET": SECRET_A,
+    }
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        result = run_cli(
+            "serve", "--workers", workers, cwd=tmp_path, env={**environ, "PORT": str(port)}
+        )
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert result.stdout == ""
+    assert result.stderr.strip().splitlines() == [
+        f"Error: cannot listen on 127.0.0.1:{port}: Address already in use; "
+        "choose another port with --port or PORT, or another --host"
+    ]
