@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import asyncio
-from typing import Any
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 import click
 
@@ -13,16 +14,31 @@ from .store import EvaluationFilter
 from .store.outbox import STATES
 from .times import now
 
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+FILTERS = (
+    click.option("--client-ref", help="Exact client_ref."),
+    click.option("--status", type=click.Choice(STATUSES)),
+    click.option("--passed/--failed", "passed", default=None, help="Verdict passed or not."),
+    click.option("--task-type"),
+    click.option("--failure-code"),
+    click.option("--since", callback=moment, help="ISO time or duration ago (24h, 7d)."),
+    click.option("--until", callback=moment, help="ISO time or duration ago."),
+    click.option("--search", "q", help="Text search in id, client_ref, task type, issues."),
+)
+
+
+def evaluation_filters(command: F) -> F:
+    """The filters of GET /api/evaluations, which /api/stats takes too: `query` and `stats`
+    offer the same ones."""
+    for option in reversed(FILTERS):
+        command = option(command)
+    return command
+
 
 @click.command()
-@click.option("--client-ref", help="Exact client_ref.")
-@click.option("--status", type=click.Choice(STATUSES))
-@click.option("--passed/--failed", "passed", default=None, help="Verdict passed or not.")
-@click.option("--task-type")
-@click.option("--failure-code")
-@click.option("--since", callback=moment, help="ISO time or duration ago (24h, 7d).")
-@click.option("--until", callback=moment, help="ISO time or duration ago.")
-@click.option("--search", "q", help="Text search in id, client_ref, task type, issues.")
+@evaluation_filters
 @click.option("--limit", type=click.IntRange(1, 500), default=50, show_default=True)
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 def query(as_json: bool, limit: int, **filters: Any) -> None:
@@ -90,14 +106,11 @@ def show(evaluation_id: str, as_json: bool) -> None:
 
 
 @click.command()
-@click.option("--since", callback=moment, help="ISO time or duration ago (24h, 7d).")
-@click.option("--task-type")
+@evaluation_filters
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
-def stats(since: str | None, task_type: str | None, as_json: bool) -> None:
-    """Counts, pass rate and top issues."""
-    result = reading_store(load_settings(sinks=False)).stats(
-        EvaluationFilter(since=since, task_type=task_type)
-    )
+def stats(as_json: bool, **filters: Any) -> None:
+    """Counts, pass rate and top issues of the evaluations the filters select."""
+    result = reading_store(load_settings(sinks=False)).stats(EvaluationFilter(**filters))
     if as_json:
         echo_json(result)
         return

@@ -66,6 +66,12 @@ def test_migrate_is_idempotent(runner: CliRunner, tmp_path: Path) -> None:
         (["query", "--client-ref", "nobody"], ["(no evaluations match)"]),
         (["show", COMPLETED_ID], ["not passed, score 0.62", "anatomy/hands", "receipts=1"]),
         (["stats"], ["evaluations  2", "pass rate    0.0%", "invalid_media: 1"]),
+        # stats takes every filter query takes (as /api/stats takes the list's)
+        (["stats", "--status", "failed"], ["evaluations  1", "failed     1", "invalid_media: 1"]),
+        (["stats", "--client-ref", "customer-job-123"], ["evaluations  1", "mean score   0.62"]),
+        (["stats", "--failed", "--search", "job-123"], ["evaluations  1", "(0 passed, 1 not)"]),
+        (["stats", "--failure-code", "invalid_media"], ["evaluations  1", "pass rate    -"]),
+        (["stats", "--until", "2000-01-01T00:00:00Z"], ["evaluations  0"]),
     ],
 )
 def test_read_commands(
