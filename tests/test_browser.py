@@ -474,7 +474,7 @@ def test_the_placeholder_comes_back_when_every_row_has_gone(
     page = live_pages(world, browser, tab, "/evaluations?client_ref=order-8100&status=pending")[
         0
     ].page
-    placeholder = page.locator("p.empty", has_text="No evaluations yet.")
+    placeholder = page.locator("p.empty", has_text="No evaluations match these filters.")
     assert placeholder.is_visible()
     world.submit("placeholder", "order-8100")
     row_of(page, "evaluations", world.ids["placeholder"]).wait_for()

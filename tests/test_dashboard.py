@@ -160,6 +160,23 @@ def test_a_bad_filter_is_explained_on_the_page(browser: TestClient) -> None:
     assert "since: expected an ISO 8601 time" in response.text
 
 
+@pytest.mark.parametrize(
+    ("path", "said"),
+    [
+        ("/evaluations?client_ref=nobody", "No evaluations match these filters."),
+        ("/evaluations?q=nothing-like-this&status=failed", "No evaluations match these filters."),
+        ("/evaluations?since=yesterday", None),  # refused: no search ran to report on
+    ],
+)
+def test_an_empty_table_says_why(browser: TestClient, path: str, said: str | None) -> None:
+    """Two evaluations are stored: "No evaluations yet." under filters that leave none (or
+    under a refused filter) told a new user the store was empty."""
+    page = browser.get(path).text
+    assert "No evaluations yet." not in page
+    empty = re.findall(r'<p class="muted empty"[^>]*>([^<]*)</p>', page)
+    assert empty == ([said] if said else [])
+
+
 def test_unknown_evaluation_is_an_html_404(browser: TestClient) -> None:
     response = browser.get("/evaluations/nope")
     assert response.status_code == 404

@@ -99,6 +99,9 @@ def evaluations(request: Request) -> Response:
         "next_url": None,
         "first_page_url": None,
         "live": None,
+        # "yet" would say the store is empty when the filters leave nothing; after a refused
+        # filter there was no search to report on.
+        "empty": "No evaluations match these filters." if chosen else "No evaluations yet.",
     }
     # Once what was acknowledged is applied (the read would apply it after this stamp) and
     # before the read: the live table asks for the changes since.
@@ -112,7 +115,8 @@ def evaluations(request: Request) -> Response:
             where, PAGE, cursor, newest_first=sort == "newest"
         )
     except BadRequest as exc:
-        return render(request, "evaluations.html", status=400, **{**values, "error": str(exc)})
+        refused = {**values, "error": str(exc), "empty": None}
+        return render(request, "evaluations.html", status=400, **refused)
     keep = {**chosen, "sort": sort} if sort != "newest" else chosen
     values["items"] = items
     if next_cursor:

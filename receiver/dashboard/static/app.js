@@ -120,7 +120,7 @@ async function poll(table, state) {
     state.complete = false;
     state.floor = tbody.lastElementChild.dataset.received;
   }
-  const empty = table.nextElementSibling; // "No evaluations yet.", shown while no row is
+  const empty = table.nextElementSibling; // "No evaluations yet/match…", shown while no row is
   if (empty && empty.matches(".empty")) empty.hidden = tbody.rows.length > 0;
   const told = [
     [seen.added, "new"],
