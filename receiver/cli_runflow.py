@@ -177,14 +177,20 @@ def submit(
 
 @click.command()
 @click.argument("evaluation_id")
-@click.option("--up", "rating", flag_value="up", help="Thumbs up.")
-@click.option("--down", "rating", flag_value="down", help="Thumbs down.")
-@click.option("--clear", "rating", flag_value="clear", help="Remove the rating.")
+@click.option("--up", is_flag=True, help="Thumbs up.")
+@click.option("--down", is_flag=True, help="Thumbs down.")
+@click.option("--clear", is_flag=True, help="Remove the rating.")
 @click.option("--reason", help="Why (1-2000 characters; dropped with --clear).")
-def feedback(evaluation_id: str, rating: str | None, reason: str | None) -> None:
+def feedback(evaluation_id: str, up: bool, down: bool, clear: bool, reason: str | None) -> None:
     """Rate an evaluation in Runflow and store what Runflow answers."""
-    if rating is None:
-        raise click.ClickException("say --up, --down or --clear")
+    # Separate flags, not one option: with a shared one, `--up --down` sent the last.
+    said = [name for name, given in (("up", up), ("down", down), ("clear", clear)) if given]
+    if len(said) != 1:
+        flags = " and ".join(f"--{name}" for name in said)
+        raise click.ClickException(
+            "say one of --up, --down or --clear" + (f", not {flags}" if said else "")
+        )
+    rating = said[0]
     from .app import http_client
 
     settings = load_settings()

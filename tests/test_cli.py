@@ -104,6 +104,12 @@ MISTAKES = {
     "prune-no-database": (["prune", "--older-than", "90d"], {}, "no database"),
     "retry-all-dead-no-database": (["forwards", "--retry-all-dead"], {}, "no database"),
     "replay-no-database": (["replay", "1"], {}, "no database"),
+    "feedback-no-rating": (["feedback", "some-id"], {}, "say one of --up, --down or --clear"),
+    "feedback-two-ratings": (  # it sent the last one
+        ["feedback", "some-id", "--up", "--down"],
+        {},
+        "say one of --up, --down or --clear, not --up and --down",
+    ),
     "unknown-id": (["show", "nope"], {"migrated": "1"}, "no evaluation 'nope'"),
     "bad-since": (["query", "--since", "yesterday"], {}, "--since"),
     "bad-status": (["query", "--status", "done"], {}, "--status"),
