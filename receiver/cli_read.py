@@ -144,6 +144,11 @@ def forwards(
     as_json: bool,
 ) -> None:
     """List forwards (the outbox), or send dead ones again."""
+    # Each of these pairs used to do one and drop the other without a word.
+    if retry_id is not None and retry_all_dead:
+        raise click.UsageError("give --retry ID or --retry-all-dead, not both")
+    if dead and state not in (None, "dead"):
+        raise click.UsageError(f"--dead lists the dead forwards: not with --state {state}")
     settings = load_settings(sinks=False)
     if retry_id is not None or retry_all_dead:
         with writing_store(settings) as store:

@@ -110,6 +110,16 @@ MISTAKES = {
         {},
         "say one of --up, --down or --clear, not --up and --down",
     ),
+    "forwards-dead-and-state": (  # it listed the dead ones
+        ["forwards", "--dead", "--state", "done"],
+        {},
+        "--dead lists the dead forwards: not with --state done",
+    ),
+    "forwards-retry-and-retry-all": (  # it retried the one alone
+        ["forwards", "--retry", "1", "--retry-all-dead"],
+        {},
+        "give --retry ID or --retry-all-dead, not both",
+    ),
     "unknown-id": (["show", "nope"], {"migrated": "1"}, "no evaluation 'nope'"),
     "bad-since": (["query", "--since", "yesterday"], {}, "--since"),
     "bad-status": (["query", "--status", "done"], {}, "--status"),
