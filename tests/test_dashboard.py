@@ -70,6 +70,17 @@ def test_pages_render_with_a_strict_csp(browser: TestClient, path: str) -> None:
     assert " style=" not in response.text
 
 
+@pytest.mark.parametrize("path", ["/login", "/"])
+def test_pages_name_an_icon_that_is_served(browser: TestClient, path: str) -> None:
+    """Without one, every visit asked for /favicon.ico: a 404 in the browser console and the
+    access log."""
+    found = re.search(r'<link rel="icon" href="([^"]+)"', browser.get(path).text)
+    assert found is not None
+    icon = browser.get(found.group(1))
+    assert icon.status_code == 200
+    assert icon.headers["content-type"].startswith("image/svg+xml")
+
+
 def test_bearer_token_also_opens_pages(tmp_path: Path) -> None:
     with TestClient(create_app(make_settings(tmp_path))) as client:
         assert client.get("/", headers=auth()).status_code == 200
