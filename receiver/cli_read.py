@@ -49,7 +49,16 @@ def query(as_json: bool, limit: int, **filters: Any) -> None:
     if as_json:
         echo_json(items)
         return
-    header = ("id", "client_ref", "status", "passed", "score", "task_type", "received_at")
+    header = (
+        "id",
+        "client_ref",
+        "status",
+        "passed",
+        "score",
+        "task_type",
+        "failure_code",  # why a failed one failed, as the dashboard's list shows
+        "received_at",
+    )
     table = [header] + [
         (*(cell(item[key]) for key in header[:-1]), item["received_at"][:19]) for item in items
     ]

@@ -62,7 +62,7 @@ def test_migrate_is_idempotent(runner: CliRunner, tmp_path: Path) -> None:
     [
         (["query"], ["0193a7c2-5b1e-7c3d-9f10-2a4b6c8d0e11", "customer-job-124", "failed"]),
         (["query", "--failed"], ["customer-job-123"]),
-        (["query", "--status", "failed"], ["customer-job-124"]),
+        (["query", "--status", "failed"], ["customer-job-124", "invalid_media"]),
         (["query", "--client-ref", "nobody"], ["(no evaluations match)"]),
         (["show", COMPLETED_ID], ["not passed, score 0.62", "anatomy/hands", "receipts=1"]),
         (["stats"], ["evaluations  2", "pass rate    0.0%", "invalid_media: 1"]),
