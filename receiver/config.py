@@ -187,9 +187,17 @@ def load_sinks(env: Mapping[str, str]) -> tuple[SinkSpec, ...]:
         except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
             raise ConfigError(f"{path}: not valid TOML: {exc}") from None
         try:
-            return parse_sinks(document, env)
+            specs = parse_sinks(document, env)
         except ConfigError as exc:
             raise ConfigError(f"{path}: {exc}") from None
+        shortcut = _get(env, "RECEIVER_SLACK_WEBHOOK_URL")
+        if shortcut and all(spec.url != shortcut for spec in specs):  # it would post nothing
+            raise ConfigError(
+                f"RECEIVER_SLACK_WEBHOOK_URL is set, but {path} names the sinks and none of "
+                'them uses it: add a slack sink there with url = "env:RECEIVER_SLACK_WEBHOOK_URL"'
+                ", or unset it"
+            )
+        return specs
     slack = _get(env, "RECEIVER_SLACK_WEBHOOK_URL")
     if slack:
         try:

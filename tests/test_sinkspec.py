@@ -148,6 +148,13 @@ def test_receiver_toml_and_the_slack_shortcut(tmp_path: Path) -> None:
     shortcut = {"RECEIVER_SLACK_WEBHOOK_URL": ENV["SLACK_URL"]}
     (slack,) = Settings.from_env(shortcut, env_file=None).sinks
     assert (slack.name, slack.type, slack.url) == ("slack", "slack", ENV["SLACK_URL"])
+    # Both: a shortcut the file does not use would post nothing, without a word (it did).
+    with pytest.raises(ConfigError, match=r"^RECEIVER_SLACK_WEBHOOK_URL is set, but .*none of"):
+        Settings.from_env({**env, **shortcut}, env_file=None)
+    config.write_text(
+        "[[sinks]]\nname = 'ops'\ntype = 'slack'\nurl = 'env:RECEIVER_SLACK_WEBHOOK_URL'\n"
+    )
+    assert [s.name for s in Settings.from_env({**env, **shortcut}, env_file=None).sinks] == ["ops"]
     config.write_text("[[sinks]]\nname = 'q'\ntype = 'nats'\nurl = 'ftp://x'\n")
     with pytest.raises(ConfigError, match=r"receiver.toml: sink 'q': url must start with nats://"):
         Settings.from_env(env, env_file=None)

@@ -88,6 +88,7 @@ def main(argv: list[str] | None = None) -> None:
             "RECEIVER_PUBLIC_URL": url,
             "RECEIVER_DATABASE": str(workdir / "receiver.db"),
             "RECEIVER_CONFIG": str(workdir / "receiver.toml"),
+            "RECEIVER_SLACK_WEBHOOK_URL": "",  # one in .env is for the real receiver, not this
             "RECEIVER_DASHBOARD_TOKEN": token,
         }
         server = subprocess.Popen(  # noqa: S603 (our own CLI, fixed arguments)
