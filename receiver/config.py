@@ -269,7 +269,7 @@ class Settings:
             "RECEIVER_DATABASE" if _get(env, "RECEIVER_DATABASE") else "DATABASE_URL"
         )
         database = _get(env, database_variable) or "receiver.db"
-        return cls(
+        settings = cls(
             webhook_secrets=tuple(s.strip() for s in secrets_text.split(",") if s.strip()),
             database=_database(database_variable, database),
             database_pool_size=_parsed(
@@ -344,6 +344,12 @@ class Settings:
             ),
             metrics_token=_get(env, "RECEIVER_METRICS_TOKEN"),
         )
+        if settings.retry_max < settings.retry_base:  # every delay would be the max
+            raise ConfigError(
+                f"RECEIVER_RETRY_MAX ({settings.retry_max:g} s) must be at least "
+                f"RECEIVER_RETRY_BASE ({settings.retry_base:g} s), the first retry delay"
+            )
+        return settings
 
     def check_ingest(self) -> None:
         """Refuse to accept callbacks without a way to verify them."""

@@ -166,6 +166,26 @@ def test_a_range_is_shown_as_it_can_be_written(name: str, bounds: str) -> None:
     assert f" {bounds}, got '-1'" in str(caught.value)
 
 
+@pytest.mark.parametrize(
+    ("environ", "message"),
+    [
+        (
+            {"RECEIVER_RETRY_MAX": "1"},
+            "RECEIVER_RETRY_MAX (1 s) must be at least RECEIVER_RETRY_BASE (2 s)",
+        ),
+        (
+            {"RECEIVER_RETRY_BASE": "60", "RECEIVER_RETRY_MAX": "30"},
+            "RECEIVER_RETRY_MAX (30 s) must be at least RECEIVER_RETRY_BASE (60 s)",
+        ),
+    ],
+)
+def test_a_retry_max_below_the_base_is_refused(environ: dict[str, str], message: str) -> None:
+    """Accepted, it made RECEIVER_RETRY_BASE do nothing: every delay was the max."""
+    with pytest.raises(ConfigError) as caught:
+        from_env(environ)
+    assert str(caught.value).startswith(message)
+
+
 def test_receiver_database_is_named_even_when_database_url_is_fine() -> None:
     with pytest.raises(ConfigError, match=r"^RECEIVER_DATABASE"):
         from_env({"RECEIVER_DATABASE": "mysql://db/x", "DATABASE_URL": "sqlite:///x.db"})
