@@ -8,7 +8,6 @@ import os
 import signal
 import socket
 import sys
-from datetime import UTC, datetime
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -194,10 +193,10 @@ def prune(age: str) -> None:
     """Delete evaluations (with their deliveries, issues and forwards) last touched longer ago
     than --older-than; never one whose forward, refetch or reconciliation is still pending."""
     from .cliutil import writing_store
-    from .times import format_time, parse_duration
+    from .times import ago
 
     try:
-        cutoff = format_time(datetime.now(UTC) - parse_duration(age))
+        cutoff = ago(age)
     except ValueError as exc:
         raise click.BadParameter(str(exc), param_hint="--older-than") from None
     with writing_store(load_settings(sinks=False)) as store:

@@ -68,6 +68,15 @@ def parse_duration(text: str) -> timedelta:
         raise ValueError(f"duration {text[:40]!r} is too long") from None
 
 
+def ago(text: str, *, reference: datetime | None = None) -> str:
+    """The stored time a duration (`90d`) before `reference` (now). Raises ValueError."""
+    delta = parse_duration(text)
+    try:
+        return format_time((reference or datetime.now(UTC)) - delta)
+    except OverflowError:
+        raise ValueError(f"duration {text[:40]!r} reaches back before year 1") from None
+
+
 def parse_moment(text: str, *, reference: datetime | None = None) -> str:
     """A filter bound: an ISO timestamp/date, or a duration meaning that long ago."""
     try:
@@ -75,13 +84,10 @@ def parse_moment(text: str, *, reference: datetime | None = None) -> str:
     except ValueError:
         pass
     try:
-        delta = parse_duration(text)
+        parse_duration(text)
     except ValueError:
         raise ValueError(
             f"expected an ISO 8601 time (2026-11-20T09:00:00Z) or a duration (24h, 7d), "
             f"got {text!r}"
         ) from None
-    try:
-        return format_time((reference or datetime.now(UTC)) - delta)
-    except OverflowError:
-        raise ValueError(f"duration {text[:40]!r} reaches back before year 1") from None
+    return ago(text, reference=reference)

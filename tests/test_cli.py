@@ -120,6 +120,11 @@ MISTAKES = {
         {},
         "give --retry ID or --retry-all-dead, not both",
     ),
+    "prune-too-long-ago": (  # a traceback (OverflowError)
+        ["prune", "--older-than", "99999999d"],
+        {"migrated": "1"},
+        "duration '99999999d' reaches back before year 1",
+    ),
     "unknown-id": (["show", "nope"], {"migrated": "1"}, "no evaluation 'nope'"),
     "bad-since": (["query", "--since", "yesterday"], {}, "--since"),
     "bad-status": (["query", "--status", "done"], {}, "--status"),
