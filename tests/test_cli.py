@@ -125,6 +125,11 @@ MISTAKES = {
         {"migrated": "1"},
         "duration '99999999d' reaches back before year 1",
     ),
+    "backup-beside-a-file": (  # a traceback (FileExistsError from mkdir)
+        ["backup", "body.json/copy.db"],
+        {"migrated": "1"},
+        "cannot write body.json/copy.db: [Errno 17] File exists",
+    ),
     "unknown-id": (["show", "nope"], {"migrated": "1"}, "no evaluation 'nope'"),
     "bad-since": (["query", "--since", "yesterday"], {}, "--since"),
     "bad-status": (["query", "--status", "done"], {}, "--status"),

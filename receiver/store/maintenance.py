@@ -18,10 +18,13 @@ def backup(source: str, target: Path) -> dict[str, int]:
     it is reported. Returns row counts of the copy."""
     if target.exists():
         raise BadRequest(f"{target} exists; choose a new path (a backup never overwrites)")
-    target.parent.mkdir(parents=True, exist_ok=True)
     partial = target.with_name(target.name + ".partial")
+    try:  # a path that cannot be written is the user's to change: one line, no traceback
+        target.parent.mkdir(parents=True, exist_ok=True)
+        dst = sqlite3.connect(partial)
+    except (OSError, sqlite3.Error) as exc:
+        raise BadRequest(f"cannot write {target}: {exc}") from None
     src = sqlite3.connect(f"file:{source}?mode=ro", uri=True)
-    dst = sqlite3.connect(partial)
     try:
         src.backup(dst, pages=0)
         dst.execute("PRAGMA journal_mode = DELETE")  # one self-contained file
