@@ -130,6 +130,11 @@ MISTAKES = {
         {"migrated": "1"},
         "cannot write body.json/copy.db: [Errno 17] File exists",
     ),
+    "query-not-a-database": (  # a traceback (sqlite3.DatabaseError)
+        ["query"],
+        {"RECEIVER_DATABASE": "body.json"},
+        "RECEIVER_DATABASE: cannot open 'body.json': file is not a database",
+    ),
     "unknown-id": (["show", "nope"], {"migrated": "1"}, "no evaluation 'nope'"),
     "bad-since": (["query", "--since", "yesterday"], {}, "--since"),
     "bad-status": (["query", "--status", "done"], {}, "--status"),

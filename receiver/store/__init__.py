@@ -107,13 +107,16 @@ class Store:
             # Another starter may be migrating a big database: wait for it, as on PostgreSQL.
             conn = connect(self.path, busy_timeout=MIGRATION_WAIT)
         except (OSError, sqlite3.Error) as exc:
-            raise ConfigError(f"RECEIVER_DATABASE: cannot open {self.path!r}: {exc}") from None
+            raise self._cannot_open(exc) from None
         try:
             return migrate(conn)
         except sqlite3.Error as exc:
             raise ConfigError(f"RECEIVER_DATABASE: cannot migrate {self.path!r}: {exc}") from None
         finally:
             conn.close()
+
+    def _cannot_open(self, exc: Exception) -> ConfigError:
+        return ConfigError(f"RECEIVER_DATABASE: cannot open {self.path!r}: {exc}")
 
     def check_schema(self) -> None:
         """For a command that only reads: the database must be at this receiver's schema. It is
@@ -132,6 +135,8 @@ class Store:
                 ).fetchone()
             except sqlite3.OperationalError:  # no migrations table: nothing applied
                 found = 0
+            except sqlite3.DatabaseError as exc:  # not an SQLite file: a traceback, before
+                raise self._cannot_open(exc) from None
             finally:
                 conn.close()
             known = MIGRATIONS[-1][0]
