@@ -122,6 +122,12 @@ class RunflowClient:
             )
         except httpx.TimeoutException:
             raise RunflowError(f"Runflow {method} {path} timed out", retryable=True) from None
+        except httpx.ConnectError as exc:  # the setting to check, and why (refused, no such name)
+            raise RunflowError(
+                f"Runflow {method} {path} failed: cannot connect to {self._base} "
+                f"(RUNFLOW_API_BASE): {exc or type(exc).__name__}",
+                retryable=True,
+            ) from None
         except httpx.HTTPError as exc:
             raise RunflowError(
                 f"Runflow {method} {path} failed: {type(exc).__name__}", retryable=True

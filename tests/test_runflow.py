@@ -17,6 +17,8 @@ from receiver.fakes.server import serve_in_thread
 from receiver.runflow import RunflowClient, RunflowError
 from receiver.runflow_requests import SubmitRequest
 
+from .servers import free_port
+
 pytestmark = pytest.mark.anyio
 API_KEY = "rf_test_key_do_not_log"
 EVALUATION_ID = "0193a7c2-5b1e-7c3d-9f10-2a4b6c8d0e11"
@@ -337,6 +339,22 @@ async def test_a_timeout_is_retried(sleeps: Sleeps) -> None:
     assert sleeps.delays
     assert len(fake.requests) == len(sleeps.delays) + 1
     assert len(fake.evaluations) == 1  # the key made the retried submit safe
+
+
+async def test_an_unreachable_api_base_is_named_with_the_reason(
+    http: httpx.AsyncClient, sleeps: Sleeps
+) -> None:
+    """It said 'failed: ConnectError', naming neither the origin nor the setting."""
+    base = f"http://127.0.0.1:{free_port()}"
+    client = RunflowClient(http, base=base, api_key=API_KEY, sleep=sleeps)
+    with pytest.raises(RunflowError) as caught:
+        await client.get_evaluation(EVALUATION_ID)
+    assert str(caught.value).startswith(
+        f"Runflow GET /v1/evaluations/{EVALUATION_ID} failed: cannot connect to {base} "
+        "(RUNFLOW_API_BASE): "
+    )
+    assert "Connection refused" in str(caught.value) or "connection attempts" in str(caught.value)
+    assert caught.value.retryable
 
 
 REFUSALS = {
