@@ -88,6 +88,8 @@ def _resolve(value: Any, where: str, env: Mapping[str, str]) -> Any:
 def _strings(value: Any, where: str) -> frozenset[str]:
     if not isinstance(value, list) or not all(isinstance(v, str) and v for v in value):
         raise ConfigError(f"{where} must be a list of strings")
+    if not value:  # a filter that lets nothing through: the sink would get nothing, silently
+        raise ConfigError(f"{where} is empty, so the sink would get nothing; leave it out for all")
     return frozenset(value)
 
 

@@ -53,6 +53,14 @@ MISTAKES = {
         {"name": "a", "type": "slack", "url": "https://x", "task_types": "x"},
         "sink 'a': task_types must be a list of strings",
     ),
+    "empty-events": (  # accepted: a sink that silently got nothing
+        {"name": "a", "type": "slack", "url": "https://x", "events": []},
+        "sink 'a': events is empty, so the sink would get nothing; leave it out for all",
+    ),
+    "empty-task-types": (
+        {"name": "a", "type": "slack", "url": "https://x", "task_types": []},
+        "sink 'a': task_types is empty, so the sink would get nothing; leave it out for all",
+    ),
     "bad-max-attempts": (
         {"name": "a", "type": "slack", "url": "https://x", "max_attempts": 0},
         "sink 'a': max_attempts must be a whole number",
