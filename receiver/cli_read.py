@@ -20,12 +20,22 @@ F = TypeVar("F", bound=Callable[..., Any])
 FILTERS = (
     click.option("--client-ref", help="Exact client_ref."),
     click.option("--status", type=click.Choice(STATUSES)),
-    click.option("--passed/--failed", "passed", default=None, help="Verdict passed or not."),
+    click.option(
+        "--passed/--failed",
+        "passed",
+        default=None,
+        help="Verdict passed, or not passed (the dashboard's 'not passed'; for status failed, "
+        "--status failed).",
+    ),
     click.option("--task-type"),
     click.option("--failure-code"),
     click.option("--since", callback=moment, help="ISO time or duration ago (24h, 7d)."),
     click.option("--until", callback=moment, help="ISO time or duration ago."),
-    click.option("--search", "q", help="Text search in id, client_ref, task type, issues."),
+    click.option(
+        "--search",
+        "q",
+        help="Text search: part of the id, client_ref, task type, failure code or a top issue.",
+    ),
 )
 
 
