@@ -118,7 +118,7 @@ def show(evaluation_id: str, as_json: bool) -> None:
         for d in found["deliveries"]
     ]
     lines += [
-        f"forward      #{f['id']} {f['sink']} {f['state']} attempts={f['attempts']}"
+        f"forward      #{f['id']} {f['sink']} {f['state']} attempts={f['attempts']}" + _error_of(f)
         for f in found["forwards"]
     ]
     click.echo("\n".join(lines))
@@ -187,11 +187,15 @@ def forwards(
     for item in items:
         click.echo(
             f"#{item['id']} {item['sink']} {item['state']} attempts={item['attempts']}"
-            f" {item['event_type']} {item['evaluation_id']}"
-            + (f" error: {item['last_error']}" if item["last_error"] else "")
+            f" {item['event_type']} {item['evaluation_id']}" + _error_of(item)
         )
     if not items:
         click.echo("(no forwards match)")
+
+
+def _error_of(forward: dict[str, Any]) -> str:
+    """Why a forward is dead or being retried, as the dashboard shows it."""
+    return f" error: {forward['last_error']}" if forward["last_error"] else ""
 
 
 @click.command()

@@ -54,6 +54,9 @@ def test_forwards_retry_replay_and_the_worker_process(tmp_path: Path) -> None:
 
         assert "#1 consumer dead attempts=1" in cli("forwards", "--dead")
         assert "error: HTTP 500" in cli("forwards")
+        # show says why too (it gave only the state and the attempts)
+        shown = cli("show", "0193a7c2-5b1e-7c3d-9f10-2a4b6c8d0e11")
+        assert "forward      #1 consumer dead attempts=1 error: HTTP 500" in shown
         assert "forward 1 is pending again" in cli("forwards", "--retry", "1")
         assert "(no forwards match)" in cli("forwards", "--dead")
         assert "0 dead forward(s) pending again" in cli("forwards", "--retry-all-dead")
