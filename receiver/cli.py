@@ -97,6 +97,11 @@ def serve(host: str, port: int | None, workers: int) -> None:
         )
     else:
         click.echo("receiver: API token     RECEIVER_DASHBOARD_TOKEN (as Authorization: Bearer)")
+    if settings.allow_unsigned:  # else said only once a callback comes, in the logs
+        click.echo(
+            "receiver: warning       RECEIVER_ALLOW_UNSIGNED=true: callbacks without a"
+            " Runflow-Signature are accepted (local development only)"
+        )
     if workers == 1:
         app = create_app(settings, metrics_dir=given_metrics_dir())
         exit_zero_after_graceful_stop()

@@ -13,7 +13,7 @@ from receiver.normalize import normalize, parse_body
 from receiver.store import Delivery, Store
 
 from .helpers import FIXTURES, SECRET_A, SECRET_B, SIGNATURES, fixture
-from .servers import free_port, run_cli
+from .servers import ReceiverProcess, free_port, run_cli
 
 COMPLETED_ID = "0193a7c2-5b1e-7c3d-9f10-2a4b6c8d0e11"
 
@@ -209,6 +209,22 @@ def test_commands_that_forward_nothing_need_no_sink_secrets(
     refused = run_cli("worker", cwd=tmp_path, env=environ)
     assert refused.returncode == 1
     assert "SLACK_WEBHOOK_URL is not set" in refused.stderr
+
+
+@pytest.mark.parametrize(("allow", "warned"), [("true", True), ("false", False)])
+def test_serve_warns_at_start_when_unsigned_callbacks_are_accepted(
+    tmp_path: Path, allow: str, warned: bool
+) -> None:
+    """Left on from a local .env, it was said only in the logs, once a callback came."""
+    with ReceiverProcess(tmp_path, RECEIVER_ALLOW_UNSIGNED=allow):
+        pass
+    banner = (tmp_path / "server.log").read_text()
+    assert "receiver: database" in banner
+    warning = (
+        "receiver: warning       RECEIVER_ALLOW_UNSIGNED=true: callbacks without a"
+        " Runflow-Signature are accepted (local development only)"
+    )
+    assert (warning in banner) is warned
 
 
 @pytest.mark.parametrize("workers", ["1", "2"])
