@@ -8,7 +8,16 @@ from typing import Any, TypeVar
 
 import click
 
-from .cliutil import cell, echo_json, load_settings, moment, reading_store, writing_store
+from .cliutil import (
+    cell,
+    echo_json,
+    load_settings,
+    moment,
+    reading_store,
+    say,
+    visible,
+    writing_store,
+)
 from .normalize import STATUSES
 from .store import EvaluationFilter
 from .store.outbox import STATES
@@ -70,7 +79,8 @@ def query(as_json: bool, limit: int, **filters: Any) -> None:
         "received_at",
     )
     table = [header] + [
-        (*(cell(item[key]) for key in header[:-1]), item["received_at"][:19]) for item in items
+        (*(visible(cell(item[key])) for key in header[:-1]), item["received_at"][:19])
+        for item in items
     ]
     widths = [max(len(row[i]) for row in table) for i in range(len(header))]
     for row in table:
@@ -121,7 +131,8 @@ def show(evaluation_id: str, as_json: bool) -> None:
         f"forward      #{f['id']} {f['sink']} {f['state']} attempts={f['attempts']}" + _error_of(f)
         for f in found["forwards"]
     ]
-    click.echo("\n".join(lines))
+    for line in lines:
+        say(line)
 
 
 @click.command()
@@ -140,9 +151,9 @@ def stats(as_json: bool, **filters: Any) -> None:
     click.echo(f"pass rate    {rate} ({result['passed']} passed, {result['not_passed']} not)")
     click.echo(f"mean score   {cell(result['mean_score'])}")
     for row in result["failure_codes"]:
-        click.echo(f"failure      {row['failure_code']}: {row['count']}")
+        say(f"failure      {row['failure_code']}: {row['count']}")
     for row in result["top_issues"][:10]:
-        click.echo(f"top issue    {row['label']}: {row['count']}")
+        say(f"top issue    {row['label']}: {row['count']}")
 
 
 @click.command()
@@ -185,7 +196,7 @@ def forwards(
         echo_json(items)
         return
     for item in items:
-        click.echo(
+        say(
             f"#{item['id']} {item['sink']} {item['state']} attempts={item['attempts']}"
             f" {item['event_type']} {item['evaluation_id']}" + _error_of(item)
         )

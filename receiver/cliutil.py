@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import unicodedata
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -49,6 +50,18 @@ def moment(ctx: click.Context, param: click.Parameter, value: str | None) -> str
         return None if value is None else parse_moment(value)
     except ValueError as exc:
         raise click.BadParameter(str(exc)) from None
+
+
+def say(line: str) -> None:
+    """Print one line of output that holds payload strings, with every control character
+    shown as an escape (`\\x1b`): a client_ref or judge's text then cannot move the cursor,
+    recolour or retitle the terminal, or forge lines, as the dashboard and chat escape theirs.
+    """
+    click.echo(visible(line))
+
+
+def visible(text: str) -> str:
+    return "".join(repr(c)[1:-1] if unicodedata.category(c) == "Cc" else c for c in text)
 
 
 def cell(value: Any) -> str:

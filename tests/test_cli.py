@@ -83,6 +83,32 @@ def test_read_commands(
         assert text in result.output
 
 
+HOSTILE = "\x1b]0;owned\x07\x1b[2J\rforged\nline"  # retitle, clear, forge a line
+
+
+@pytest.mark.parametrize("command", [["query"], ["show", COMPLETED_ID], ["stats"]])
+def test_payload_strings_reach_the_terminal_with_their_control_characters_escaped(
+    runner: CliRunner, tmp_path: Path, command: list[str]
+) -> None:
+    """As the dashboard and chat escape theirs: the bytes went to the terminal as they were."""
+    body = json.loads(fixture("get-evaluation-embedded.json"))
+    body["client_ref"] = body["failure_code"] = f"ref{HOSTILE}"
+    body["top_issues"] = [f"issue{HOSTILE}"]
+    body["judges"][0]["issues"][0]["detail"] = f"detail{HOSTILE}"
+    store = Store(str(tmp_path / "r.db"))
+    store.open()
+    try:
+        raw = json.dumps(body).encode()
+        asyncio.run(store.ingest(Delivery(raw, normalize(parse_body(raw)))))
+    finally:
+        store.close()
+    result = runner.invoke(cli, command)
+    assert result.exit_code == 0, result.output
+    assert "\\x1b]0;owned\\x07\\x1b[2J\\rforged\\nline" in result.output
+    assert not any(c in result.output for c in "\x1b\x07\r")
+    assert "forged" not in "".join(line[:7] for line in result.output.splitlines())
+
+
 @pytest.mark.parametrize("command", [["query"], ["show", COMPLETED_ID], ["stats"]])
 def test_json_output_parses(runner: CliRunner, filled: Path, command: list[str]) -> None:
     result = runner.invoke(cli, [*command, "--json"])
