@@ -21,11 +21,11 @@ def _svg(body: list[str], label: str, height: int = HEIGHT) -> str:
     )
 
 
-def _empty(label: str) -> str:
+def _empty(label: str, text: str = "no data yet") -> str:
     return _svg(
         [
             f'<text class="muted" x="{WIDTH / 2}" y="{HEIGHT / 2}" '
-            'text-anchor="middle">no data yet</text>'
+            f'text-anchor="middle">{escape(text)}</text>'
         ],
         label,
     )
@@ -108,10 +108,11 @@ def _day_ticks(days: Sequence[Mapping[str, Any]]) -> str:
     )
 
 
-def ranked(rows: Sequence[tuple[str, int]], label: str) -> str:
-    """Horizontal bars, largest first (failure codes, issue categories)."""
+def ranked(rows: Sequence[tuple[str, int]], label: str, empty: str = "no data yet") -> str:
+    """Horizontal bars, largest first (failure codes, issue categories); `empty` says why
+    there are none."""
     if not rows:
-        return _empty(label)
+        return _empty(label, empty)
     top = max(count for _, count in rows) or 1
     line = 22
     height = PAD + line * len(rows)

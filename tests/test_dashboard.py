@@ -431,3 +431,13 @@ def test_the_overview_lists_every_configured_sink_before_its_first_forward(
         page = client.get("/", headers=auth()).text
     assert 'data-sink="ops-slack"' in page
     assert "No sinks configured" not in page
+
+
+def test_an_empty_categories_chart_says_where_categories_come_from(tmp_path: Path) -> None:
+    """Top issue labels come with every verdict, issue categories only with its judges (a
+    refetch, or a callback with the full object): beside a full "Top issues" chart, a bare
+    "no data yet" under the categories read as a fault."""
+    with TestClient(create_app(make_settings(tmp_path, worker=False))) as client:
+        post_callback(client, fixture("evaluation-completed.json"))
+        page = client.get("/", headers=auth()).text
+    assert "no judges&#x27; issues yet: they come with a refetch or a full callback" in page

@@ -80,6 +80,8 @@ def overview(request: Request) -> Response:
                     for r in stats["top_issue_categories"][:8]
                 ],
                 "top issue categories",
+                # Top issue labels come in every verdict; categories only with its judges.
+                "no judges' issues yet: they come with a refetch or a full callback",
             ),
         },
     )
