@@ -5,14 +5,17 @@ A mistake names the sink and the key, e.g. `sink 'ops-slack': url: ...`.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import urlsplit
 
 from .errors import ConfigError
+from .webhook_signing import parse_private_key, parse_secret
 
 EVENTS = ("evaluation.completed", "evaluation.failed")
+MAX_TIMEOUT = 600  # seconds: an http sink's longest `timeout`
 COMMON_KEYS = frozenset(
     {
         "name",
@@ -131,9 +134,37 @@ def _stream(value: Any) -> str | None:  # a JetStream name: none, or no dots and
     return problem or "must not contain . * or >"
 
 
+def parse_seconds(value: object) -> float:
+    """An http sink's `timeout`."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise ValueError("must be a number of seconds")
+    if not (math.isfinite(value) and 0 < value <= MAX_TIMEOUT):
+        raise ValueError(f"must be more than 0 and at most {MAX_TIMEOUT} seconds")
+    return float(value)
+
+
+def _parses(parse: Callable[[Any], object]) -> Callable[[Any], str | None]:
+    """The check of an option its sink parses when built (unset is fine): the same reason,
+    given here with the file's name, before anything starts."""
+
+    def check(value: Any) -> str | None:
+        if value is None:
+            return None
+        try:
+            parse(value)
+        except ValueError as exc:
+            return str(exc)
+        return None
+
+    return check
+
+
 # (type, option) → what is wrong with a value, if anything; checked when the file is read, so
 # a mistake stops the start instead of failing every delivery.
 OPTION_CHECKS: dict[tuple[str, str], Callable[[Any], str | None]] = {
+    ("http", "secret"): _parses(parse_secret),
+    ("http", "private_key"): _parses(parse_private_key),
+    ("http", "timeout"): _parses(parse_seconds),
     ("redis", "stream"): _name,
     ("redis", "maxlen"): _count,
     ("rabbitmq", "exchange"): _name,

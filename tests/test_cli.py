@@ -185,6 +185,11 @@ MISTAKES = {
         {"RECEIVER_CONFIG": "bad-sink.toml"},
         "sink 'billing': secret must start with whsec_",
     ),
+    "worker-bad-sink-names-the-file": (
+        ["worker"],
+        {"RECEIVER_CONFIG": "bad-sink.toml"},
+        "bad-sink.toml: sink 'billing': secret must start with whsec_",
+    ),
 }
 
 

@@ -94,6 +94,18 @@ MISTAKES = {
         {"name": "a", "type": "nats", "url": "nats://n", "stream": "a.b"},
         "sink 'a': stream must not contain",
     ),
+    "http-timeout-zero": (
+        {"name": "a", "type": "http", "url": "https://x", "timeout": 0},
+        "sink 'a': timeout must be more than 0 and at most 600 seconds",
+    ),
+    "http-secret": (
+        {"name": "a", "type": "http", "url": "https://x", "secret": "hunter2"},
+        "sink 'a': secret must start with whsec_",
+    ),
+    "http-private-key": (
+        {"name": "a", "type": "http", "url": "https://x", "private_key": "hunter2"},
+        "sink 'a': private_key must be a PEM private key or start",
+    ),
     "exchange-list": (
         {"name": "a", "type": "rabbitmq", "url": "amqp://q", "exchange": ["x"]},
         "sink 'a': exchange must be a non-empty string",

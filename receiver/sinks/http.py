@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 import time
 from collections.abc import Callable
 from typing import TypeVar
@@ -11,12 +10,11 @@ import httpx
 
 from ..errors import ConfigError
 from ..events import CONTENT_TYPE
-from ..sinkspec import SinkSpec
+from ..sinkspec import SinkSpec, parse_seconds
 from ..webhook_signing import parse_private_key, parse_secret, webhook_headers
 from .base import Event
 from .web import WebSink, json_body, response_error
 
-MAX_TIMEOUT = 600
 T = TypeVar("T")
 
 
@@ -32,14 +30,6 @@ def _option(spec: SinkSpec, key: str, parse: Callable[[object], T]) -> T | None:
         raise ConfigError(f"sink {spec.name!r}: {key} {exc}") from None
 
 
-def _timeout(value: object) -> float:
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        raise ValueError("must be a number of seconds")
-    if not (math.isfinite(value) and 0 < value <= MAX_TIMEOUT):
-        raise ValueError(f"must be more than 0 and at most {MAX_TIMEOUT} seconds")
-    return float(value)
-
-
 class HttpSink(WebSink):
     """Keys are checked here, at startup, so a typo fails `receiver serve` at once instead of
     every delivery later."""
@@ -48,7 +38,7 @@ class HttpSink(WebSink):
         super().__init__(spec, http)
         self.secret = _option(spec, "secret", parse_secret)
         self.private_key = _option(spec, "private_key", parse_private_key)
-        timeout = _option(spec, "timeout", _timeout)
+        timeout = _option(spec, "timeout", parse_seconds)
         if timeout is not None:
             self.timeout = timeout
         self.clock: Callable[[], float] = time.time
