@@ -1494,3 +1494,34 @@ async def test_a_table_another_session_locks_fails_the_batch_instead_of_holding_
         assert receipt.outcome == "stored"
     finally:
         store.close()
+
+
+@pytest.mark.anyio
+@pytest.mark.skipif(not POSTGRES, reason="a PostgreSQL session's lock")
+async def test_an_evaluation_another_session_locks_is_applied_once_the_lock_is_gone(
+    path: str,
+) -> None:
+    """A lock timeout while applying is the other session's doing, not the delivery's: it was
+    counted as the delivery failing to apply, which is skipped until restart (acknowledged,
+    never applied nor forwarded). The chunk fails and is tried again, and applies it."""
+    import psycopg
+
+    store = Store(path, ack_timeout=0.25)  # lock_timeout 0.5 s
+    store.open()
+    try:
+        with psycopg.connect(path, autocommit=True) as holder:
+            holder.execute("SELECT pg_advisory_lock(hashtextextended('evaluation:t-held', 0))")
+            receipt = await store.accept(delivery(evaluation("t-held")))
+            assert receipt.outcome == "stored"
+            # The chunk times out, then again with a savepoint per callback (one each after
+            # a pause while the lock stays).
+            await asyncio.sleep(3)
+        found = None
+        deadline = time.monotonic() + 30
+        while found is None and time.monotonic() < deadline:
+            found = await asyncio.to_thread(store.get_evaluation, "t-held")
+            await asyncio.sleep(0.05)
+        assert found is not None
+        assert found["evaluation"]["status"] == "completed"
+    finally:
+        store.close()

@@ -32,15 +32,20 @@ def serialize(conn: object, *keys: str) -> None:
 
 # SQLSTATE class 40, transaction rollback: a deadlock or serialization failure on PostgreSQL.
 CONFLICT_CLASS = "40"
+# lock_not_available: the writer's lock_timeout ran out on a lock another session holds.
+LOCK_TIMEOUT = "55P03"
 
 
 def transient(conn: object, exc: BaseException) -> bool:
     """Whether `exc` failed the transaction rather than the statement's own data: a conflict
-    with another transaction (PostgreSQL aborts the loser; the writer retries the batch) or a
-    lost connection. SQLite's own such failures (disk full, I/O) roll the transaction back,
-    which callers see as `not conn.in_transaction`."""
+    with another transaction (PostgreSQL aborts the loser; the writer retries the batch), a
+    lock another session held past the writer's lock_timeout (the writer fails the batch; it
+    is tried again) or a lost connection. SQLite's own such failures (disk full, I/O) roll the
+    transaction back, which callers see as `not conn.in_transaction`."""
     sqlstate = getattr(exc, "sqlstate", None)
-    if isinstance(sqlstate, str) and sqlstate.startswith(CONFLICT_CLASS):
+    if isinstance(sqlstate, str) and (
+        sqlstate.startswith(CONFLICT_CLASS) or sqlstate == LOCK_TIMEOUT
+    ):
         return True
     return bool(getattr(conn, "broken", False))
 
