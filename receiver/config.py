@@ -7,7 +7,7 @@ import os
 import secrets
 import tomllib
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TypeVar
 from urllib.parse import urlsplit
@@ -344,11 +344,11 @@ class Settings:
             ),
             metrics_token=_get(env, "RECEIVER_METRICS_TOKEN"),
         )
-        if settings.retry_max < settings.retry_base:  # every delay would be the max
-            raise ConfigError(
-                f"RECEIVER_RETRY_MAX ({settings.retry_max:g} s) must be at least "
-                f"RECEIVER_RETRY_BASE ({settings.retry_base:g} s), the first retry delay"
-            )
+        if settings.retry_max < settings.retry_base:
+            # Every delay is the max then, as it always was: a setup that lowered only the
+            # max (RECEIVER_RETRY_MAX=1) keeps starting, and a 429's hold, at least the base
+            # and at most the max, can be both.
+            return replace(settings, retry_base=settings.retry_max)
         return settings
 
     def check_ingest(self) -> None:
