@@ -90,14 +90,16 @@ def refetch(evaluation_id: str) -> None:
 
     settings = load_settings()
 
-    async def run(store: Store) -> None:
+    async def run(store: Store) -> str | None:
         async with http_client() as http:
             client = client_for(settings, http)
             found = await client.get_evaluation(evaluation_id, settings.refetch_embeds)
-        await store.refetched(normalize(found).fields, now())
+        return await store.refetched(normalize(found).fields, now())
 
     with writing_store(settings) as store:
-        asyncio.run(run(store))
+        lagging = asyncio.run(run(store))
+    if lagging:
+        raise click.ClickException(f"{evaluation_id} not stored: {lagging}; try again later")
     click.echo(f"refetched {evaluation_id}; see: receiver show {evaluation_id}")
 
 

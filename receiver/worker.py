@@ -392,24 +392,29 @@ class Worker:
                     f"Runflow still answers {status}: no verdict yet", retryable=True
                 )
         except (RunflowError, ReceiverError) as exc:
-            attempt = attempts + 1
-            retry_at = None
-            if (
-                isinstance(exc, RunflowError)
-                and exc.retryable
-                and attempt < self.settings.max_attempts
-            ):
-                delay = backoff(
-                    attempt, self.settings.retry_base, self.settings.retry_max, exc.retry_after
-                )
-                retry_at = format_time(self.clock() + timedelta(seconds=delay))
-            await self.store.refetch_failed(
-                evaluation_id, str(exc)[:500], retry_at, format_time(self.clock())
-            )
-            self.metrics.refetch_results["failed" if retry_at is None else "retry"].inc()
+            await self._refetch_failed(evaluation_id, attempts + 1, exc)
             return
-        await self.store.refetched(fields, format_time(self.clock()))
+        lagging = await self.store.refetched(fields, format_time(self.clock()))
+        if lagging:  # nothing stored: the verdict that followed stays, and is asked for again
+            await self._refetch_failed(
+                evaluation_id, attempts + 1, RunflowError(lagging, retryable=True)
+            )
+            return
         self.metrics.refetch_results["ok"].inc()
+
+    async def _refetch_failed(self, evaluation_id: str, attempt: int, exc: ReceiverError) -> None:
+        """Try again after a backoff if that can help, up to RECEIVER_MAX_ATTEMPTS; else the
+        refetch is `failed`, with its error, and the stored state stays as it is."""
+        retry_at = None
+        if isinstance(exc, RunflowError) and exc.retryable and attempt < self.settings.max_attempts:
+            delay = backoff(
+                attempt, self.settings.retry_base, self.settings.retry_max, exc.retry_after
+            )
+            retry_at = format_time(self.clock() + timedelta(seconds=delay))
+        await self.store.refetch_failed(
+            evaluation_id, str(exc)[:500], retry_at, format_time(self.clock())
+        )
+        self.metrics.refetch_results["failed" if retry_at is None else "retry"].inc()
 
     async def _reconcile_loop(self) -> None:
         while not self._stopping:

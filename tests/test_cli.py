@@ -9,7 +9,9 @@ import pytest
 from click.testing import CliRunner
 
 from receiver.cli import cli
-from receiver.normalize import normalize, parse_body
+from receiver.fakes.runflow import FakeRunflow
+from receiver.fakes.server import serve_in_thread
+from receiver.normalize import VERDICT_ONLY, normalize, parse_body
 from receiver.store import Delivery, Store
 
 from .helpers import FIXTURES, SECRET_A, SECRET_B, SIGNATURES, fixture
@@ -219,6 +221,41 @@ def test_user_mistakes_exit_1_with_one_line(
     assert message in lines[0]
     if "migrated" not in env:
         assert not (tmp_path / "r.db").exists()
+
+
+def test_refetch_stores_nothing_while_runflow_still_answers_the_verdict_left(
+    runner: CliRunner, tmp_path: Path
+) -> None:
+    """A completed callback followed a failed one (no `updated_at`: the later arrival wins) and
+    Runflow's GET still answers failed: stored, it would turn the evaluation back to failed.
+    `receiver refetch` stores nothing and says why (exit 1); once the GET has caught up it
+    stores it."""
+    store = Store(str(tmp_path / "r.db"))
+    store.open()
+    try:
+        for verdict, own in (("failed", {"failure_code": "timed_out"}), ("completed", {})):
+            body = json.dumps(
+                {"event": f"evaluation.{verdict}", "evaluation_id": COMPLETED_ID, **own}
+            ).encode()
+            asyncio.run(store.ingest(Delivery(body, normalize(parse_body(body)))))
+    finally:
+        store.close()
+    fake = FakeRunflow("rf_test_key")
+    behind = dict.fromkeys(VERDICT_ONLY["completed"])
+    fake.add(COMPLETED_ID, **behind, status_code="failed", failure_code="timed_out")
+    with serve_in_thread(fake.app) as url:
+        env = {"RUNFLOW_API_KEY": "rf_test_key", "RUNFLOW_API_BASE": url}
+        lagging = runner.invoke(cli, ["refetch", COMPLETED_ID], env=env)
+        status = runner.invoke(cli, ["show", COMPLETED_ID, "--json"]).output
+        fake.add(COMPLETED_ID)  # Runflow's GET has caught up
+        caught_up = runner.invoke(cli, ["refetch", COMPLETED_ID], env=env)
+    assert lagging.exit_code == 1
+    assert lagging.output == (
+        f"Error: {COMPLETED_ID} not stored: Runflow still answers failed, not yet the completed"
+        " verdict that followed it; try again later\n"
+    )
+    assert json.loads(status)["evaluation"]["status"] == "completed"
+    assert caught_up.exit_code == 0, caught_up.output
 
 
 @pytest.mark.parametrize("command", [["query"], ["stats"], ["forwards"], ["backup", "copy.db"]])

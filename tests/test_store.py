@@ -25,7 +25,7 @@ from receiver.store import apply as apply_module
 from receiver.store.apply import NO_FORWARDING, Forwarding, apply_queued
 from receiver.store.dialect import Later
 from receiver.store.ingest import accept
-from receiver.store.outbox import claim_forwards, replay_delivery
+from receiver.store.outbox import claim_forwards, refetched, replay_delivery
 from receiver.store.queries import list_changes
 from receiver.store.schema import MIGRATIONS
 from receiver.store.stats import stats as scan_stats
@@ -1525,3 +1525,78 @@ async def test_an_evaluation_another_session_locks_is_applied_once_the_lock_is_g
         assert found["evaluation"]["status"] == "completed"
     finally:
         store.close()
+
+
+def stampless(status: str, **fields: Any) -> dict[str, Any]:
+    """A verdict of e-1 whose body says no `updated_at` (an envelope may not)."""
+    body = evaluation("e-1", status, **fields)
+    del body["updated_at"]
+    return body
+
+
+TIMED_OUT = {"failure_code": "timed_out"}
+REFETCHES = {
+    # callbacks applied, one accepted but still queued, the GET → stored or why not, the row
+    "same-verdict": (
+        [evaluation("e-1", "failed", **TIMED_OUT)],
+        None,
+        evaluation("e-1", "failed", **TIMED_OUT),
+        None,
+        ("failed", 1, "timed_out"),
+    ),
+    "news-runflow-tried-again": (
+        [evaluation("e-1", "failed", **TIMED_OUT)],
+        None,
+        evaluation("e-1", second=5),
+        None,
+        ("completed", 1, None),
+    ),
+    "lags-the-verdict-that-followed": (
+        [stampless("failed", **TIMED_OUT), stampless("completed")],
+        None,
+        evaluation("e-1", "failed", **TIMED_OUT),
+        "Runflow still answers failed, not yet the completed verdict that followed it",
+        ("completed", 0, None),
+    ),
+    "older-by-updated-at": (
+        [evaluation("e-1", second=30)],
+        None,
+        evaluation("e-1", "failed", second=10, **TIMED_OUT),
+        "Runflow still answers failed, not yet the completed verdict that followed it",
+        ("completed", 0, None),
+    ),
+    "its-callback-still-queued": (
+        [stampless("failed", **TIMED_OUT)],
+        stampless("completed"),
+        evaluation("e-1", second=5),
+        None,
+        ("completed", 1, None),
+    ),
+}
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize(
+    ("applied", "queued", "got", "why", "row"), REFETCHES.values(), ids=REFETCHES.keys()
+)
+async def test_a_refetch_behind_the_stored_verdict_is_not_stored(
+    store: Store,
+    path: str,
+    applied: list[dict[str, Any]],
+    queued: dict[str, Any] | None,
+    got: dict[str, Any],
+    why: str | None,
+    row: tuple[Any, ...],
+) -> None:
+    """A GET answering a verdict a callback applied here said before the stored one followed
+    it lags behind (Runflow's GET can): stored, the tie would go to it and turn the evaluation
+    back. So does one older by `updated_at`. A verdict no applied callback said is news."""
+    await ingest_all(store, *applied)
+
+    def refetch(conn: sqlite3.Connection) -> str | None:
+        if queued is not None:
+            accept(conn, delivery(queued))
+        return refetched(conn, fields_of(got), NO_FORWARDING, now())
+
+    assert await store.writer.run(refetch) == why
+    assert query(path, "SELECT status, refetched, failure_code FROM evaluations") == [row]

@@ -24,9 +24,10 @@ from receiver.config import Settings
 from receiver.errors import StoreUnavailable
 from receiver.events import event_id
 from receiver.fakes.chat import FakeSlack
+from receiver.fakes.emulator import Verdict, finished, template
 from receiver.fakes.runflow import FakeRunflow
 from receiver.fakes.server import serve_in_thread
-from receiver.normalize import normalize, parse_body
+from receiver.normalize import VERDICT_ONLY, normalize, parse_body
 from receiver.runflow import RunflowClient
 from receiver.sinks import Deferred, Event, OneByOne, SinkError, build_sink
 from receiver.sinkspec import SinkSpec
@@ -93,6 +94,14 @@ class Rig:
         for _ in range(rounds):
             if not await self.worker.run_once():
                 return
+
+    async def settle(self, rounds: int = 200) -> None:
+        """Drain, waiting out refetch retries, until no refetch is pending (bounded)."""
+        for _ in range(rounds):
+            await self.drain()
+            if not self.rows("SELECT 1 FROM evaluations WHERE refetch_state = 'pending'"):
+                return
+            await asyncio.sleep(0.005)
 
     def rows(self, sql: str, *params: object) -> list[tuple[Any, ...]]:
         conn = connect(self.settings.database)
@@ -1150,6 +1159,47 @@ async def test_a_refetch_that_finds_a_newer_verdict_forwards_both_as_themselves(
     assert completed["data"]["status"] == "completed"
     assert completed["data"]["refetched"] is True
     assert completed["data"]["issues"]
+
+
+def at_runflow(callback: dict[str, Any]) -> dict[str, Any]:
+    """VERDICT_ID as Runflow's GET answers once `callback`'s verdict is its state (the fake's
+    own lifecycle): a failed one without embeds, a completed one with the judges, action and
+    gate failures, and what the callback says."""
+    own = {k: v for k, v in callback.items() if k not in ("event", "evaluation_id", "status")}
+    asked = {key: ASKED[key] for key in ASKED if key != "status_code"}
+    running = {**template(), **dict.fromkeys(VERDICT_ONLY["completed"]), **asked}
+    verdict = Verdict(callback["status"], failure_code=callback.get("failure_code"))
+    return {**finished(running, verdict, 1000), **own}
+
+
+REFETCH_STATE = "SELECT status, refetched, refetch_state, refetch_attempts, refetch_error"
+LAGGING = "Runflow still answers failed, not yet the completed verdict that followed it"
+
+
+async def test_a_get_older_than_the_callback_by_updated_at_is_not_its_refetch(
+    tmp_path: Path, http: httpx.AsyncClient, runflow: tuple[FakeRunflow, str]
+) -> None:
+    """The completed callback says when Runflow wrote it; a GET answering an older failed state
+    (whose callback never came) loses to it under the state rules. It used to be stored all
+    the same as the completed verdict's refetch: `refetched` with no judges."""
+    fake, url = runflow
+    fake.faults.clear()
+    stale = {**at_runflow(FAILED_CALLBACK), "updated_at": "2026-11-20T09:15:03+00:00"}
+    fake.evaluations[VERDICT_ID] = stale
+    sink = RecordingSink(spec("s"))
+    rig = rig_for(
+        tmp_path, http, [sink], runflow_api_key=API_KEY, runflow_api_base=url, max_attempts=2
+    )
+    try:
+        newer = {**COMPLETED_CALLBACK, "updated_at": "2026-11-20T09:16:10+00:00"}
+        await rig.post(json.dumps(newer).encode())
+        await rig.settle()
+        given_up = rig.rows(REFETCH_STATE + " FROM evaluations")
+    finally:
+        rig.store.close()
+    assert given_up == [("completed", 0, "failed", 2, LAGGING)]
+    (event,) = sink.received
+    assert (event["data"]["status"], event["data"]["refetched"]) == ("completed", False)
 
 
 async def test_a_polled_verdict_followed_by_a_callback_is_forwarded_from_the_poll(

@@ -277,8 +277,9 @@ class Store:
             partial(outbox.claim_refetches, now=now, lease_until=lease_until, limit=limit)
         )
 
-    async def refetched(self, fields: dict[str, Any], stamp: str) -> None:
-        await self.writer.run(
+    async def refetched(self, fields: dict[str, Any], stamp: str) -> str | None:
+        """Store a refetched object; returns why it was not (outbox.lagging) instead."""
+        return await self.writer.run(
             partial(outbox.refetched, fields=fields, forwarding=self.forwarding, stamp=stamp)
         )
 

@@ -13,8 +13,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..errors import BadRequest, NotFound
-from ..normalize import normalize, parse_body, verdict_fields
-from .apply import Forwarding, apply_evaluation, queue_forwards
+from ..normalize import TERMINAL, merge, normalize, parse_body, verdict_fields
+from .apply import Forwarding, apply_evaluation, queue_forwards, read_stored
 from .dialect import is_postgres
 
 # The embeds a refetch adds (Runflow's GET ?embed=…): a polled body with one of them is as full
@@ -198,11 +198,42 @@ def claim_refetches(
 
 def refetched(
     conn: sqlite3.Connection, fields: dict[str, Any], forwarding: Forwarding, stamp: str
-) -> None:
-    """Store the refetched object as the evaluation's state (the source of truth)."""
-    apply_evaluation(
-        conn, fields, source="refetch", stamp=stamp, forwarding=forwarding, refetched=True
-    )
+) -> str | None:
+    """Store the refetched object as the evaluation's state (the source of truth), unless it
+    is behind the stored verdict (lagging): then nothing is stored, and why is returned."""
+    known = read_stored(conn, [fields["id"]])
+    data = known[fields["id"]][1]
+    stale = None if data is None else lagging(conn, fields, json.loads(data))
+    if stale is None:
+        apply_evaluation(
+            conn,
+            fields,
+            source="refetch",
+            stamp=stamp,
+            forwarding=forwarding,
+            refetched=True,
+            known=known,
+        )
+    return stale
+
+
+def lagging(conn: sqlite3.Connection, fields: dict[str, Any], stored: dict[str, Any]) -> str | None:
+    """Why the GET `fields` is behind the stored verdict, or None. Behind: it answers the
+    other verdict, and a callback applied to this evaluation said that one before the stored
+    one followed it (Runflow's GET can lag its callbacks; stored, a tie without `updated_at`
+    would go to the GET, the later arrival, and turn the evaluation back), or the GET is older
+    by `updated_at`. A verdict no callback said is news (Runflow tried again): stored."""
+    verdict, current = fields.get("status_code"), stored.get("status_code")
+    if verdict not in TERMINAL or current not in TERMINAL or verdict == current:
+        return None
+    said = conn.execute(
+        "SELECT 1 FROM deliveries d WHERE d.evaluation_id = ? AND d.event = ?"
+        " AND NOT EXISTS (SELECT 1 FROM apply_queue q WHERE q.delivery_id = d.id) LIMIT 1",
+        (fields["id"], f"evaluation.{verdict}"),
+    ).fetchone()
+    if said is None and merge(stored, fields).get("status_code") == verdict:
+        return None
+    return f"Runflow still answers {verdict}, not yet the {current} verdict that followed it"
 
 
 def refetch_failed(
