@@ -1600,3 +1600,29 @@ async def test_a_refetch_behind_the_stored_verdict_is_not_stored(
 
     assert await store.writer.run(refetch) == why
     assert query(path, "SELECT status, refetched, failure_code FROM evaluations") == [row]
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize(
+    ("refetch", "after"), [(True, (0, "pending", 0, None)), (False, (0, "done", 1, None))]
+)
+async def test_a_verdict_that_follows_the_other_is_not_refetched_by_its_refetch(
+    path: str, refetch: bool, after: tuple[Any, ...]
+) -> None:
+    """The failed verdict was refetched (after one failed try); the completed one that follows
+    is not described by that refetch: `refetched` is false again and, with refetch on, its
+    own refetch is queued from scratch."""
+    store = Store(path, forwarding=Forwarding(refetch=refetch))
+    store.open()
+    try:
+        failed = evaluation("e-1", "failed", **TIMED_OUT)
+        await ingest_all(store, failed)
+        await store.refetch_failed("e-1", "503", now(), now())
+        assert await store.refetched(fields_of(failed), now()) is None
+        refetched_before = query(path, "SELECT refetched, refetch_state FROM evaluations")
+        await ingest_all(store, evaluation("e-1", second=5))
+    finally:
+        store.close()
+    assert refetched_before == [(1, "done")]
+    state = "SELECT refetched, refetch_state, refetch_attempts, refetch_error FROM evaluations"
+    assert query(path, state) == [after]

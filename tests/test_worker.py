@@ -1172,8 +1172,104 @@ def at_runflow(callback: dict[str, Any]) -> dict[str, Any]:
     return {**finished(running, verdict, 1000), **own}
 
 
+async def verdict_change_rig(
+    tmp_path: Path, http: httpx.AsyncClient, runflow: tuple[FakeRunflow, str], **kw: Any
+) -> tuple[Rig, FakeRunflow, RecordingSink]:
+    """The failed callback, refetched and forwarded; then Runflow tried again and calls back
+    completed (an envelope without `updated_at`: a tie the later arrival wins), while its GET
+    still answers failed."""
+    fake, url = runflow
+    fake.faults.clear()
+    fake.evaluations[VERDICT_ID] = at_runflow(FAILED_CALLBACK)
+    sink = RecordingSink(spec("s"))
+    rig = rig_for(tmp_path, http, [sink], runflow_api_key=API_KEY, runflow_api_base=url, **kw)
+    await rig.post(json.dumps(ASKED).encode())
+    await rig.post(json.dumps(FAILED_CALLBACK).encode())
+    await rig.drain()
+    assert rig.rows("SELECT status, refetched, refetch_state FROM evaluations") == [
+        ("failed", 1, "done")
+    ]
+    await rig.post(json.dumps(COMPLETED_CALLBACK).encode())
+    return rig, fake, sink
+
+
 REFETCH_STATE = "SELECT status, refetched, refetch_state, refetch_attempts, refetch_error"
 LAGGING = "Runflow still answers failed, not yet the completed verdict that followed it"
+
+
+def assert_own_fields(events: list[dict[str, Any]], *, completed_refetched: bool) -> None:
+    """The failed event then the completed one, each with its own verdict's fields; only the
+    completed one refetched has its judges' issues and suggested action."""
+    failed, completed = events
+    assert failed["type"] == "io.runflow.evaluation.failed"
+    assert {key: failed["data"][key] for key in FAILED_DATA} == FAILED_DATA
+    assert (failed["data"]["refetched"], failed["data"]["issues"]) == (True, [])
+    assert completed["type"] == "io.runflow.evaluation.completed"
+    assert {key: completed["data"][key] for key in COMPLETED_DATA} == COMPLETED_DATA
+    assert completed["data"]["refetched"] is completed_refetched
+    assert bool(completed["data"]["issues"]) is completed_refetched
+    assert bool(completed["data"]["action"]["improved_prompt"]) is completed_refetched
+
+
+async def test_a_verdict_that_follows_a_refetched_one_is_refetched_itself(
+    tmp_path: Path, http: httpx.AsyncClient, runflow: tuple[FakeRunflow, str]
+) -> None:
+    """The completed verdict after a refetched failed one is refetched in its turn: its event
+    waits for it and gets its judges, issues and action. It used to keep `refetched` from the
+    failed verdict, and went out at once saying refetched with none of them."""
+    rig, fake, sink = await verdict_change_rig(tmp_path, http, runflow)
+    try:
+        queued = rig.rows(REFETCH_STATE + " FROM evaluations")
+        fake.evaluations[VERDICT_ID] = at_runflow(COMPLETED_CALLBACK)
+        await rig.settle()
+        done = rig.rows(REFETCH_STATE + " FROM evaluations")
+        issues = rig.rows("SELECT count(*) FROM issues")
+    finally:
+        rig.store.close()
+    assert queued == [("completed", 0, "pending", 0, None)]
+    assert done == [("completed", 1, "done", 0, None)]
+    assert issues[0][0] > 0
+    assert_own_fields(sink.received, completed_refetched=True)
+
+
+async def test_a_get_that_lags_the_newer_verdict_is_asked_again_until_it_catches_up(
+    tmp_path: Path, http: httpx.AsyncClient, runflow: tuple[FakeRunflow, str]
+) -> None:
+    """Runflow's GET still answers failed after the completed callback: stored, it would win
+    the tie and turn the evaluation back to failed. It is tried again with backoff instead,
+    the completed verdict stays, its event waits (within the budget), and the refetch is
+    stored once the GET has caught up."""
+    rig, fake, sink = await verdict_change_rig(tmp_path, http, runflow)
+    try:
+        for _ in range(3):
+            await rig.worker.run_once()
+            await asyncio.sleep(0.02)  # past the retry's backoff
+        lagging = rig.rows(REFETCH_STATE + ", passed, failure_code FROM evaluations")
+        sent_while_lagging = [event["type"] for event in sink.received]
+        fake.evaluations[VERDICT_ID] = at_runflow(COMPLETED_CALLBACK)
+        await rig.settle()
+        caught_up = rig.rows(REFETCH_STATE + " FROM evaluations")
+    finally:
+        rig.store.close()
+    assert lagging == [("completed", 0, "pending", 3, LAGGING, 1, None)]
+    assert sent_while_lagging == ["io.runflow.evaluation.failed"]
+    assert caught_up == [("completed", 1, "done", 3, None)]
+    assert_own_fields(sink.received, completed_refetched=True)
+
+
+async def test_a_get_that_never_catches_up_ends_as_a_refetch_error_keeping_the_verdict(
+    tmp_path: Path, http: httpx.AsyncClient, runflow: tuple[FakeRunflow, str]
+) -> None:
+    """Past RECEIVER_MAX_ATTEMPTS the refetch is `failed` with why, the completed verdict is
+    kept, and its event goes out from the callback alone (`refetched: false`)."""
+    rig, _, sink = await verdict_change_rig(tmp_path, http, runflow, max_attempts=3)
+    try:
+        await rig.settle()
+        given_up = rig.rows(REFETCH_STATE + ", passed, failure_code FROM evaluations")
+    finally:
+        rig.store.close()
+    assert given_up == [("completed", 0, "failed", 3, LAGGING, 1, None)]
+    assert_own_fields(sink.received, completed_refetched=False)
 
 
 async def test_a_get_older_than_the_callback_by_updated_at_is_not_its_refetch(
@@ -1226,7 +1322,8 @@ async def test_a_polled_verdict_followed_by_a_callback_is_forwarded_from_the_pol
         await rig.post(json.dumps(ASKED).encode())
         assert (await rig.worker.reconcile())["verdicts"] == 1
         await rig.post(json.dumps(COMPLETED_CALLBACK).encode())
-        await rig.drain()
+        fake.evaluations[VERDICT_ID] = at_runflow(COMPLETED_CALLBACK)  # its GET, refetched
+        await rig.settle()
     finally:
         rig.store.close()
     failed, completed = sink.received
@@ -1355,7 +1452,7 @@ async def test_two_verdicts_in_any_order_keep_only_their_own_fields(
                 await rig.post(verdict_body(verdict, second))
             if sent_between or verdict == "refetch":
                 await rig.drain()
-        await rig.drain()
+        await rig.settle()
         row = rig.rows("SELECT status, passed, score, failure_code, top_issues FROM evaluations")
         found = rig.store.get_evaluation(VERDICT_ID)
         passed = rig.store.list_evaluations(EvaluationFilter(passed=True))[0]

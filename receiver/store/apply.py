@@ -214,6 +214,16 @@ def apply_evaluation(
     # the callback (the merged status is the callback's then).
     if refetched and fields.get("status_code") in TERMINAL:
         values.update(refetched=1, refetch_state="done", refetch_error=None)
+    elif before_data is not None and before_data.get("status_code") in TERMINAL - {status}:
+        # The other verdict's refetch says nothing of this one: refetched again, from scratch.
+        values.update(refetched=0)
+        if forwarding.refetch:
+            values.update(
+                refetch_state="pending",
+                refetch_next_at=stamp,
+                refetch_attempts=0,
+                refetch_error=None,
+            )
     elif forwarding.refetch and status in TERMINAL and (row is None or row[1] is None):
         values.update(refetch_state="pending", refetch_next_at=stamp)
     if status in TERMINAL:
