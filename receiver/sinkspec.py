@@ -12,7 +12,6 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from .errors import ConfigError
-from .webhook_signing import parse_private_key, parse_secret
 
 EVENTS = ("evaluation.completed", "evaluation.failed")
 MAX_TIMEOUT = 600  # seconds: an http sink's longest `timeout`
@@ -143,28 +142,47 @@ def parse_seconds(value: object) -> float:
     return float(value)
 
 
-def _parses(parse: Callable[[Any], object]) -> Callable[[Any], str | None]:
-    """The check of an option its sink parses when built (unset is fine): the same reason,
-    given here with the file's name, before anything starts."""
-
-    def check(value: Any) -> str | None:
-        if value is None:
-            return None
-        try:
-            parse(value)
-        except ValueError as exc:
-            return str(exc)
+def _problem(parse: Callable[[Any], object], value: Any) -> str | None:
+    """What `parse`, which the sink runs when built, finds wrong with a set value: the same
+    reason, given here with the file's name, before anything starts."""
+    if value is None:
         return None
+    try:
+        parse(value)
+    except ValueError as exc:
+        return str(exc)
+    return None
 
-    return check
+
+def _seconds(value: Any) -> str | None:
+    return _problem(parse_seconds, value)
+
+
+# An http sink's signing keys. webhook_signing brings in cryptography (~7 MB of resident
+# memory), so it is imported only for a sink that signs, as build_sink imports only the
+# sinks configured.
+def _secret(value: Any) -> str | None:
+    if value is None:
+        return None
+    from .webhook_signing import parse_secret
+
+    return _problem(parse_secret, value)
+
+
+def _private_key(value: Any) -> str | None:
+    if value is None:
+        return None
+    from .webhook_signing import parse_private_key
+
+    return _problem(parse_private_key, value)
 
 
 # (type, option) → what is wrong with a value, if anything; checked when the file is read, so
 # a mistake stops the start instead of failing every delivery.
 OPTION_CHECKS: dict[tuple[str, str], Callable[[Any], str | None]] = {
-    ("http", "secret"): _parses(parse_secret),
-    ("http", "private_key"): _parses(parse_private_key),
-    ("http", "timeout"): _parses(parse_seconds),
+    ("http", "secret"): _secret,
+    ("http", "private_key"): _private_key,
+    ("http", "timeout"): _seconds,
     ("redis", "stream"): _name,
     ("redis", "maxlen"): _count,
     ("rabbitmq", "exchange"): _name,
