@@ -27,7 +27,7 @@ from .headers import SecurityHeaders
 from .logs import REASON, AccessLog, lean_records
 from .metrics import Metrics
 from .sinks import build_sink
-from .store import Forwarding, Store
+from .store import GLANCE_WAIT, Forwarding, Store
 from .worker import Worker
 
 log = logging.getLogger("receiver")
@@ -151,7 +151,7 @@ def create_app(
     http = http or http_client()
     metrics = Metrics()
     metrics.expose(
-        store.outbox_depth,
+        partial(store.outbox_depth, GLANCE_WAIT),
         [spec.name for spec in settings.sinks],
         metrics_dir,
         apply_backlog=store.apply_backlog,

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import re
+import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -13,7 +15,9 @@ from starlette.testclient import TestClient
 from receiver.app import create_app
 from receiver.auth import COOKIE
 from receiver.sinkspec import SinkSpec
+from receiver.store import GLANCE_WAIT
 
+from .database import POSTGRES
 from .helpers import TOKEN, auth, fixture, make_settings, post_callback
 
 EVALUATION_ID = "0193a7c2-5b1e-7c3d-9f10-2a4b6c8d0e11"
@@ -441,3 +445,29 @@ def test_an_empty_categories_chart_says_where_categories_come_from(tmp_path: Pat
         post_callback(client, fixture("evaluation-completed.json"))
         page = client.get("/", headers=auth()).text
     assert "no judges&#x27; issues yet: they come with a refetch or a full callback" in page
+
+
+@pytest.mark.skipif(not POSTGRES, reason="a pool of connections: PostgreSQL's")
+def test_the_overviews_forward_counts_wait_for_a_busy_pool_as_every_page_does(
+    tmp_path: Path,
+) -> None:
+    """/metrics gives up on a pooled connection after GLANCE_WAIT (1 s: PostgreSQL down), but
+    the overview's forward counts (store.outbox_depth(), as pages.overview asks) are a page's
+    read like any other: a pool busy a moment longer is not a fault (it was a 503 after 1 s)."""
+    settings = make_settings(tmp_path, database_pool_size=1, worker=False)
+    with TestClient(create_app(settings)) as client:
+        store = client.app.state.receiver.store  # type: ignore[attr-defined]
+        held = threading.Event()
+
+        def hold() -> None:
+            with store.read():
+                held.set()
+                time.sleep(GLANCE_WAIT * 2)
+
+        holder = threading.Thread(target=hold)
+        holder.start()
+        held.wait()
+        try:
+            assert store.outbox_depth() == {}
+        finally:
+            holder.join()

@@ -466,15 +466,15 @@ class Store:
         with self.read() as conn:
             return outbox.list_forwards(conn, state=state, sink=sink, limit=limit, after=after)
 
-    def outbox_depth(self) -> dict[str, dict[str, int]]:
-        """Forwards per sink and state: a glance (/metrics, the dashboard), which waits at
-        most GLANCE_WAIT for a connection."""
-        with self.read(GLANCE_WAIT) as conn:
+    def outbox_depth(self, wait: float | None = None) -> dict[str, dict[str, int]]:
+        """Forwards per sink and state. /metrics waits at most GLANCE_WAIT for a connection;
+        the dashboard, as every page, the pool's own timeout (a busy pool is not a fault)."""
+        with self.read(wait) as conn:
             return outbox.outbox_depth(conn)
 
     def apply_backlog(self) -> int:
-        """How many acknowledged callbacks wait to be applied (without applying them); a
-        glance, like `outbox_depth`."""
+        """How many acknowledged callbacks wait to be applied (without applying them); for
+        /metrics, so it waits at most GLANCE_WAIT for a connection."""
         with self.read(GLANCE_WAIT) as conn:
             (count,) = conn.execute("SELECT count(*) FROM apply_queue").fetchone()
         return int(count)
