@@ -117,6 +117,11 @@ def show(evaluation_id: str, as_json: bool) -> None:
         f"completed_at {cell(ev['completed_at'])}",
         f"received_at  {ev['received_at']}",
     ]
+    if refetch := ev["refetch"]:
+        lines.append(
+            f"refetch      {refetch['state']} attempts={refetch['attempts']}"
+            + (f" error: {refetch['error']}" if refetch["error"] else "")
+        )
     lines += [f"top issue    {label}" for label in ev["top_issues"]]
     lines += [
         f"issue        {i['category']}/{i['subcategory']}: {i['detail']} (judge {i['judge']})"

@@ -121,7 +121,17 @@ SCHEMAS: dict[str, Any] = {
             "evaluation": {
                 "allOf": [_ref("Evaluation")],
                 "properties": {
-                    "runflow": {"type": "object", "description": "latest Runflow object"}
+                    "runflow": {"type": "object", "description": "latest Runflow object"},
+                    "refetch": {
+                        "type": ["object", "null"],
+                        "description": "where its refetch stands; null when none is wanted",
+                        "properties": {
+                            "state": {"enum": ["pending", "done", "failed"]},
+                            "attempts": {"type": "integer"},
+                            "next_at": _NULL_STR,
+                            "error": _NULL_STR,
+                        },
+                    },
                 },
             },
             "issues": {"type": "array", "items": {"type": "object"}},

@@ -3,6 +3,7 @@ from __future__ import annotations
 import asyncio
 import json
 import socket
+import sqlite3
 from pathlib import Path
 
 import pytest
@@ -317,3 +318,19 @@ def test_serve_on_a_taken_port_says_so_in_one_line(tmp_path: Path, workers: str)
         f"Error: cannot listen on 127.0.0.1:{port}: Address already in use; "
         "choose another port with --port or PORT, or another --host"
     ]
+
+
+def test_show_says_where_a_refetch_stands(runner: CliRunner, filled: Path) -> None:
+    """A refetch that gave up was seen only in the worker's log and a metric."""
+    with sqlite3.connect(filled / "r.db") as conn:
+        conn.execute(
+            "UPDATE evaluations SET refetch_state = 'failed', refetch_attempts = 10,"
+            " refetch_error = 'Runflow answered 404: no such evaluation' WHERE id = ?",
+            (COMPLETED_ID,),
+        )
+    result = runner.invoke(cli, ["show", COMPLETED_ID])
+    assert result.exit_code == 0, result.output
+    assert (
+        "refetch      failed attempts=10 error: Runflow answered 404: no such evaluation"
+        in result.output
+    )

@@ -471,3 +471,21 @@ def test_the_overviews_forward_counts_wait_for_a_busy_pool_as_every_page_does(
             assert store.outbox_depth() == {}
         finally:
             holder.join()
+
+
+def test_a_failed_refetch_is_shown_with_its_reason_escaped(browser: TestClient) -> None:
+    """A refetch that gave up (Runflow 404s, or never catches up with the verdict) was seen
+    only in the worker's log and a metric: the page says so, and why."""
+    store = browser.app.state.receiver.store  # type: ignore[attr-defined]
+    store.writer.submit(
+        lambda conn: conn.execute(
+            "UPDATE evaluations SET refetch_state = 'failed', refetch_attempts = 10,"
+            " refetch_error = ? WHERE id = ?",
+            (f"Runflow answered 404: {HOSTILE}", EVALUATION_ID),
+        )
+    ).result()
+    page = browser.get(f"/evaluations/{EVALUATION_ID}").text
+    assert "<dt>Refetch</dt>" in page
+    assert "failed after 10 attempts" in page
+    assert "Runflow answered 404: " in page
+    assert HOSTILE not in page

@@ -1261,14 +1261,19 @@ async def test_a_get_that_never_catches_up_ends_as_a_refetch_error_keeping_the_v
     tmp_path: Path, http: httpx.AsyncClient, runflow: tuple[FakeRunflow, str]
 ) -> None:
     """Past RECEIVER_MAX_ATTEMPTS the refetch is `failed` with why, the completed verdict is
-    kept, and its event goes out from the callback alone (`refetched: false`)."""
+    kept, and its event goes out from the callback alone (`refetched: false`). The API's
+    evaluation (and with it the dashboard and `receiver show`) says where the refetch stands."""
     rig, _, sink = await verdict_change_rig(tmp_path, http, runflow, max_attempts=3)
     try:
         await rig.settle()
         given_up = rig.rows(REFETCH_STATE + ", passed, failure_code FROM evaluations")
+        detail = rig.store.get_evaluation(VERDICT_ID)
     finally:
         rig.store.close()
     assert given_up == [("completed", 0, "failed", 3, LAGGING, 1, None)]
+    assert detail is not None
+    refetch = detail["evaluation"]["refetch"]
+    assert (refetch["state"], refetch["attempts"], refetch["error"]) == ("failed", 3, LAGGING)
     assert_own_fields(sink.received, completed_refetched=False)
 
 

@@ -31,6 +31,10 @@ ITEM_COLUMNS = (
 )
 
 
+REFETCH_KEYS = ("refetch_state", "refetch_attempts", "refetch_next_at", "refetch_error")
+REFETCH_COLUMNS = ", ".join(REFETCH_KEYS)
+
+
 def item(row: sqlite3.Row) -> dict[str, Any]:
     """An evaluation as the API shows it (design.md §4)."""
     data = dict(row)
@@ -188,12 +192,21 @@ def has_evaluation(conn: sqlite3.Connection, evaluation_id: str) -> bool:
 def get_evaluation(conn: sqlite3.Connection, evaluation_id: str) -> dict[str, Any] | None:
     """The evaluation, its latest Runflow object, its issues, deliveries and forwards."""
     row = conn.execute(
-        f"SELECT {ITEM_COLUMNS}, data FROM evaluations WHERE id = ?", (evaluation_id,)
+        f"SELECT {ITEM_COLUMNS}, data, {REFETCH_COLUMNS} FROM evaluations WHERE id = ?",
+        (evaluation_id,),
     ).fetchone()
     if row is None:
         return None
     evaluation = item(row)
     evaluation["runflow"] = json.loads(evaluation.pop("data"))
+    state, attempts, next_at, error = (evaluation.pop(name) for name in REFETCH_KEYS)
+    # Where the refetch stands (None: none is wanted), so one that fails is seen where users
+    # look, not only in the worker's log and a metric.
+    evaluation["refetch"] = (
+        None
+        if state is None
+        else {"state": state, "attempts": attempts, "next_at": next_at, "error": error}
+    )
     issues = conn.execute(
         "SELECT judge, category, subcategory, detail FROM issues WHERE evaluation_id = ?"
         " ORDER BY id",
