@@ -522,6 +522,20 @@ def post_callback_over_http(url: str, body: bytes, secret: str) -> httpx.Respons
     return httpx.post(f"{url}/webhooks/runflow", content=body, headers=headers)
 
 
+def access_lines_once_logged(
+    caplog: pytest.LogCaptureFixture, statuses: set[int], timeout: float = 10.0
+) -> list[dict[str, Any]]:
+    """The access lines, once those of `statuses` are in: a request's line is written after
+    its answer went out, so a client can read the answer first (and a server stopped then
+    never wrote the last line)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        lines = [entry for entry in lines_of(caplog) if entry["logger"] == "receiver.access"]
+        if statuses <= {entry["status"] for entry in lines} or time.monotonic() > deadline:
+            return lines
+        time.sleep(0.01)
+
+
 def test_a_5xx_gets_an_error_line_that_says_why(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -558,7 +572,7 @@ def test_a_5xx_gets_an_error_line_that_says_why(
             assert refused.status_code == 502
             mistake = httpx.get(f"{url}/api/evaluations?status=nope", headers=auth())
             assert mistake.status_code == 400
-    lines = [entry for entry in lines_of(caplog) if entry["logger"] == "receiver.access"]
+            lines = access_lines_once_logged(caplog, {502, 400})
     (failed,) = [entry for entry in lines if entry["status"] == 502]
     assert failed["level"] == "ERROR"
     assert failed["reason"] == refused.json()["error"]
