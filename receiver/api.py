@@ -192,22 +192,27 @@ def metrics(request: Request) -> Response:
     return Response(body, headers={"content-type": content_type, "cache-control": "no-store"})
 
 
+def forwards_after(cursor: str | None) -> int | None:
+    """The last forward id of the previous page, from its `next_cursor` (`receiver forwards
+    --cursor` takes the same)."""
+    after = None if cursor is None else whole(cursor, MAX_ROW_ID)
+    if cursor is not None and after is None:
+        raise BadRequest("cursor is not valid: pass next_cursor from the previous page unchanged")
+    return after
+
+
 def list_forwards(request: Request) -> Response:
     params = request.query_params
     _check_known(params, ("state", "sink", "limit", "cursor"))
     state = _one(params, "state")
     if state is not None and state not in STATES:
         raise BadRequest(f"state must be one of {', '.join(STATES)}, got {state!r}")
-    cursor = _one(params, "cursor")
-    after = None if cursor is None else whole(cursor, MAX_ROW_ID)
-    if cursor is not None and after is None:
-        raise BadRequest("cursor is not valid: pass next_cursor from the previous page unchanged")
     limit = _limit(params)
     items = context(request).store.list_forwards(
         state=state,
         sink=_one(params, "sink"),
         limit=limit,
-        after=after,
+        after=forwards_after(_one(params, "cursor")),
     )
     next_cursor = str(items[-1]["id"]) if len(items) == limit else None
     return JSONResponse({"items": items, "next_cursor": next_cursor})

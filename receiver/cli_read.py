@@ -8,6 +8,7 @@ from typing import Any, TypeVar
 
 import click
 
+from .api import forwards_after
 from .cliutil import (
     cell,
     echo_json,
@@ -48,6 +49,28 @@ FILTERS = (
 )
 
 
+def page_options(command: F) -> F:
+    """--limit and --cursor, as the API's `limit` and `cursor`, and --json."""
+    for option in reversed(
+        (
+            click.option("--limit", type=click.IntRange(1, 500), default=50, show_default=True),
+            click.option(
+                "--cursor", metavar="CURSOR", help="Where the next page starts (printed last)."
+            ),
+            click.option("--json", "as_json", is_flag=True, help="Print JSON."),
+        )
+    ):
+        command = option(command)
+    return command
+
+
+def _next_page(next_cursor: str | None, as_json: bool) -> None:
+    """The option that continues a list cut at --limit: the table's last line; with --json on
+    stderr, so stdout stays the JSON list it has always been."""
+    if next_cursor is not None:
+        click.echo(f"(more: repeat with --cursor {next_cursor})", err=as_json)
+
+
 def evaluation_filters(command: F) -> F:
     """The filters of GET /api/evaluations, which /api/stats takes too: `query` and `stats`
     offer the same ones."""
@@ -58,15 +81,15 @@ def evaluation_filters(command: F) -> F:
 
 @click.command()
 @evaluation_filters
-@click.option("--limit", type=click.IntRange(1, 500), default=50, show_default=True)
-@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
-def query(as_json: bool, limit: int, **filters: Any) -> None:
+@page_options
+def query(as_json: bool, limit: int, cursor: str | None, **filters: Any) -> None:
     """List evaluations, newest first."""
-    items, _ = reading_store(load_settings(sinks=False)).list_evaluations(
-        EvaluationFilter(**filters), limit
+    items, next_cursor = reading_store(load_settings(sinks=False)).list_evaluations(
+        EvaluationFilter(**filters), limit, cursor
     )
     if as_json:
         echo_json(items)
+        _next_page(next_cursor, as_json)
         return
     header = (
         "id",
@@ -89,6 +112,7 @@ def query(as_json: bool, limit: int, **filters: Any) -> None:
         )
     if not items:
         click.echo("(no evaluations match)")
+    _next_page(next_cursor, as_json)
 
 
 @click.command()
@@ -167,8 +191,7 @@ def stats(as_json: bool, **filters: Any) -> None:
 @click.option("--sink", help="Only this sink.")
 @click.option("--retry", "retry_id", type=int, metavar="ID", help="Send forward ID again.")
 @click.option("--retry-all-dead", is_flag=True, help="Send every dead forward again.")
-@click.option("--limit", type=click.IntRange(1, 500), default=50, show_default=True)
-@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@page_options
 def forwards(
     dead: bool,
     state: str | None,
@@ -176,6 +199,7 @@ def forwards(
     retry_id: int | None,
     retry_all_dead: bool,
     limit: int,
+    cursor: str | None,
     as_json: bool,
 ) -> None:
     """List forwards (the outbox), or send dead ones again."""
@@ -194,11 +218,14 @@ def forwards(
                 count = asyncio.run(store.retry_dead(now(), sink))
                 click.echo(f"{count} dead forward(s) pending again")
         return
-    items = reading_store(settings).list_forwards(
-        state="dead" if dead else state, sink=sink, limit=limit
+    items = reading_store(settings).list_forwards(  # one more: is there a next page?
+        state="dead" if dead else state, sink=sink, limit=limit + 1, after=forwards_after(cursor)
     )
+    next_cursor = str(items[limit - 1]["id"]) if len(items) > limit else None
+    items = items[:limit]
     if as_json:
         echo_json(items)
+        _next_page(next_cursor, as_json)
         return
     for item in items:
         say(
@@ -207,6 +234,7 @@ def forwards(
         )
     if not items:
         click.echo("(no forwards match)")
+    _next_page(next_cursor, as_json)
 
 
 def _error_of(forward: dict[str, Any]) -> str:

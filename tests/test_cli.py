@@ -13,7 +13,8 @@ from receiver.cli import cli
 from receiver.fakes.runflow import FakeRunflow
 from receiver.fakes.server import serve_in_thread
 from receiver.normalize import VERDICT_ONLY, normalize, parse_body
-from receiver.store import Delivery, Store
+from receiver.sinkspec import SinkSpec
+from receiver.store import Delivery, Forwarding, Store
 
 from .helpers import FIXTURES, SECRET_A, SECRET_B, SIGNATURES, fixture
 from .servers import ReceiverProcess, free_port, run_cli
@@ -22,7 +23,8 @@ COMPLETED_ID = "0193a7c2-5b1e-7c3d-9f10-2a4b6c8d0e11"
 
 
 def _fill(database: Path) -> None:
-    store = Store(str(database))
+    sink = SinkSpec(name="consumer", type="http", url="http://127.0.0.1:9/events")
+    store = Store(str(database), forwarding=Forwarding(sinks=(sink,)))
     store.open()
     try:
         for name in (
@@ -117,6 +119,40 @@ def test_json_output_parses(runner: CliRunner, filled: Path, command: list[str])
     result = runner.invoke(cli, [*command, "--json"])
     assert result.exit_code == 0
     json.loads(result.output)
+
+
+@pytest.mark.parametrize("command", ["query", "forwards"])
+def test_lists_go_past_limit_with_the_cursor_they_print(
+    runner: CliRunner, filled: Path, command: str
+) -> None:
+    """They stopped at --limit (at most 500) with no way further, while the API pages."""
+    everything = json.loads(runner.invoke(cli, [command, "--json"]).stdout)
+    assert len(everything) >= 2
+    seen: list[str] = []
+    page: list[str] = []
+    while True:
+        result = runner.invoke(cli, [command, "--limit", "1", *page])
+        assert result.exit_code == 0, result.output
+        *rows, last = result.stdout.splitlines()
+        seen += [row.split()[0].lstrip("#") for row in rows if not row.startswith("id ")]
+        if not last.startswith("(more: repeat with --cursor "):
+            seen.append(last.split()[0].lstrip("#"))
+            break
+        page = ["--cursor", last.removeprefix("(more: repeat with --cursor ").rstrip(")")]
+        # --json keeps printing the list it always printed; the way on goes to stderr
+        listed = runner.invoke(cli, [command, "--limit", "1", "--json"])
+        assert len(json.loads(listed.stdout)) == 1
+        assert listed.stderr.startswith("(more: repeat with --cursor ")
+    assert seen == [str(item["id"]) for item in everything]
+
+
+@pytest.mark.parametrize("command", ["query", "forwards"])
+def test_a_cursor_not_printed_by_the_command_is_one_line(
+    runner: CliRunner, filled: Path, command: str
+) -> None:
+    result = runner.invoke(cli, [command, "--cursor", "nonsense"])
+    assert result.exit_code == 1
+    assert "cursor is not valid" in result.output
 
 
 @pytest.mark.parametrize("name", sorted(SIGNATURES))
