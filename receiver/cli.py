@@ -16,6 +16,7 @@ import click
 
 from . import cli_read, cli_runflow, logs
 from .cliutil import load_settings, reading_store
+from .config import MIN_TOKEN_CHARS
 from .database_url import is_postgres_url
 from .errors import ReceiverError
 from .store import Store
@@ -101,6 +102,12 @@ def serve(host: str, port: int | None, workers: int) -> None:
         click.echo(
             "receiver: warning       RECEIVER_ALLOW_UNSIGNED=true: callbacks without a"
             " Runflow-Signature are accepted (local development only)"
+        )
+    for name in settings.short_tokens():  # never the token itself
+        click.echo(
+            f"receiver: warning       {name} is shorter than {MIN_TOKEN_CHARS} characters:"
+            " easy to guess; make one with python -c 'import secrets;"
+            " print(secrets.token_urlsafe(24))'"
         )
     if workers == 1:
         app = create_app(settings, metrics_dir=given_metrics_dir())

@@ -34,6 +34,10 @@ EMBEDS = (
     "run",
 )
 DEFAULT_EMBEDS = ("judges", "action", "gate_failures")
+# A bearer token anyone who reaches the server may try: 16 random URL-safe characters carry
+# 96 bits, beyond guessing over the network; `make run` and a generated token have 32
+# (secrets.token_urlsafe(24), 192 bits).
+MIN_TOKEN_CHARS = 16
 PLACEHOLDER_SECRET = "whsec_replace_me"  # noqa: S105 (.env.example's, refused as a secret)
 
 
@@ -350,6 +354,18 @@ class Settings:
             # and at most the max, can be both.
             return replace(settings, retry_base=settings.retry_max)
         return settings
+
+    def short_tokens(self) -> list[str]:
+        """The token settings shorter than MIN_TOKEN_CHARS. Refusing them would stop existing
+        deployments on upgrade; `receiver serve` warns at start instead."""
+        return [
+            name
+            for name, token in (
+                ("RECEIVER_DASHBOARD_TOKEN", self.dashboard_token),
+                ("RECEIVER_METRICS_TOKEN", self.metrics_token),
+            )
+            if token is not None and len(token) < MIN_TOKEN_CHARS
+        ]
 
     def check_ingest(self) -> None:
         """Refuse to accept callbacks without a way to verify them."""

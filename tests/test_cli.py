@@ -332,6 +332,40 @@ def test_serve_warns_at_start_when_unsigned_callbacks_are_accepted(
     assert (warning in banner) is warned
 
 
+LONG = "k3Jx9-QpL2vN8wYt"  # 16: the shortest token without a warning
+
+
+@pytest.mark.parametrize(
+    ("tokens", "warned"),
+    [
+        ({"RECEIVER_DASHBOARD_TOKEN": "t0k3n"}, ["RECEIVER_DASHBOARD_TOKEN"]),
+        (
+            {"RECEIVER_DASHBOARD_TOKEN": LONG, "RECEIVER_METRICS_TOKEN": "m9"},
+            ["RECEIVER_METRICS_TOKEN"],
+        ),
+        (
+            {"RECEIVER_DASHBOARD_TOKEN": LONG[:-1], "RECEIVER_METRICS_TOKEN": LONG[1:]},
+            ["RECEIVER_DASHBOARD_TOKEN", "RECEIVER_METRICS_TOKEN"],
+        ),
+        ({"RECEIVER_DASHBOARD_TOKEN": LONG, "RECEIVER_METRICS_TOKEN": LONG}, []),
+    ],
+)
+def test_serve_warns_at_start_of_a_token_that_is_easy_to_guess(
+    tmp_path: Path, tokens: dict[str, str], warned: list[str]
+) -> None:
+    """Accepted in silence; refused, they would stop a deployment on upgrade. The token is
+    never printed."""
+    with ReceiverProcess(tmp_path, **tokens):
+        pass
+    banner = (tmp_path / "server.log").read_text()
+    assert "receiver: database" in banner
+    warnings = [line for line in banner.splitlines() if "characters: easy to guess" in line]
+    assert [line.split()[2] for line in warnings] == warned
+    for line in warnings:
+        assert "receiver: warning       RECEIVER_" in line
+        assert not any(token in line for token in tokens.values())
+
+
 @pytest.mark.parametrize("workers", ["1", "2"])
 def test_serve_on_a_taken_port_says_so_in_one_line(tmp_path: Path, workers: str) -> None:
     """The default 8000 is often taken: say which address and how to choose another, exit 1,
