@@ -15,7 +15,7 @@ from typing import Any
 import click
 
 from . import cli_read, cli_runflow, logs
-from .cliutil import load_settings, reading_store
+from .cliutil import load_settings, program_name, reading_store
 from .config import MIN_TOKEN_CHARS
 from .database_url import is_postgres_url
 from .errors import ReceiverError
@@ -239,7 +239,8 @@ for command in (
 def main(argv: list[str] | None = None) -> None:
     """Entry point: every user mistake (ours or click's usage errors) exits 1 with one line."""
     try:
-        cli.main(args=argv, prog_name="receiver", standalone_mode=False)
+        prog_name = program_name(sys.argv[0], sys.executable, os.environ.get("PATH"))
+        cli.main(args=argv, prog_name=prog_name, standalone_mode=False)
     except click.ClickException as exc:
         click.echo(f"Error: {exc.format_message()}", err=True)
         sys.exit(1)

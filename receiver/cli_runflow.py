@@ -12,7 +12,7 @@ from typing import Any
 import click
 import httpx
 
-from .cliutil import echo_json, first_secret, load_settings, writing_store
+from .cliutil import command_line, echo_json, first_secret, load_settings, writing_store
 from .feedback import RATINGS, send_feedback
 from .normalize import normalize
 from .signing import sign
@@ -78,7 +78,7 @@ def send_test(url: str | None, event: str, client_ref: str, secret: str | None) 
         evaluation_id = response.json()["evaluation_id"]
     except (ValueError, TypeError, KeyError):
         raise click.ClickException(f"{url} answered 200, but not as a receiver does") from None
-    click.echo(f"see it: receiver show {evaluation_id}")
+    click.echo(f"see it: {command_line('show', evaluation_id)}")
 
 
 @click.command()
@@ -100,7 +100,7 @@ def refetch(evaluation_id: str) -> None:
         lagging = asyncio.run(run(store))
     if lagging:
         raise click.ClickException(f"{evaluation_id} not stored: {lagging}; try again later")
-    click.echo(f"refetched {evaluation_id}; see: receiver show {evaluation_id}")
+    click.echo(f"refetched {evaluation_id}; see: {command_line('show', evaluation_id)}")
 
 
 @click.command()

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
+import shlex
+import shutil
 import unicodedata
 from collections.abc import Iterator
 from pathlib import Path
@@ -39,6 +42,26 @@ def reading_store(settings: Settings) -> Store:
     store = Store(settings.database, pool_size=settings.database_pool_size)
     store.check_schema()
     return store
+
+
+def program_name(argv0: str, executable: str, search_path: str | None) -> str:
+    """The program as the user can type it again: `receiver` when that is what their PATH
+    finds, else the path they ran (`.venv/bin/receiver` after `make run`), or the Python
+    that ran `-m receiver`, named the same way."""
+    if Path(argv0).name == "__main__.py":
+        return f"{program_name(executable, executable, search_path)} -m receiver"
+    if not Path(argv0).is_file():  # embedded, or `-c`: no better name to give
+        return "receiver"
+    name = Path(argv0).name
+    found = shutil.which(name, path=search_path)  # the same file, not one its links lead to
+    if found and os.path.abspath(found) == os.path.abspath(argv0):
+        return name
+    return shlex.quote(argv0)
+
+
+def command_line(*args: str) -> str:
+    """A command to run next, with the program named as the user ran this one."""
+    return " ".join((click.get_current_context().find_root().info_name or "receiver", *args))
 
 
 def echo_json(value: Any) -> None:

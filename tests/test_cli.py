@@ -2,14 +2,18 @@ from __future__ import annotations
 
 import asyncio
 import json
+import shlex
 import socket
 import sqlite3
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
 
 from receiver.cli import cli
+from receiver.cliutil import program_name
 from receiver.fakes.runflow import FakeRunflow
 from receiver.fakes.server import serve_in_thread
 from receiver.normalize import VERDICT_ONLY, normalize, parse_body
@@ -364,6 +368,49 @@ def test_serve_warns_at_start_of_a_token_that_is_easy_to_guess(
     for line in warnings:
         assert "receiver: warning       RECEIVER_" in line
         assert not any(token in line for token in tokens.values())
+
+
+def test_send_test_names_the_next_command_as_the_user_ran_this_one(tmp_path: Path) -> None:
+    """After `make run` the program is `.venv/bin/receiver`: `receiver show ID`, as it said,
+    is not found."""
+    bin_dir = Path(sys.executable).parent
+    with ReceiverProcess(tmp_path) as server:
+        url = f"{server.url}/webhooks/runflow"
+        for program, search_path in (("./receiver", "/usr/bin:/bin"), ("receiver", str(bin_dir))):
+            sent = subprocess.run(
+                [program, "send-test", url],
+                cwd=bin_dir,
+                env={**server.env, "PATH": search_path},
+                capture_output=True,
+                text=True,
+                check=False,
+                timeout=60,
+            )
+            assert sent.returncode == 0, sent.stderr
+            assert f"\nsee it: {program} show " in sent.stdout
+
+
+@pytest.mark.parametrize(
+    ("argv0", "search_path", "expected"),
+    [
+        ("{bin}/receiver", "{bin}:/usr/bin", "receiver"),  # found on PATH
+        ("{bin}/receiver", "/usr/bin", "{bin}/receiver"),  # as `.venv/bin/receiver` ran
+        ("{bin}/__main__.py", "{bin}", "python -m receiver"),
+        ("{bin}/__main__.py", "/usr/bin", "{bin}/python -m receiver"),
+        ("-c", "/usr/bin", "receiver"),
+    ],
+)
+def test_program_name(tmp_path: Path, argv0: str, search_path: str, expected: str) -> None:
+    """Named so it can be typed again, a path with a space in it too."""
+    bin_dir = tmp_path / "my bin"
+    bin_dir.mkdir()
+    for name in ("receiver", "python", "__main__.py"):
+        (bin_dir / name).write_text("")
+        (bin_dir / name).chmod(0o755)
+    shown = program_name(
+        argv0.format(bin=bin_dir), str(bin_dir / "python"), search_path.format(bin=bin_dir)
+    )
+    assert shlex.split(shown) == shlex.split(expected.format(bin=shlex.quote(str(bin_dir))))
 
 
 @pytest.mark.parametrize("workers", ["1", "2"])
