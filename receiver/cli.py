@@ -199,9 +199,16 @@ def backup(path: Path) -> None:
     )
 
 
+ASK_BELOW = "1d"  # a retention shorter than this empties the dashboard: asked at a terminal
+
+
 @cli.command()
 @click.option("--older-than", "age", required=True, help="Age, e.g. 90d, 12w, 36h.")
-def prune(age: str) -> None:
+@click.option("--dry-run", is_flag=True, help="Count what would be deleted; delete nothing.")
+@click.option(
+    "--yes", "-y", is_flag=True, help=f"Do not ask (asked under {ASK_BELOW} at a terminal)."
+)
+def prune(age: str, dry_run: bool, yes: bool) -> None:
     """Delete evaluations (with their deliveries, issues and forwards) last touched longer ago
     than --older-than; never one whose forward, refetch or reconciliation is still pending."""
     from .cliutil import writing_store
@@ -211,12 +218,26 @@ def prune(age: str) -> None:
         cutoff = ago(age)
     except ValueError as exc:
         raise click.BadParameter(str(exc), param_hint="--older-than") from None
-    with writing_store(load_settings(sinks=False)) as store:
+    settings = load_settings(sinks=False)
+    if dry_run:
+        counts = reading_store(settings).prune_counts(cutoff)
+        click.echo(f"would prune before {cutoff} (nothing deleted): {_pruned(counts)}")
+        return
+    if not yes and cutoff > ago(ASK_BELOW) and sys.stdin.isatty():
+        counts = reading_store(settings).prune_counts(cutoff)  # scripts are never asked
+        click.confirm(
+            f"--older-than {age} keeps less than {ASK_BELOW}: delete {_pruned(counts)}?",
+            abort=True,
+        )
+    with writing_store(settings) as store:
         counts = asyncio.run(store.prune(cutoff))
-    click.echo(
-        f"pruned before {cutoff}: {counts['evaluations']} evaluations, "
-        f"{counts['deliveries']} deliveries, {counts['forwards']} forwards, "
-        f"{counts['quarantine']} quarantined bodies"
+    click.echo(f"pruned before {cutoff}: {_pruned(counts)}")
+
+
+def _pruned(counts: dict[str, int]) -> str:
+    return (
+        f"{counts['evaluations']} evaluations, {counts['deliveries']} deliveries, "
+        f"{counts['forwards']} forwards, {counts['quarantine']} quarantined bodies"
     )
 
 

@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import sqlite3
+import subprocess
+import sys
 import threading
 from pathlib import Path
 
@@ -16,6 +19,7 @@ from receiver.signing import sign
 from receiver.sinkspec import SinkSpec
 from receiver.store import Delivery, EvaluationFilter, Forwarding, Outcome, Store, rollups
 from receiver.store.ingest import accept
+from receiver.times import ago
 
 from .database import POSTGRES, connect, database_for, sqlite_only
 from .helpers import SECRET_A, TOKEN, fixture
@@ -130,6 +134,7 @@ def test_prune_keeps_everything_with_work_left_and_the_stats_follow(tmp_path: Pa
         raw = json.dumps(later).encode()
         acknowledged = accept(conn, Delivery(raw, normalize(parse_body(raw))))
         conn.commit()
+        would = store.prune_counts("2025-01-01T00:00:00.000000Z")
         counts = asyncio.run(store.prune("2025-01-01T00:00:00.000000Z"))
         store.catch_up()
         applied = store.get_evaluation(later["id"])
@@ -146,6 +151,7 @@ def test_prune_keeps_everything_with_work_left_and_the_stats_follow(tmp_path: Pa
     # 7: a callback waiting to be applied
     assert kept == {"1", "2", "5", "6", "7"}
     assert counts == {"evaluations": 3, "deliveries": 4, "forwards": 3, "quarantine": 1}
+    assert would == counts  # --dry-run counts what prune then deletes
     assert stats["total"] == 5
     assert refs == {"ref-1", "ref-2", "ref-5", "ref-6", "ref-7"}
     assert applied is not None
@@ -166,6 +172,72 @@ def test_prune_command(tmp_path: Path) -> None:
     bad = run_cli("prune", "--older-than", "soon", cwd=tmp_path, env=env)
     assert bad.returncode == 1
     assert "--older-than" in bad.stderr
+
+
+def _prune(tmp_path: Path, *args: str, answer: bytes | None) -> tuple[int, str, int]:
+    """`receiver prune ARGS` on a database of one evaluation 13 hours old, at a terminal
+    that answers `answer`, or without one (None: a script, cron): its status, output and the
+    evaluations left."""
+    database = tmp_path / "r.db"
+    store = Store(str(database))
+    store.open()
+    try:
+        asyncio.run(store.ingest(Delivery(callback(1), normalize(parse_body(callback(1))))))
+    finally:
+        store.close()
+    with sqlite3.connect(database) as conn:  # last touched 13 hours ago
+        conn.execute("UPDATE evaluations SET updated_at = ?", (ago("13h"),))
+    env = {"PATH": "/usr/bin:/bin", "RECEIVER_DATABASE": str(database)}
+    terminal, stdin = os.openpty() if answer is not None else (None, subprocess.DEVNULL)
+    done = subprocess.Popen(
+        [sys.executable, "-m", "receiver", "prune", *args],
+        cwd=tmp_path,
+        env=env,
+        stdin=stdin,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+    )
+    if terminal is not None:
+        os.close(stdin)
+        os.write(terminal, answer or b"")
+    output, _ = done.communicate(timeout=60)
+    if terminal is not None:
+        os.close(terminal)
+    with sqlite3.connect(database) as conn:
+        (left,) = conn.execute("SELECT count(*) FROM evaluations").fetchone()
+    return done.returncode, output.decode(), left
+
+
+@sqlite_only
+@pytest.mark.parametrize(
+    ("args", "answer", "status", "said", "left"),
+    [
+        # --dry-run counts and deletes nothing, at a terminal or not
+        (["--older-than", "0d", "--dry-run"], None, 0, "would prune before", 1),
+        (["--older-than", "0d", "--dry-run"], b"", 0, "1 evaluations, 1 deliveries", 1),
+        # under a day, a terminal is asked first, with what would go
+        (["--older-than", "0d"], b"n\n", 1, "delete 1 evaluations, 1 deliveries", 1),
+        (["--older-than", "12h"], b"y\n", 0, "pruned before", 0),
+        (["--older-than", "0d", "--yes"], b"", 0, "pruned before", 0),
+        # a script is never asked (it would hang, or fail): it runs as it always did
+        (["--older-than", "0d"], None, 0, "pruned before", 0),
+        (["--older-than", "1d"], b"", 0, "pruned before", 1),  # a day or more: not asked
+    ],
+)
+def test_prune_looks_first_and_asks_before_emptying_the_database_at_a_terminal(
+    tmp_path: Path,
+    args: list[str],
+    answer: bytes | None,
+    status: int,
+    said: str,
+    left: int,
+) -> None:
+    """`--older-than 0d` deleted every evaluation at once, with no way to look first."""
+    returncode, output, remaining = _prune(tmp_path, *args, answer=answer)
+    assert returncode == status, output
+    assert said in output
+    assert remaining == left
+    assert "Traceback" not in output
 
 
 @pytest.mark.skipif(not POSTGRES, reason="SQLite writes one transaction at a time")

@@ -367,6 +367,12 @@ class Store:
             totals[key] += value
         return totals
 
+    def prune_counts(self, cutoff: str) -> dict[str, int]:
+        """What `prune(cutoff)` would delete now; deletes nothing. No catch_up: as prune, it
+        leaves a callback waiting to be applied (and its evaluation) alone."""
+        with self.read() as conn:
+            return maintenance.prune_counts(conn, cutoff)
+
     async def probe(self) -> None:
         """Raise StoreUnavailable unless a write transaction can commit now. It writes the
         header field `application_id` back unchanged, so the commit really appends a page to

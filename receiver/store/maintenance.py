@@ -81,6 +81,17 @@ def prune_batch(conn: sqlite3.Connection, cutoff: str, limit: int) -> dict[str, 
     return counts
 
 
+# The evaluations last touched before the cutoff (the one parameter) with no work left.
+PRUNABLE = (
+    "SELECT id FROM evaluations e WHERE updated_at < ?"
+    " AND next_poll_at IS NULL AND refetch_state IS NOT 'pending'"
+    " AND NOT EXISTS (SELECT 1 FROM outbox o WHERE o.evaluation_id = e.id"
+    "  AND o.state = 'pending')"
+    " AND NOT EXISTS (SELECT 1 FROM deliveries d JOIN apply_queue q"
+    "  ON q.delivery_id = d.id WHERE d.evaluation_id = e.id)"
+)
+
+
 def _prunable(
     conn: sqlite3.Connection, cutoff: str, limit: int, among: list[str] | None = None
 ) -> list[str]:
@@ -88,15 +99,33 @@ def _prunable(
     return [
         row[0]
         for row in conn.execute(
-            "SELECT id FROM evaluations e WHERE updated_at < ?"
-            " AND next_poll_at IS NULL AND refetch_state IS NOT 'pending'"
-            " AND NOT EXISTS (SELECT 1 FROM outbox o WHERE o.evaluation_id = e.id"
-            "  AND o.state = 'pending')"
-            " AND NOT EXISTS (SELECT 1 FROM deliveries d JOIN apply_queue q"
-            f"  ON q.delivery_id = d.id WHERE d.evaluation_id = e.id){only} LIMIT ?",
+            f"{PRUNABLE}{only} LIMIT ?",
             (cutoff, *(among or ()), limit),
         )
     ]
+
+
+def prune_counts(conn: sqlite3.Connection, cutoff: str) -> dict[str, int]:
+    """What a prune at `cutoff` would delete now, counted as prune_batch and prune_loose
+    count it, deleting nothing (`receiver prune --dry-run`)."""
+    queries = {
+        "evaluations": (f"SELECT count(*) FROM ({PRUNABLE}) doomed", (cutoff,)),
+        "deliveries": (
+            f"SELECT count(*) FROM deliveries WHERE (evaluation_id IN ({PRUNABLE})"
+            " AND id NOT IN (SELECT delivery_id FROM apply_queue))"
+            " OR (evaluation_id IS NULL AND last_received_at < ?)",
+            (cutoff, cutoff),
+        ),
+        "forwards": (
+            f"SELECT count(*) FROM outbox WHERE evaluation_id IN ({PRUNABLE})",
+            (cutoff,),
+        ),
+        "quarantine": ("SELECT count(*) FROM quarantine WHERE received_at < ?", (cutoff,)),
+    }
+    return {
+        name: int(conn.execute(sql, params).fetchone()[0])
+        for name, (sql, params) in queries.items()
+    }
 
 
 def prune_loose(conn: sqlite3.Connection, cutoff: str) -> dict[str, int]:
