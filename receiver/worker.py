@@ -480,11 +480,13 @@ class Worker:
                 format_time(self.clock()),
             )
             return LIMITED if runflow is not None and runflow.http_status == 429 else "errors"
-        await self.store.ingest(
+        lagging = await self.store.poll_answered(
             Delivery(body=body, callback=callback, source="poll", refetched=bool(embeds))
         )
         next_at = self.clock() + timedelta(seconds=min(after * 2 ** (polls + 1), 86400))
         await self.store.polled(
-            evaluation_id, None, format_time(next_at), format_time(self.clock())
+            evaluation_id, lagging, format_time(next_at), format_time(self.clock())
         )
+        if lagging:  # nothing stored: the verdict that followed stays (polling ends with it)
+            return "errors"
         return "verdicts" if callback.fields.get("status_code") in TERMINAL else "pending"

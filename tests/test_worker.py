@@ -1339,6 +1339,48 @@ async def test_a_polled_verdict_followed_by_a_callback_is_forwarded_from_the_pol
     assert completed["data"]["passed"] is True
 
 
+async def test_a_poll_answering_the_verdict_left_behind_does_not_turn_it_back(
+    tmp_path: Path, http: httpx.AsyncClient, runflow: tuple[FakeRunflow, str]
+) -> None:
+    """A poll claimed while the evaluation ran; its GET, slow and lagging, answers failed after
+    the failed and then the completed callback came. Stored, it won the tie (no `updated_at`,
+    the later arrival) and turned the evaluation back to failed, and marked it refetched. It is
+    not stored, as a lagging refetch is not; the poll records why, and the completed verdict's
+    own refetch goes on."""
+    fake, url = runflow
+    fake.faults.clear()
+    fake.evaluations[VERDICT_ID] = at_runflow(FAILED_CALLBACK)
+    sink = RecordingSink(spec("s"))
+    rig = rig_for(
+        tmp_path, http, [sink], runflow_api_key=API_KEY, runflow_api_base=url, reconcile_after=0
+    )
+    try:
+        await rig.post(json.dumps(ASKED).encode())
+        asked = len(fake.requests)
+        fake.fail_next(None, delay=0.5)  # the poll's GET answers late
+        polling = asyncio.create_task(rig.worker.reconcile())
+        while len(fake.requests) == asked:  # claimed, and its GET on the way
+            await asyncio.sleep(0.005)
+        await rig.post(json.dumps(FAILED_CALLBACK).encode())
+        await rig.post(json.dumps(COMPLETED_CALLBACK).encode())
+        counts = await polling
+        polled = rig.rows(
+            REFETCH_STATE + ", passed, failure_code, next_poll_at, poll_error FROM evaluations"
+        )
+        sources = rig.rows("SELECT source, event FROM deliveries ORDER BY id")
+        fake.evaluations[VERDICT_ID] = at_runflow(COMPLETED_CALLBACK)
+        await rig.settle()
+    finally:
+        rig.store.close()
+    assert polled == [("completed", 0, "pending", 0, None, 1, None, None, LAGGING)]
+    assert counts == {"polled": 1, "verdicts": 0, "pending": 0, "errors": 1}
+    assert [source for source, _ in sources] == ["webhook"] * 3
+    failed, completed = sink.received
+    assert (failed["type"], failed["data"]["refetched"]) == ("io.runflow.evaluation.failed", False)
+    assert completed["type"] == "io.runflow.evaluation.completed"
+    assert (completed["data"]["passed"], completed["data"]["refetched"]) == (True, True)
+
+
 async def test_a_superseded_verdict_with_no_callback_of_its_own_is_skipped(
     tmp_path: Path, http: httpx.AsyncClient
 ) -> None:

@@ -301,6 +301,12 @@ class Store:
             partial(outbox.claim_polls, now=now, lease_until=lease_until, limit=limit)
         )
 
+    async def poll_answered(self, delivery: Delivery) -> str | None:
+        """Ingest a poll's answer; returns why it was not (outbox.lagging) instead."""
+        return await self.writer.run(
+            partial(outbox.poll_answered, delivery=delivery, forwarding=self.forwarding)
+        )
+
     async def polled(
         self, evaluation_id: str, error: str | None, next_at: str | None, stamp: str
     ) -> None:

@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 
 from ..normalize import Callback
 from ..times import now
-from .apply import NO_FORWARDING, Forwarding, apply_evaluation, dumps
+from .apply import NO_FORWARDING, Forwarding, Stored, apply_evaluation, dumps
 from .dialect import Later, is_postgres
 
 
@@ -39,10 +39,13 @@ class Receipt:
 
 
 def ingest(
-    conn: sqlite3.Connection, delivery: Delivery, forwarding: Forwarding = NO_FORWARDING
+    conn: sqlite3.Connection,
+    delivery: Delivery,
+    forwarding: Forwarding = NO_FORWARDING,
+    known: dict[str, Stored] | None = None,
 ) -> Receipt:
     """Store one delivery and apply it to its evaluation in the same transaction (polls, and
-    any caller that must read the result at once)."""
+    any caller that must read the result at once); `known` as apply_evaluation takes it."""
     receipt, stamp = record(conn, delivery)
     if receipt.applies:
         apply_evaluation(
@@ -53,6 +56,7 @@ def ingest(
             forwarding=forwarding,
             delivery_id=receipt.delivery_id,
             refetched=delivery.refetched,
+            known=known,
         )
     return receipt
 

@@ -14,8 +14,9 @@ from typing import Any
 
 from ..errors import BadRequest, NotFound
 from ..normalize import TERMINAL, merge, normalize, parse_body, verdict_fields
-from .apply import Forwarding, apply_evaluation, queue_forwards, read_stored
+from .apply import Forwarding, Stored, apply_evaluation, queue_forwards, read_stored
 from .dialect import is_postgres
+from .ingest import Delivery, ingest
 
 # The embeds a refetch adds (Runflow's GET ?embed=…): a polled body with one of them is as full
 # as a refetch.
@@ -201,9 +202,7 @@ def refetched(
 ) -> str | None:
     """Store the refetched object as the evaluation's state (the source of truth), unless it
     is behind the stored verdict (lagging): then nothing is stored, and why is returned."""
-    known = read_stored(conn, [fields["id"]])
-    data = known[fields["id"]][1]
-    stale = None if data is None else lagging(conn, fields, json.loads(data))
+    known, stale = behind(conn, fields)
     if stale is None:
         apply_evaluation(
             conn,
@@ -215,6 +214,28 @@ def refetched(
             known=known,
         )
     return stale
+
+
+def poll_answered(
+    conn: sqlite3.Connection, delivery: Delivery, forwarding: Forwarding
+) -> str | None:
+    """Ingest a reconciliation poll's answer as a callback, unless it is behind the stored
+    verdict: a poll claimed while the evaluation ran can answer after newer callbacks came.
+    Then nothing is stored (not even the delivery), and why is returned."""
+    known, stale = behind(conn, delivery.callback.fields)
+    if stale is None:
+        ingest(conn, delivery, forwarding, known)
+    return stale
+
+
+def behind(
+    conn: sqlite3.Connection, fields: dict[str, Any]
+) -> tuple[dict[str, Stored], str | None]:
+    """The stored row of the evaluation a GET answered (locked, for apply_evaluation's
+    `known`), and why the GET is behind its verdict (lagging), or None."""
+    known = read_stored(conn, [fields["id"]])
+    data = known[fields["id"]][1]
+    return known, None if data is None else lagging(conn, fields, json.loads(data))
 
 
 def lagging(conn: sqlite3.Connection, fields: dict[str, Any], stored: dict[str, Any]) -> str | None:
