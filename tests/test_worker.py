@@ -1277,6 +1277,43 @@ async def test_a_get_that_never_catches_up_ends_as_a_refetch_error_keeping_the_v
     assert_own_fields(sink.received, completed_refetched=False)
 
 
+async def test_a_verdict_left_behind_does_not_wait_for_the_refetch_of_the_one_that_followed(
+    tmp_path: Path, http: httpx.AsyncClient, runflow: tuple[FakeRunflow, str]
+) -> None:
+    """Failed then completed before either was sent, Runflow's GET lagging: the failed event is
+    built from its own callback, which no refetch of the completed verdict changes, so it goes
+    out at once. It used to wait for that refetch, up to RECEIVER_REFETCH_BUDGET."""
+    fake, url = runflow
+    fake.faults.clear()
+    fake.evaluations[VERDICT_ID] = at_runflow(FAILED_CALLBACK)
+    sink = RecordingSink(spec("s"))
+    rig = rig_for(
+        tmp_path,
+        http,
+        [sink],
+        runflow_api_key=API_KEY,
+        runflow_api_base=url,
+        refetch_budget=3600,
+        retry_base=60,
+        retry_max=60,
+    )
+    try:
+        for body in (ASKED, FAILED_CALLBACK, COMPLETED_CALLBACK):
+            await rig.post(json.dumps(body).encode())
+        await rig.drain()
+        waiting = rig.rows(
+            "SELECT status, refetched, refetch_state, refetch_error FROM evaluations"
+        )
+        forwards = rig.rows("SELECT event_type, state FROM outbox ORDER BY id")
+    finally:
+        rig.store.close()
+    assert waiting == [("completed", 0, "pending", LAGGING)]
+    assert forwards == [("evaluation.failed", "done"), ("evaluation.completed", "pending")]
+    (failed,) = sink.received
+    assert {key: failed["data"][key] for key in FAILED_DATA} == FAILED_DATA
+    assert failed["data"]["refetched"] is False
+
+
 async def test_a_get_older_than_the_callback_by_updated_at_is_not_its_refetch(
     tmp_path: Path, http: httpx.AsyncClient, runflow: tuple[FakeRunflow, str]
 ) -> None:

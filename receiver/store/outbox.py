@@ -66,7 +66,8 @@ def claim_forwards(
     limit: int,
 ) -> list[Claim]:
     """Due rows of `sink` whose evaluation is ready: refetched, not refetching, or waited for
-    longer than the refetch budget (`refetch_cutoff`), oldest first. A verdict that is still
+    longer than the refetch budget (`refetch_cutoff`), oldest first; a verdict a newer one
+    followed never waits, as the refetch pending is the newer one's. A verdict that is still
     the evaluation's status is built from its state, as merged from every callback and
     refetch; one a newer verdict followed before it was sent (failed, then completed) from its
     own callback (own_verdict), since the state now describes the newer one."""
@@ -74,7 +75,8 @@ def claim_forwards(
         "UPDATE outbox SET next_attempt_at = :lease WHERE id IN ("
         " SELECT o.id FROM outbox o JOIN evaluations e ON e.id = o.evaluation_id"
         " WHERE o.sink = :sink AND o.state = 'pending' AND o.next_attempt_at <= :now"
-        " AND (e.refetch_state IS NOT 'pending' OR o.created_at <= :cutoff)"
+        " AND (e.refetch_state IS NOT 'pending' OR o.created_at <= :cutoff"
+        " OR o.event_type <> e.event)"
         f" ORDER BY o.next_attempt_at, o.id LIMIT :limit{_skip_locked(conn, 'o')})"
         " RETURNING id, event_type, attempts, evaluation_id, delivery_id",
         {"lease": lease_until, "sink": sink, "now": now, "cutoff": refetch_cutoff, "limit": limit},
