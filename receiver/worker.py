@@ -373,15 +373,14 @@ class Worker:
 
     async def _refetch_round(self, _: Sink | None) -> int:
         now = self.clock()
-        due = await self.store.claim_refetches(
-            now=format_time(now), lease_until=format_time(now + self.lease), limit=16
-        )
+        lease = format_time(now + self.lease)
+        due = await self.store.claim_refetches(now=format_time(now), lease_until=lease, limit=16)
         if due:
-            await asyncio.gather(*(self._refetch(evaluation_id, n) for evaluation_id, n in due))
+            await asyncio.gather(*(self._refetch(id_, n, lease) for id_, n in due))
             self.notify()
         return len(due)
 
-    async def _refetch(self, evaluation_id: str, attempts: int) -> None:
+    async def _refetch(self, evaluation_id: str, attempts: int, lease: str) -> None:
         assert self.runflow is not None
         try:
             found = await self.runflow.get_evaluation(evaluation_id, self.settings.refetch_embeds)
@@ -392,29 +391,33 @@ class Worker:
                     f"Runflow still answers {status}: no verdict yet", retryable=True
                 )
         except (RunflowError, ReceiverError) as exc:
-            await self._refetch_failed(evaluation_id, attempts + 1, exc)
+            await self._refetch_failed(evaluation_id, attempts + 1, lease, exc)
             return
         lagging = await self.store.refetched(fields, format_time(self.clock()))
         if lagging:  # nothing stored: the verdict that followed stays, and is asked for again
             await self._refetch_failed(
-                evaluation_id, attempts + 1, RunflowError(lagging, retryable=True)
+                evaluation_id, attempts + 1, lease, RunflowError(lagging, retryable=True)
             )
             return
         self.metrics.refetch_results["ok"].inc()
 
-    async def _refetch_failed(self, evaluation_id: str, attempt: int, exc: ReceiverError) -> None:
+    async def _refetch_failed(
+        self, evaluation_id: str, attempt: int, lease: str, exc: ReceiverError
+    ) -> None:
         """Try again after a backoff if that can help, up to RECEIVER_MAX_ATTEMPTS; else the
-        refetch is `failed`, with its error, and the stored state stays as it is."""
+        refetch is `failed`, with its error, and the stored state stays as it is. Nothing is
+        recorded once the refetch is no longer this lease's (started over for a verdict that
+        followed, or stored by `receiver refetch`)."""
         retry_at = None
         if isinstance(exc, RunflowError) and exc.retryable and attempt < self.settings.max_attempts:
             delay = backoff(
                 attempt, self.settings.retry_base, self.settings.retry_max, exc.retry_after
             )
             retry_at = format_time(self.clock() + timedelta(seconds=delay))
-        await self.store.refetch_failed(
-            evaluation_id, str(exc)[:500], retry_at, format_time(self.clock())
-        )
-        self.metrics.refetch_results["failed" if retry_at is None else "retry"].inc()
+        if await self.store.refetch_failed(
+            evaluation_id, str(exc)[:500], retry_at, format_time(self.clock()), held=lease
+        ):
+            self.metrics.refetch_results["failed" if retry_at is None else "retry"].inc()
 
     async def _reconcile_loop(self) -> None:
         while not self._stopping:

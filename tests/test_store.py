@@ -29,7 +29,7 @@ from receiver.store.outbox import claim_forwards, refetched, replay_delivery
 from receiver.store.queries import list_changes
 from receiver.store.schema import MIGRATIONS
 from receiver.store.stats import stats as scan_stats
-from receiver.times import now
+from receiver.times import now, shift
 
 from .database import POSTGRES, connect, database_for, sqlite_only, waiting_for_a_lock
 from .helpers import fixture
@@ -1603,8 +1603,31 @@ async def test_a_refetch_behind_the_stored_verdict_is_not_stored(
 
 
 @pytest.mark.anyio
+async def test_a_refetch_stored_by_hand_is_not_undone_by_the_worker_try_in_flight(
+    path: str,
+) -> None:
+    """`receiver refetch ID` stores the verdict's object while the worker's lease on the same
+    refetch still runs; that try's failure (a 503) then used to turn the refetch back to
+    pending with its error, beside `refetched` 1, and asked Runflow again."""
+    store = Store(path, forwarding=Forwarding(refetch=True))
+    store.open()
+    try:
+        failed = evaluation("e-1", "failed", **TIMED_OUT)
+        await ingest_all(store, failed)
+        lease = shift(now(), 60)
+        assert await store.claim_refetches(now=now(), lease_until=lease, limit=1)
+        assert await store.refetched(fields_of(failed), now()) is None  # by hand
+        recorded = await store.refetch_failed("e-1", "503", now(), now(), held=lease)
+    finally:
+        store.close()
+    assert recorded is False
+    state = "SELECT refetched, refetch_state, refetch_attempts, refetch_error FROM evaluations"
+    assert query(path, state) == [(1, "done", 0, None)]
+
+
+@pytest.mark.anyio
 @pytest.mark.parametrize(
-    ("refetch", "after"), [(True, (0, "pending", 0, None)), (False, (0, "done", 1, None))]
+    ("refetch", "after"), [(True, (0, "pending", 0, None)), (False, (0, "done", 0, None))]
 )
 async def test_a_verdict_that_follows_the_other_is_not_refetched_by_its_refetch(
     path: str, refetch: bool, after: tuple[Any, ...]
@@ -1617,7 +1640,10 @@ async def test_a_verdict_that_follows_the_other_is_not_refetched_by_its_refetch(
     try:
         failed = evaluation("e-1", "failed", **TIMED_OUT)
         await ingest_all(store, failed)
-        await store.refetch_failed("e-1", "503", now(), now())
+        if refetch:  # the worker's try, under its lease
+            lease = shift(now(), 60)
+            assert await store.claim_refetches(now=now(), lease_until=lease, limit=1)
+            assert await store.refetch_failed("e-1", "503", now(), now(), held=lease)
         assert await store.refetched(fields_of(failed), now()) is None
         refetched_before = query(path, "SELECT refetched, refetch_state FROM evaluations")
         await ingest_all(store, evaluation("e-1", second=5))

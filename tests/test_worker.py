@@ -6,11 +6,11 @@ import asyncio
 import contextlib
 import json
 import sqlite3
-from collections.abc import AsyncIterator, Iterator, Sequence
+from collections.abc import AsyncIterator, Coroutine, Iterator, Sequence
 from dataclasses import replace
 from datetime import timedelta
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import httpx
 import pytest
@@ -40,6 +40,7 @@ from .database import connect, sqlite_only
 from .helpers import RecordingSink, fixture, make_settings
 
 pytestmark = pytest.mark.anyio
+T = TypeVar("T")
 EVALUATION_ID = "0193a7c2-5b1e-7c3d-9f10-2a4b6c8d0e11"
 API_KEY = "rf_test_key"
 
@@ -1172,17 +1173,44 @@ def at_runflow(callback: dict[str, Any]) -> dict[str, Any]:
     return {**finished(running, verdict, 1000), **own}
 
 
+def answering_rig(
+    tmp_path: Path,
+    http: httpx.AsyncClient,
+    runflow: tuple[FakeRunflow, str],
+    callback: dict[str, Any],
+    **kw: Any,
+) -> tuple[Rig, FakeRunflow, RecordingSink]:
+    """A rig with one sink, refetching from Runflow's fake, whose GET answers `callback`'s
+    verdict (at_runflow)."""
+    fake, url = runflow
+    fake.faults.clear()
+    fake.evaluations[VERDICT_ID] = at_runflow(callback)
+    sink = RecordingSink(spec("s"))
+    rig = rig_for(tmp_path, http, [sink], runflow_api_key=API_KEY, runflow_api_base=url, **kw)
+    return rig, fake, sink
+
+
+async def while_asking(
+    rig: Rig, fake: FakeRunflow, work: Coroutine[Any, Any, T], *bodies: dict[str, Any]
+) -> T:
+    """Run `work` and, once its GET has reached Runflow's fake (held there by a queued fault's
+    delay), post `bodies`; then its result."""
+    asked = len(fake.requests)
+    task = asyncio.create_task(work)
+    while len(fake.requests) == asked:
+        await asyncio.sleep(0.005)
+    for body in bodies:
+        await rig.post(json.dumps(body).encode())
+    return await task
+
+
 async def verdict_change_rig(
     tmp_path: Path, http: httpx.AsyncClient, runflow: tuple[FakeRunflow, str], **kw: Any
 ) -> tuple[Rig, FakeRunflow, RecordingSink]:
     """The failed callback, refetched and forwarded; then Runflow tried again and calls back
     completed (an envelope without `updated_at`: a tie the later arrival wins), while its GET
     still answers failed."""
-    fake, url = runflow
-    fake.faults.clear()
-    fake.evaluations[VERDICT_ID] = at_runflow(FAILED_CALLBACK)
-    sink = RecordingSink(spec("s"))
-    rig = rig_for(tmp_path, http, [sink], runflow_api_key=API_KEY, runflow_api_base=url, **kw)
+    rig, fake, sink = answering_rig(tmp_path, http, runflow, FAILED_CALLBACK, **kw)
     await rig.post(json.dumps(ASKED).encode())
     await rig.post(json.dumps(FAILED_CALLBACK).encode())
     await rig.drain()
@@ -1283,19 +1311,8 @@ async def test_a_verdict_left_behind_does_not_wait_for_the_refetch_of_the_one_th
     """Failed then completed before either was sent, Runflow's GET lagging: the failed event is
     built from its own callback, which no refetch of the completed verdict changes, so it goes
     out at once. It used to wait for that refetch, up to RECEIVER_REFETCH_BUDGET."""
-    fake, url = runflow
-    fake.faults.clear()
-    fake.evaluations[VERDICT_ID] = at_runflow(FAILED_CALLBACK)
-    sink = RecordingSink(spec("s"))
-    rig = rig_for(
-        tmp_path,
-        http,
-        [sink],
-        runflow_api_key=API_KEY,
-        runflow_api_base=url,
-        refetch_budget=3600,
-        retry_base=60,
-        retry_max=60,
+    rig, _, sink = answering_rig(
+        tmp_path, http, runflow, FAILED_CALLBACK, refetch_budget=3600, retry_base=60, retry_max=60
     )
     try:
         for body in (ASKED, FAILED_CALLBACK, COMPLETED_CALLBACK):
@@ -1312,6 +1329,33 @@ async def test_a_verdict_left_behind_does_not_wait_for_the_refetch_of_the_one_th
     (failed,) = sink.received
     assert {key: failed["data"][key] for key in FAILED_DATA} == FAILED_DATA
     assert failed["data"]["refetched"] is False
+
+
+async def test_a_refetch_of_the_verdict_left_behind_failing_in_flight_leaves_the_new_one_due(
+    tmp_path: Path, http: httpx.AsyncClient, runflow: tuple[FakeRunflow, str]
+) -> None:
+    """The failed verdict's refetch is leased and its GET on the way when the completed callback
+    starts the refetch over; the GET then fails, its last try. It used to be written over the
+    new verdict's refetch: `failed` after no try of its own, so the completed event went out
+    without its judges. Only the lease's holder records a failure now."""
+    rig, fake, sink = answering_rig(tmp_path, http, runflow, COMPLETED_CALLBACK, max_attempts=1)
+    try:
+        await rig.post(json.dumps(ASKED).encode())
+        await rig.post(json.dumps(FAILED_CALLBACK).encode())
+        fake.fail_next(500, delay=0.5)
+        await while_asking(rig, fake, rig.worker.run_once(), COMPLETED_CALLBACK)
+        due = rig.rows(REFETCH_STATE + " FROM evaluations")
+        await rig.settle()
+        done = rig.rows(REFETCH_STATE + " FROM evaluations")
+    finally:
+        rig.store.close()
+    assert due == [("completed", 0, "pending", 0, None)]
+    assert done == [("completed", 1, "done", 0, None)]
+    failed, completed = sink.received
+    assert (failed["type"], failed["data"]["refetched"]) == ("io.runflow.evaluation.failed", False)
+    assert completed["type"] == "io.runflow.evaluation.completed"
+    assert completed["data"]["refetched"] is True
+    assert completed["data"]["issues"]
 
 
 async def test_a_get_older_than_the_callback_by_updated_at_is_not_its_refetch(
@@ -1384,23 +1428,12 @@ async def test_a_poll_answering_the_verdict_left_behind_does_not_turn_it_back(
     the later arrival) and turned the evaluation back to failed, and marked it refetched. It is
     not stored, as a lagging refetch is not; the poll records why, and the completed verdict's
     own refetch goes on."""
-    fake, url = runflow
-    fake.faults.clear()
-    fake.evaluations[VERDICT_ID] = at_runflow(FAILED_CALLBACK)
-    sink = RecordingSink(spec("s"))
-    rig = rig_for(
-        tmp_path, http, [sink], runflow_api_key=API_KEY, runflow_api_base=url, reconcile_after=0
-    )
+    rig, fake, sink = answering_rig(tmp_path, http, runflow, FAILED_CALLBACK, reconcile_after=0)
     try:
         await rig.post(json.dumps(ASKED).encode())
-        asked = len(fake.requests)
         fake.fail_next(None, delay=0.5)  # the poll's GET answers late
-        polling = asyncio.create_task(rig.worker.reconcile())
-        while len(fake.requests) == asked:  # claimed, and its GET on the way
-            await asyncio.sleep(0.005)
-        await rig.post(json.dumps(FAILED_CALLBACK).encode())
-        await rig.post(json.dumps(COMPLETED_CALLBACK).encode())
-        counts = await polling
+        work = rig.worker.reconcile()
+        counts = await while_asking(rig, fake, work, FAILED_CALLBACK, COMPLETED_CALLBACK)
         polled = rig.rows(
             REFETCH_STATE + ", passed, failure_code, next_poll_at, poll_error FROM evaluations"
         )

@@ -284,15 +284,16 @@ class Store:
         )
 
     async def refetch_failed(
-        self, evaluation_id: str, error: str, retry_at: str | None, stamp: str
-    ) -> None:
-        await self.writer.run(
+        self, evaluation_id: str, error: str, retry_at: str | None, stamp: str, *, held: str
+    ) -> bool:
+        return await self.writer.run(
             partial(
                 outbox.refetch_failed,
                 evaluation_id=evaluation_id,
                 error=error,
                 retry_at=retry_at,
                 stamp=stamp,
+                held=held,
             )
         )
 

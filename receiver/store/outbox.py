@@ -260,14 +260,24 @@ def lagging(conn: sqlite3.Connection, fields: dict[str, Any], stored: dict[str, 
 
 
 def refetch_failed(
-    conn: sqlite3.Connection, evaluation_id: str, error: str, retry_at: str | None, stamp: str
-) -> None:
-    """Schedule another try at `retry_at`, or give up (`retry_at` None): state `failed`."""
-    conn.execute(
+    conn: sqlite3.Connection,
+    evaluation_id: str,
+    error: str,
+    retry_at: str | None,
+    stamp: str,
+    held: str,
+) -> bool:
+    """Schedule another try at `retry_at`, or give up (`retry_at` None): state `failed`. Only
+    while the refetch is still the one claimed with lease `held` (whether it was recorded is
+    returned): a verdict that followed started it over, or `receiver refetch` stored it,
+    while the GET was on the way, and its failure is no longer theirs."""
+    cursor = conn.execute(
         "UPDATE evaluations SET refetch_attempts = refetch_attempts + 1, refetch_error = ?,"
-        " refetch_next_at = ?, refetch_state = ?, updated_at = ? WHERE id = ?",
-        (error, retry_at, "pending" if retry_at else "failed", stamp, evaluation_id),
+        " refetch_next_at = ?, refetch_state = ?, updated_at = ?"
+        " WHERE id = ? AND refetch_state = 'pending' AND refetch_next_at = ?",
+        (error, retry_at, "pending" if retry_at else "failed", stamp, evaluation_id, held),
     )
+    return bool(cursor.rowcount)
 
 
 def request_refetch(conn: sqlite3.Connection, evaluation_id: str, stamp: str) -> None:
