@@ -13,7 +13,8 @@ from ..errors import BadRequest, ConfigError
 from ..normalize import VERDICT_ONLY, merge, normalize, parse_body
 from ..times import now
 from . import rollups, search
-from .apply import apply_evaluation, dumps
+from .apply import apply_evaluation, dumps, read_stored
+from .dialect import pipelined
 
 # One unique key in arrival order: Runflow's ids are UUIDv7 (time-ordered), so a new delivery's
 # entry lands beside the last ones instead of on a random leaf of a sha256 index, and each ack
@@ -299,12 +300,10 @@ STALE_VERDICTS = (
 )
 
 
-def _own_fields(conn: sqlite3.Connection, evaluation_id: str, verdict: str) -> dict[str, Any]:
+def _own_fields(bodies: list[tuple[bytes]], verdict: str) -> dict[str, Any]:
     """What the stored callbacks and polls of `verdict` said, merged in arrival order."""
     own: dict[str, Any] = {}
-    for (body,) in conn.execute(
-        "SELECT body FROM deliveries WHERE evaluation_id = ? ORDER BY id", (evaluation_id,)
-    ).fetchall():
+    for (body,) in bodies:
         try:
             fields = normalize(parse_body(bytes(body))).fields
         except BadRequest:  # it was applied, so it parses; a body edited by hand may not
@@ -314,27 +313,62 @@ def _own_fields(conn: sqlite3.Connection, evaluation_id: str, verdict: str) -> d
     return own
 
 
+def _fixed(conn: sqlite3.Connection, evaluation_ids: list[str]) -> list[dict[str, Any]]:
+    """The rows that change, as merge now leaves them: every statement sent before any answer
+    is read (in a pipeline on PostgreSQL: one round trip, not two a row)."""
+    sent = [
+        (
+            conn.execute("SELECT data FROM evaluations WHERE id = ?", (evaluation_id,)),
+            conn.execute(
+                "SELECT body FROM deliveries WHERE evaluation_id = ? ORDER BY id",
+                (evaluation_id,),
+            ),
+        )
+        for evaluation_id in evaluation_ids
+    ]
+    changed = []
+    for row, bodies in sent:
+        data: dict[str, Any] = json.loads(row.fetchone()[0])
+        verdict = data.get("status_code")
+        other = "failed" if verdict == "completed" else "completed"
+        own = _own_fields(bodies.fetchall(), str(verdict))
+        fixed = {**data, **{key: own.get(key) for key in VERDICT_ONLY[other] if key in data}}
+        if fixed != data:
+            changed.append(fixed)
+    return changed
+
+
+REPAIR_CHUNK = 500  # rows a pipeline, and a rollup write, take at once
+
+
 def repair_verdicts(conn: sqlite3.Connection) -> int:
     """Rewrite the rows STALE_VERDICTS finds as merge now leaves them: the other verdict's
     fields as this verdict's own callbacks said them, else null (a refetch is not stored, and
     Runflow's GET says null for them). Written through apply_evaluation, so the columns, issue
     rows, rollups, text index and client_ref pointers follow as for a callback, and with no
     sinks: no forward is queued, an event already sent is not sent again. Returns how many
-    rows changed (a completed one whose own callback gave its failure_code stays as it is)."""
+    rows changed (a completed one whose own callback gave its failure_code stays as it is).
+    In chunks, as apply_queued applies callbacks: reads sent ahead, the rollups written once a
+    chunk (row by row, 10,000 stale rows of 200,000 took 65 s on PostgreSQL)."""
     stamp = now()
+    stale = [evaluation_id for (evaluation_id,) in conn.execute(STALE_VERDICTS).fetchall()]
     repaired = 0
-    for (evaluation_id,) in conn.execute(STALE_VERDICTS).fetchall():
-        (text,) = conn.execute(
-            "SELECT data FROM evaluations WHERE id = ?", (evaluation_id,)
-        ).fetchone()
-        data: dict[str, Any] = json.loads(text)
-        verdict = data.get("status_code")
-        other = "failed" if verdict == "completed" else "completed"
-        own = _own_fields(conn, evaluation_id, str(verdict))
-        fixed = {**data, **{key: own.get(key) for key in VERDICT_ONLY[other] if key in data}}
-        if fixed != data:
-            apply_evaluation(conn, fixed, source="migration", stamp=stamp)
-            repaired += 1
+    for start in range(0, len(stale), REPAIR_CHUNK):
+        with pipelined(conn):
+            changed = _fixed(conn, stale[start : start + REPAIR_CHUNK])
+            known = read_stored(conn, [fields["id"] for fields in changed])
+            rolled_up: rollups.Changes = {}
+            for fields in changed:
+                apply_evaluation(
+                    conn,
+                    fields,
+                    source="migration",
+                    stamp=stamp,
+                    rollup_changes=rolled_up,
+                    known=known,
+                )
+            rollups.write(conn, rolled_up)
+        repaired += len(changed)
     return repaired
 
 
