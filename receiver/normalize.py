@@ -119,6 +119,15 @@ def normalize(payload: dict[str, Any]) -> Callback:
     return Callback("evaluation", event, raw_id, fields)
 
 
+def stored_fields(body: bytes) -> dict[str, Any] | None:
+    """The fields of a stored callback's body, or None if it no longer parses: it was applied,
+    so it did, but a body edited by hand may not."""
+    try:
+        return normalize(parse_body(body)).fields
+    except BadRequest:
+        return None
+
+
 def _newer_or_equal(incoming: dict[str, Any], existing: dict[str, Any]) -> bool:
     """Status rank first, then Runflow's own `updated_at`; ties go to the later arrival."""
     rank_in = _RANK.get(incoming.get("status_code") or "", -1)

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..errors import BadRequest, NotFound
-from ..normalize import TERMINAL, merge, normalize, parse_body, verdict_fields
+from ..normalize import TERMINAL, merge, stored_fields, verdict_fields
 from .apply import Forwarding, Stored, apply_evaluation, queue_forwards, read_stored
 from .dialect import is_postgres
 from .ingest import Delivery, ingest
@@ -116,11 +116,8 @@ def own_verdict(
     if row is None:
         return None
     body, source, received_at = row
-    try:
-        fields = normalize(parse_body(bytes(body))).fields
-    except BadRequest:  # it was applied, so it parses; a body edited by hand may not
-        return None
-    if f"evaluation.{fields.get('status_code')}" != event_type:
+    fields = stored_fields(bytes(body))
+    if fields is None or f"evaluation.{fields.get('status_code')}" != event_type:
         return None
     refetched = source == "poll" and any(key in fields for key in EMBEDS)
     return fields, refetched, received_at

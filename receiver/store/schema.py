@@ -9,8 +9,8 @@ from typing import Any
 
 from sqlite_utils import Database
 
-from ..errors import BadRequest, ConfigError
-from ..normalize import VERDICT_ONLY, merge, normalize, parse_body
+from ..errors import ConfigError
+from ..normalize import VERDICT_ONLY, merge, stored_fields
 from ..times import now
 from . import rollups, search
 from .apply import apply_evaluation, dumps, read_stored
@@ -304,11 +304,8 @@ def _own_fields(bodies: list[tuple[bytes]], verdict: str) -> dict[str, Any]:
     """What the stored callbacks and polls of `verdict` said, merged in arrival order."""
     own: dict[str, Any] = {}
     for (body,) in bodies:
-        try:
-            fields = normalize(parse_body(bytes(body))).fields
-        except BadRequest:  # it was applied, so it parses; a body edited by hand may not
-            continue
-        if fields.get("status_code") == verdict:
+        fields = stored_fields(bytes(body))
+        if fields is not None and fields.get("status_code") == verdict:
             own = merge(own, fields) if own else fields
     return own
 
