@@ -25,7 +25,9 @@ from receiver.store.apply import Applied, apply_queued
 from receiver.store.backlog import (
     BUSY,
     CHUNK,
+    GATHER,
     IDLE,
+    LINGER,
     MAX_CHUNK,
     PAUSE,
     PRESSURE,
@@ -103,6 +105,52 @@ def test_when_to_apply(
 
 
 @pytest.mark.parametrize(
+    ("queued", "waited", "busy", "batch", "expected"),
+    [
+        (1, 0.0, 0.1, 1, LINGER),  # one callback: wait for more to come with it …
+        (GATHER - 1, LINGER / 4, 0.1, 1, LINGER * 3 / 4),
+        (1, LINGER, 0.1, 1, 0.0),  # … for LINGER at most
+        (GATHER, 0.0, 0.1, 1, 0.0),  # enough for a chunk: at once
+        (1, 0.0, 1.0, 30, IDLE),  # a burst: its pause decides, as before
+    ],
+)
+def test_deliveries_gather_before_a_chunk(
+    queued: int, waited: float, busy: float, batch: int, expected: float
+) -> None:
+    """A chunk costs less per callback the more it holds (each commit writes the same index
+    pages again), so the queue gathers for up to LINGER, or until GATHER are queued."""
+    meter = Meter()
+    backlog = policy(meter)
+    primed(meter, backlog, busy, batch, 0.0)
+    for _ in range(queued):
+        backlog.added()
+    meter.spend(waited, busy)
+    assert backlog.due() == pytest.approx(expected)
+
+
+def test_gathering_starts_again_once_the_queue_is_applied() -> None:
+    meter = Meter()
+    backlog = Backlog(
+        lambda conn, most, through, skip, isolate: Applied(2, False),
+        100,
+        clock=lambda: meter.now,
+        cpu=lambda: meter.cpu,
+    )
+    assert backlog.due() == 0.0  # at start it is not known what is queued: look at once
+    backlog.apply(sqlite3.connect(":memory:"))
+    assert backlog.due() is None
+    meter.spend(1.0, 0.0)
+    backlog.added()
+    backlog.added()
+    assert backlog.due() == pytest.approx(LINGER)
+    meter.spend(LINGER, 0.0)
+    assert backlog.due() == 0.0
+    backlog.apply(sqlite3.connect(":memory:"))
+    backlog.added()
+    assert backlog.due() == pytest.approx(LINGER)  # the next one waits from its own arrival
+
+
+@pytest.mark.parametrize(
     ("cpu", "writer", "expected"),
     [
         (0.3, 0.9, IDLE),  # PostgreSQL: the writer waits on round trips, saturated; CPU is not
@@ -123,10 +171,11 @@ def test_a_saturated_writer_is_busy_too(cpu: float, writer: float, expected: flo
 @pytest.mark.parametrize(
     ("pending", "limit", "batch", "since_operation", "chunk"),
     [
-        (1, 100, 30, 0.0, CHUNK),  # operations arriving (a burst or not): small chunks
-        (99, 100, 30, 0.0, CHUNK),
+        (1, 100, 30, 0.0, CHUNK),  # operations arriving (a burst or not): what has gathered
+        (20, 100, 30, 0.0, 20),
+        (99, 100, 30, 0.0, GATHER),  # … and no more, so that no ack waits long behind it
         (3, 100, 2, 0.0, CHUNK),
-        (500, 1000, 2, 0.0, CHUNK),
+        (500, 1000, 2, 0.0, GATHER),
         (50, 100, 30, IDLE, CHUNK),  # a pause: chunks start small again …
         (150, 100, 30, 0.0, 51),  # forced: enough to get back under the limit
         (100_000, 10, 30, 0.0, MAX_CHUNK),
@@ -170,7 +219,16 @@ def test_chunks_double_while_no_operation_comes_and_shrink_when_one_does() -> No
     backlog.operation(conn)
     meter.spend(IDLE, 1.0)
     backlog.operation(conn)
-    assert asked == [CHUNK, 2 * CHUNK, 4 * CHUNK, 8 * CHUNK, QUIET_CHUNK, QUIET_CHUNK, CHUNK, CHUNK]
+    assert asked == [
+        CHUNK,
+        2 * CHUNK,
+        4 * CHUNK,
+        8 * CHUNK,
+        QUIET_CHUNK,
+        QUIET_CHUNK,
+        GATHER,
+        CHUNK,
+    ]
 
 
 def test_a_failed_chunk_is_applied_again_isolated_and_then_pauses() -> None:

@@ -2,10 +2,14 @@
 it (ingest.accept); the writer applies the queue to evaluations, rollups, search and the outbox
 in the time acks leave it.
 
-- Acks come first: a chunk is applied only when no operation is waiting, so applying keeps up
-  and reads lag by milliseconds. Chunks are small (CHUNK, ~2 ms) while operations keep
-  arriving and double while none does, up to QUIET_CHUNK: an operation that arrives waits
-  for at most about as long as the writer had been idle.
+- Acks come first: a chunk is applied only when no operation is waiting. Deliveries gather
+  first, until GATHER are queued or the oldest has waited LINGER (20 ms): each commit writes
+  the same index and text-index pages again, so applying costs ~540 µs of CPU per callback in
+  chunks of one, ~290 in chunks of 8 and ~230 in chunks of 32 (docs/performance.md), and each
+  chunk wakes the worker for a claim and a send of its own. While operations keep arriving a
+  chunk is what has gathered (CHUNK to GATHER, ~2-7 ms); once none arrives, chunks double up
+  to QUIET_CHUNK: an operation that arrives waits for at most about as long as the writer had
+  been idle.
 - Except in a burst: callers queue up for the writer (batches of PRESSURE operations or more,
   on average) while the process is CPU-bound or the writer is (either over BUSY in the last
   WINDOW: of a core, or of the writer's time spent on operations; on PostgreSQL the writer
@@ -37,6 +41,9 @@ WINDOW = 0.05  # seconds of CPU accounting behind each decision
 IDLE = 0.01  # seconds without an operation that count as a pause, when busy
 PAUSE = 1.0  # seconds to wait after a failed apply transaction before trying again
 
+GATHER = 32  # queued deliveries worth a chunk at once
+LINGER = 0.02  # seconds the oldest queued delivery waits, at most, for GATHER to gather
+
 CATCH_UP_CHUNK = 256  # deliveries per transaction when a reader waits for them
 # apply(conn, most, through, skip, isolate): apply.apply_queued with the store's forwarding
 Apply = Callable[[sqlite3.Connection, int, int | None, frozenset[int], bool], Applied]
@@ -66,6 +73,7 @@ class Backlog:
         self._last_operation = -IDLE
         self._batch = 0.0  # operations per batch, moving average
         self._chunk = CHUNK  # the next chunk's size when no operation arrives
+        self._queued_at: float | None = None  # when the oldest queued came; None: not known
         self._isolate = False  # a savepoint per callback: after a failed chunk, until one works
 
     def took(self, batch: int) -> None:
@@ -84,6 +92,8 @@ class Backlog:
     def added(self) -> None:
         """One more delivery queued (called in the writer thread, inside its transaction)."""
         self.pending += 1
+        if self._queued_at is None:
+            self._queued_at = self._clock()
 
     def forced(self) -> bool:
         return self.pending >= self.limit and self._clock() >= self._resume_at
@@ -103,8 +113,15 @@ class Backlog:
             self._busy = max(cpu - self._cpu_since, self._worked) / (now - self._since)
             self._since, self._cpu_since, self._worked = now, cpu, 0.0
         if not self.burst():
-            return 0.0
+            return self._gathering(now)
         return max(0.0, self._last_operation + IDLE - now)
+
+    def _gathering(self, now: float) -> float:
+        """How long to let deliveries gather before a chunk: until GATHER are queued or the
+        oldest has waited LINGER (0 when it is not known how long)."""
+        if self._queued_at is None or self.pending >= GATHER:
+            return 0.0
+        return max(0.0, self._queued_at + LINGER - now)
 
     def ready(self) -> bool:
         """Whether a chunk may run now (not while pausing after a failure)."""
@@ -112,13 +129,14 @@ class Backlog:
 
     def operation(self, conn: sqlite3.Connection) -> Applied:
         """One chunk (in the writer thread): when forced, as many as it takes to get back
-        under the limit; while operations arrive (one in the last IDLE), CHUNK, so that none
-        waits behind a long chunk; once they stop, chunks double from CHUNK to QUIET_CHUNK
-        (a pause in a burst must not cost the next acks a 30 ms chunk)."""
+        under the limit; while operations arrive (one in the last IDLE), what has gathered
+        (CHUNK to GATHER), so that none waits behind a long chunk; once they stop, chunks
+        double from CHUNK to QUIET_CHUNK (a pause in a burst must not cost the next acks a
+        30 ms chunk)."""
         if self.pending >= self.limit:
             most = min(MAX_CHUNK, max(CHUNK, self.pending - self.limit + 1))
         elif self._clock() - self._last_operation < IDLE:
-            most = CHUNK
+            most = max(CHUNK, min(self.pending, GATHER))
         else:
             most = self._chunk
             self._chunk = min(2 * self._chunk, QUIET_CHUNK)
@@ -141,6 +159,7 @@ class Backlog:
             self.pending = max(self.pending - applied.count, 1)  # more, or newer ones: look
         else:
             self.pending = 0
+            self._queued_at = None
         return applied
 
     def settled(self, future: Future[Applied]) -> None:
