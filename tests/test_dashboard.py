@@ -477,6 +477,7 @@ def test_a_failed_refetch_is_shown_with_its_reason_escaped(browser: TestClient) 
     """A refetch that gave up (Runflow 404s, or never catches up with the verdict) was seen
     only in the worker's log and a metric: the page says so, and why."""
     store = browser.app.state.receiver.store  # type: ignore[attr-defined]
+    store.catch_up()  # the callback posted is applied, so that this changes it
     store.writer.submit(
         lambda conn: conn.execute(
             "UPDATE evaluations SET refetch_state = 'failed', refetch_attempts = 10,"
