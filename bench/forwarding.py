@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import re
@@ -300,13 +301,71 @@ def percentile(values: list[float], share: float) -> float:
     return ordered[min(len(ordered) - 1, int(share * len(ordered)))]
 
 
+def thread_cpu(pid: int) -> dict[str, float]:
+    """CPU seconds each thread of `pid` has used, in user space and in the kernel: the main
+    thread (the event loop) as "loop", the others by thread id (Python does not name them for
+    the kernel)."""
+    tick = os.sysconf("SC_CLK_TCK")
+    used: dict[str, float] = {}
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        try:
+            stat = (task / "stat").read_text()
+        except OSError:  # the thread ended meanwhile
+            continue
+        fields = stat[stat.rindex(")") + 2 :].split()
+        name = "loop" if task.name == str(pid) else f"thread {task.name}"
+        used[f"{name} user"] = int(fields[11]) / tick
+        used[f"{name} kernel"] = int(fields[12]) / tick
+    return used
+
+
+def backlogs(database: Path) -> tuple[int, int]:
+    """Callbacks waiting to be applied, and forwards waiting to be sent (a read-only look)."""
+    conn = sqlite3.connect(f"file:{database}?mode=ro", uri=True)
+    try:
+        queued = conn.execute("SELECT count(*) FROM apply_queue").fetchone()[0]
+        pending = conn.execute("SELECT count(*) FROM outbox WHERE state = 'pending'").fetchone()
+        return int(queued), int(pending[0])
+    finally:
+        conn.close()
+
+
+async def watch(database: Path, samples: list[tuple[int, int]], stop: asyncio.Event) -> None:
+    """Where verdicts wait, once a second: not applied yet, or not forwarded yet."""
+    while not stop.is_set():
+        with contextlib.suppress(sqlite3.Error):  # before the server made its tables
+            samples.append(await asyncio.to_thread(backlogs, database))
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stop.wait(), 1.0)
+
+
 async def measure(
-    port: int, redis_url: str, bodies: list[bytes], rate: float, connections: int
+    port: int,
+    redis_url: str,
+    bodies: list[bytes],
+    rate: float,
+    connections: int,
+    server: int,
+    database: Path,
 ) -> dict[str, Any]:
     span = len(bodies) / rate
     reader = asyncio.create_task(read_stream(redis_url, len(bodies), time.time() + span + 60))
+    samples: list[tuple[int, int]] = []
+    stop = asyncio.Event()
+    watcher = asyncio.create_task(watch(database, samples, stop))
+    before = thread_cpu(server)
     sent, answered, lag = await load(port, bodies, rate, connections)
     seen = await reader
+    after = thread_cpu(server)
+    stop.set()
+    await watcher
+    used = {name: after[name] - before.get(name, 0.0) for name in after}
+    cpu = {
+        name: round(seconds / len(sent) * 1e6, 1)
+        for name, seconds in sorted(used.items(), key=lambda item: -item[1])
+        if seconds > 0
+    }
+    cpu["all"] = round(sum(used.values()) / len(sent) * 1e6, 1)
     wanted = {event_id(evaluation_id, EVENT): when for evaluation_id, when in sent.items()}
     # An entry id's time is whole milliseconds, rounded down: +0.5 ms on average.
     latencies = [
@@ -325,6 +384,9 @@ async def measure(
         "http_p50_ms": round(percentile(answered, 0.50) * 1000, 2),
         "http_p99_ms": round(percentile(answered, 0.99) * 1000, 2),
         "max_schedule_lag_ms": round(lag * 1000, 1),
+        "cpu_us_per_callback": cpu,  # by server thread, from the load's start to the last entry
+        "most_unapplied": max((queued for queued, _ in samples), default=0),
+        "most_unforwarded": max((pending for _, pending in samples), default=0),
     }
 
 
@@ -354,7 +416,9 @@ def latency(
                 except httpx.HTTPError:
                     time.sleep(0.05)
             print(f"latency: {rate:.0f} callbacks/s for {seconds:.0f} s …", file=sys.stderr)
-            result = asyncio.run(measure(port, redis_url, bodies, rate, connections))
+            result = asyncio.run(
+                measure(port, redis_url, bodies, rate, connections, server.pid, database)
+            )
         finally:
             server.terminate()
             server.wait(30)
@@ -401,6 +465,11 @@ def main(argv: list[str] | None = None) -> None:
             f"  p50 {r['p50_ms']} ms  p95 {r['p95_ms']} ms  p99 {r['p99_ms']} ms"
             f"  max {r['max_ms']} ms  events={r['events']:,}  exactly once: {r['exactly_once']}"
             f"  (HTTP p50 {r['http_p50_ms']} ms, p99 {r['http_p99_ms']} ms)"
+        )
+        threads = ", ".join(f"{name} {us} µs" for name, us in r["cpu_us_per_callback"].items())
+        print(
+            f"        server CPU per callback: {threads}; at most {r['most_unapplied']:,}"
+            f" unapplied and {r['most_unforwarded']:,} unforwarded (sampled each second)"
         )
     options.json.parent.mkdir(parents=True, exist_ok=True)
     options.json.write_text(json.dumps(results, indent=2) + "\n")
