@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 from collections.abc import Callable
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 import click
 
@@ -30,11 +31,13 @@ F = TypeVar("F", bound=Callable[..., Any])
 FILTERS = (
     click.option("--client-ref", help="Exact client_ref."),
     click.option("--status", type=click.Choice(STATUSES)),
+    # Two flags, not a --passed/--failed pair: with a pair, `--passed --failed` took the last.
+    click.option("--passed", "only_passed", is_flag=True, help="Verdict passed."),
     click.option(
-        "--passed/--failed",
-        "passed",
-        default=None,
-        help="Verdict passed, or not passed (the dashboard's 'not passed'; for status failed, "
+        "--failed",
+        "only_failed",
+        is_flag=True,
+        help="Verdict not passed (the dashboard's 'not passed'; for status failed, "
         "--status failed).",
     ),
     click.option("--task-type"),
@@ -73,10 +76,18 @@ def _next_page(next_cursor: str | None, as_json: bool) -> None:
 
 def evaluation_filters(command: F) -> F:
     """The filters of GET /api/evaluations, which /api/stats takes too: `query` and `stats`
-    offer the same ones."""
+    offer the same ones, `--passed` and `--failed` given to `command` as `passed`."""
+
+    @functools.wraps(command)
+    def filtered(*args: Any, only_passed: bool, only_failed: bool, **kwargs: Any) -> Any:
+        if only_passed and only_failed:
+            raise click.UsageError("--passed and --failed exclude each other: give one of them")
+        kwargs["passed"] = True if only_passed else False if only_failed else None
+        return command(*args, **kwargs)
+
     for option in reversed(FILTERS):
-        command = option(command)
-    return command
+        filtered = option(filtered)
+    return cast(F, filtered)
 
 
 @click.command()

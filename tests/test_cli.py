@@ -71,6 +71,7 @@ def test_migrate_is_idempotent(runner: CliRunner, tmp_path: Path) -> None:
     [
         (["query"], ["0193a7c2-5b1e-7c3d-9f10-2a4b6c8d0e11", "customer-job-124", "failed"]),
         (["query", "--failed"], ["customer-job-123"]),
+        (["query", "--passed"], ["(no evaluations match)"]),
         (["query", "--status", "failed"], ["customer-job-124", "invalid_media"]),
         (["query", "--client-ref", "nobody"], ["(no evaluations match)"]),
         (["show", COMPLETED_ID], ["not passed, score 0.62", "anatomy/hands", "receipts=1"]),
@@ -183,6 +184,11 @@ MISTAKES = {
         ["forwards", "--dead", "--state", "done"],
         {},
         "--dead lists the dead forwards: not with --state done",
+    ),
+    "query-passed-and-failed": (  # it listed the not passed ones
+        ["query", "--passed", "--failed"],
+        {},
+        "--passed and --failed exclude each other",
     ),
     "forwards-retry-and-retry-all": (  # it retried the one alone
         ["forwards", "--retry", "1", "--retry-all-dead"],
