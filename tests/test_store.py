@@ -1627,14 +1627,15 @@ async def test_a_refetch_stored_by_hand_is_not_undone_by_the_worker_try_in_fligh
 
 @pytest.mark.anyio
 @pytest.mark.parametrize(
-    ("refetch", "after"), [(True, (0, "pending", 0, None)), (False, (0, "done", 0, None))]
+    ("refetch", "after"), [(True, (0, "pending", 0, None)), (False, (0, None, 0, None))]
 )
 async def test_a_verdict_that_follows_the_other_is_not_refetched_by_its_refetch(
     path: str, refetch: bool, after: tuple[Any, ...]
 ) -> None:
     """The failed verdict was refetched (after one failed try); the completed one that follows
     is not described by that refetch: `refetched` is false again and, with refetch on, its
-    own refetch is queued from scratch."""
+    own refetch is queued from scratch; with it off, none is (the earlier one's `done` no
+    longer says the evaluation was refetched)."""
     store = Store(path, forwarding=Forwarding(refetch=refetch))
     store.open()
     try:

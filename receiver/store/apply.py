@@ -215,15 +215,16 @@ def apply_evaluation(
     if refetched and fields.get("status_code") in TERMINAL:
         values.update(refetched=1, refetch_state="done", refetch_error=None)
     elif before_data is not None and before_data.get("status_code") in TERMINAL - {status}:
-        # The other verdict's refetch says nothing of this one: refetched again, from scratch.
-        values.update(refetched=0)
-        if forwarding.refetch:
-            values.update(
-                refetch_state="pending",
-                refetch_next_at=stamp,
-                refetch_attempts=0,
-                refetch_error=None,
-            )
+        # The other verdict's refetch says nothing of this one: refetched again, from scratch,
+        # or, with refetch off, not at all (its state was the other verdict's: "done" said this
+        # one had been refetched).
+        values.update(
+            refetched=0,
+            refetch_state="pending" if forwarding.refetch else None,
+            refetch_next_at=stamp if forwarding.refetch else None,
+            refetch_attempts=0,
+            refetch_error=None,
+        )
     elif forwarding.refetch and status in TERMINAL and (row is None or row[1] is None):
         values.update(refetch_state="pending", refetch_next_at=stamp)
     if status in TERMINAL:
