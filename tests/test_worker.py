@@ -1050,6 +1050,30 @@ async def test_a_lease_renewal_the_store_refuses_for_a_moment_does_not_send_the_
     assert states == [("done", 1)] * 4
 
 
+async def test_a_round_that_sent_all_it_claimed_takes_two_turns_of_the_writer(
+    tmp_path: Path, http: httpx.AsyncClient
+) -> None:
+    """Claim, then record: giving back what was not sent, nothing here, took a third turn
+    (a transaction, and a wake-up of the event loop) in every round."""
+    sink = RecordingSink(spec("s"))
+    rig = rig_for(tmp_path, http, [sink])
+    turns: list[object] = []
+    run = rig.store.writer.run
+
+    async def counted(operation: Any) -> Any:
+        turns.append(operation)
+        return await run(operation)
+
+    try:
+        await rig.post_verdicts(3)
+        rig.store.writer.run = counted  # type: ignore[method-assign]
+        assert await rig.worker.run_once() == 3
+    finally:
+        rig.store.close()
+    assert len(sink.received) == 3
+    assert len(turns) == 2
+
+
 # Two verdicts of one evaluation queued before the worker sent the first: each event describes
 # its own verdict (its callback), not the newer state. The evaluation was first seen running,
 # with what it was asked to do; the verdict envelopes carry only their own fields.
