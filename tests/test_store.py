@@ -1082,16 +1082,39 @@ async def test_a_delivery_is_replayed_once_applied(store: Store) -> None:
     assert await store.replay_delivery(receipt.delivery_id, "2026-11-20T09:00:00Z") == 0
 
 
+UNDATED = {"completed_at": None}
+
+
 @pytest.mark.anyio
-async def test_a_verdict_without_completed_at_does_not_shadow_newer_ones(
-    store: Store, path: str
+@pytest.mark.parametrize(
+    ("bodies", "expected"),
+    [
+        # A thin body of an older attempt, then a newer verdict: the newer one (PostgreSQL
+        # sorts NULL first in DESC).
+        ([("e-1", "completed", 0, UNDATED), ("e-2", "completed", 30, {})], ("e-2", "e-2")),
+        ([("e-2", "completed", 30, {}), ("e-1", "completed", 0, UNDATED)], ("e-2", "e-2")),
+        # Only undated verdicts: still the current and the latest verdict.
+        ([("e-1", "completed", 0, UNDATED)], ("e-1", "e-1")),
+        ([("e-1", "failed", 0, UNDATED), ("e-2", "running", 30, {})], (None, "e-1")),
+        # Among undated verdicts, the newest received.
+        ([("e-1", "failed", 0, UNDATED), ("e-2", "completed", 30, UNDATED)], ("e-2", "e-2")),
+        ([("e-2", "completed", 30, UNDATED), ("e-1", "failed", 0, UNDATED)], ("e-2", "e-1")),
+    ],
+)
+async def test_a_verdict_without_completed_at_comes_after_every_dated_one(
+    store: Store, path: str, bodies: list[tuple[str, str, int, dict[str, Any]]], expected: Any
 ) -> None:
-    """A thin body of an older attempt (no completed_at), then a newer verdict of the same
-    client_ref: the newer one is current and latest on both backends (PostgreSQL sorts NULL
-    first in DESC)."""
-    old = evaluation("e-1", client_ref="job-1", completed_at=None)
-    await ingest_all(store, old, evaluation("e-2", client_ref="job-1", second=30))
-    assert pointers(path, "job-1") == ("e-2", "e-2", "completed", 2)
+    await ingest_all(
+        store,
+        *(
+            evaluation(name, status, client_ref="job-1", second=second, **extra)
+            for name, status, second, extra in bodies
+        ),
+    )
+    found = pointers(path, "job-1")
+    assert found is not None
+    assert found[:2] == expected
+    assert found[3] == len(bodies)
 
 
 @pytest.mark.anyio
