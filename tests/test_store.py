@@ -1091,14 +1091,26 @@ UNDATED = {"completed_at": None}
     [
         # A thin body of an older attempt, then a newer verdict: the newer one (PostgreSQL
         # sorts NULL first in DESC).
-        ([("e-1", "completed", 0, UNDATED), ("e-2", "completed", 30, {})], ("e-2", "e-2")),
-        ([("e-2", "completed", 30, {}), ("e-1", "completed", 0, UNDATED)], ("e-2", "e-2")),
+        (
+            [("e-1", "completed", 0, UNDATED), ("e-2", "completed", 30, {})],
+            ("e-2", "e-2", "completed"),
+        ),
+        (
+            [("e-2", "completed", 30, {}), ("e-1", "completed", 0, UNDATED)],
+            ("e-2", "e-2", "completed"),
+        ),
         # Only undated verdicts: still the current and the latest verdict.
-        ([("e-1", "completed", 0, UNDATED)], ("e-1", "e-1")),
-        ([("e-1", "failed", 0, UNDATED), ("e-2", "running", 30, {})], (None, "e-1")),
+        ([("e-1", "completed", 0, UNDATED)], ("e-1", "e-1", "completed")),
+        ([("e-1", "failed", 0, UNDATED), ("e-2", "running", 30, {})], (None, "e-1", "failed")),
         # Among undated verdicts, the newest received.
-        ([("e-1", "failed", 0, UNDATED), ("e-2", "completed", 30, UNDATED)], ("e-2", "e-2")),
-        ([("e-2", "completed", 30, UNDATED), ("e-1", "failed", 0, UNDATED)], ("e-2", "e-1")),
+        (
+            [("e-1", "failed", 0, UNDATED), ("e-2", "completed", 30, UNDATED)],
+            ("e-2", "e-2", "completed"),
+        ),
+        (
+            [("e-2", "completed", 30, UNDATED), ("e-1", "failed", 0, UNDATED)],
+            ("e-2", "e-1", "failed"),
+        ),
     ],
 )
 async def test_a_verdict_without_completed_at_comes_after_every_dated_one(
@@ -1113,7 +1125,7 @@ async def test_a_verdict_without_completed_at_comes_after_every_dated_one(
     )
     found = pointers(path, "job-1")
     assert found is not None
-    assert found[:2] == expected
+    assert found[:3] == expected
     assert found[3] == len(bodies)
 
 
