@@ -421,9 +421,36 @@ def recorded(database: str) -> dict[str, int]:
     return {"redis": 0, "nats": 0, "rabbitmq": 0, **{sink: count for sink, count in found}}
 
 
-def progress(queues: Queues, database: str) -> tuple[dict[str, int], dict[str, int]]:
-    """What is at the destinations, and what the outbox says went out."""
-    return asyncio.run(queues.stored()), recorded(database)
+class Probe:
+    """Cheap looks at the Redis stream and the outbox, over connections kept open: reading
+    every queue server takes long enough on a loaded machine for a worker to finish the
+    batches in reach meanwhile, so that kills timed from it never landed mid-batch."""
+
+    def __init__(self, server: RedisService, stream: str, database: str) -> None:
+        self.stream = stream
+        self.redis = redis.Redis.from_url(server.url)
+        self.outbox = connect(database)
+
+    def __enter__(self) -> Probe:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.redis.close()
+        self.outbox.close()
+
+    def progress(self) -> tuple[int, list[tuple[str, int]]]:
+        """Entries in the stream, and forwards recorded as sent by sink."""
+        rows = self.outbox.execute(
+            "SELECT sink, count(*) FROM outbox WHERE state = 'done' GROUP BY sink ORDER BY sink"
+        ).fetchall()
+        return self.redis.xlen(self.stream), rows
+
+    def window(self, until: float) -> None:
+        """Return once the stream holds events the outbox has not recorded, or at `until`."""
+        while time.monotonic() < until:
+            entries, rows = self.progress()
+            if entries > dict(rows).get("redis", 0):
+                return
 
 
 def test_a_worker_killed_mid_batch_forwards_every_verdict_to_every_queue_with_its_id(
@@ -450,19 +477,23 @@ def test_a_worker_killed_mid_batch_forwards_every_verdict_to_every_queue_with_it
     expected = {event_id(callback(n)[0], "evaluation.completed") for n in range(QUEUED)}
     rng = random.Random(SEED)
     kills = caught = 0
-    for life in range(WORKER_LIVES):
-        if caught >= CAUGHT or set(recorded(database).values()) == {QUEUED}:
-            break
-        (tmp_path / f"worker-{life}").mkdir()
-        worker = WorkerProcess(tmp_path / f"worker-{life}", server.env).start()
-        before, deadline = progress(queues, database), time.monotonic() + SETTLE_LIMIT
-        while progress(queues, database) == before:  # it is at work: kill it in a while
-            assert time.monotonic() < deadline, worker.log.read_text()
-        time.sleep(rng.uniform(0, 0.05))
-        worker.stop(signal.SIGKILL)
-        kills += 1
-        sent, done = asyncio.run(queues.stored()), recorded(database)
-        caught += any(sent[sink] > done[sink] for sink in ("redis", "nats"))
+    with Probe(redis_server, stream, database) as probe:
+        for life in range(WORKER_LIVES):
+            if caught >= CAUGHT or set(recorded(database).values()) == {QUEUED}:
+                break
+            (tmp_path / f"worker-{life}").mkdir()
+            worker = WorkerProcess(tmp_path / f"worker-{life}", server.env).start()
+            before, deadline = probe.progress(), time.monotonic() + SETTLE_LIMIT
+            while probe.progress() == before:  # it is at work: kill it in a while
+                assert time.monotonic() < deadline, worker.log.read_text()
+            if life % 2:  # a moment of the seed's choosing
+                time.sleep(rng.uniform(0, 0.05))
+            else:  # the moment Redis has a batch the outbox does not record yet, if one comes
+                probe.window(time.monotonic() + rng.uniform(0.05, 0.5))
+            worker.stop(signal.SIGKILL)
+            kills += 1
+            sent, done = asyncio.run(queues.stored()), recorded(database)
+            caught += any(sent[sink] > done[sink] for sink in ("redis", "nats"))
     assert caught >= CAUGHT, f"{kills} kills, none between a send and its record"
     (tmp_path / "worker-last").mkdir()
     with WorkerProcess(tmp_path / "worker-last", server.env):
