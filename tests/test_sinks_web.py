@@ -84,12 +84,20 @@ async def test_slack_receives_the_block_kit_message(slack: FakeSlack, urls: dict
 
 
 @pytest.mark.anyio
+@pytest.mark.parametrize(
+    ("query", "sent"),
+    [
+        ("", {"wait": "true"}),
+        ("?thread_id=987", {"thread_id": "987", "wait": "true"}),  # a thread's, kept
+        ("?wait=false", {"wait": "true"}),
+    ],
+)
 async def test_discord_receives_the_embed_and_waits_for_it(
-    discord: FakeDiscord, urls: dict[str, str]
+    discord: FakeDiscord, urls: dict[str, str], query: str, sent: dict[str, str]
 ) -> None:
-    assert await deliver("discord", urls["discord"]) is None
+    assert await deliver("discord", urls["discord"] + query) is None
     assert discord.payloads() == [discord_message(make_event())]
-    assert discord.received[0].query == {"wait": "true"}
+    assert discord.received[0].query == sent
 
 
 @pytest.mark.anyio

@@ -63,11 +63,12 @@ class DiscordSink(WebSink):
 
     def __init__(self, spec: SinkSpec, http: httpx.AsyncClient) -> None:
         super().__init__(spec, http)
-        self.url = versioned(spec.url)
+        # wait=true: Discord answers only once the message exists, with a real status. Merged
+        # into the configured query, which may name a thread (`thread_id`).
+        self.url = str(httpx.URL(versioned(spec.url)).copy_merge_params({"wait": "true"}))
 
     async def send(self, event: Event) -> None:
-        # wait=true: Discord answers only once the message exists, with a real status.
-        response = await self.post(json_body(discord_message(event)), _JSON, {"wait": "true"})
+        response = await self.post(json_body(discord_message(event)), _JSON)
         error = response_error(self.spec, response, retry_after=body_retry_after(response))
         if error is not None:
             raise error

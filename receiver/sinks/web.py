@@ -115,12 +115,7 @@ class WebSink(OneByOne):
         self.timeout = DEFAULT_TIMEOUT
         self.url = spec.url  # where to post (a subclass may adjust the configured URL)
 
-    async def post(
-        self,
-        body: bytes,
-        headers: Mapping[str, str],
-        params: Mapping[str, str] | None = None,
-    ) -> httpx.Response:
+    async def post(self, body: bytes, headers: Mapping[str, str]) -> httpx.Response:
         """The answer, whatever its status; transport failures become a SinkError (raised
         `from None`, so no traceback carries the URL)."""
         try:
@@ -128,7 +123,6 @@ class WebSink(OneByOne):
                 self.url,
                 content=body,
                 headers={"user-agent": "runflow-receiver", **headers},
-                params=params,
                 timeout=self.timeout,
             )
         except (httpx.HTTPError, httpx.InvalidURL) as exc:
