@@ -253,8 +253,10 @@ class Worker:
         """Deliver the batch, renewing its lease while it is sent: a slow one (a chat sink
         posts one event at a time) must not be claimed and sent again by another worker. A
         renewal the store refuses for a moment does not stop the sending: what went out is
-        recorded as always, and the lease has two more renewals before it runs out."""
+        recorded as always, and the lease has two more renewals before it runs out. The
+        skipped claims are renewed too: their outcomes are recorded under the same lease."""
         ids = [claim.outbox_id for claim, _ in batch.sending]
+        ids += [outcome.outbox_id for outcome in batch.outcomes]
         events = [event for _, event in batch.sending]
         delivering = asyncio.create_task(self._deliver(sink, events, batch.sent))
         try:

@@ -638,6 +638,28 @@ async def test_a_slow_batch_keeps_its_lease(tmp_path: Path, http: httpx.AsyncCli
     assert states == [("done", 1)]
 
 
+async def test_a_slow_batch_records_its_skipped_forwards(
+    tmp_path: Path, http: httpx.AsyncClient
+) -> None:
+    """A forward skipped in a batch whose lease is renewed while the rest is sent (the sink
+    does not want it, known only after the refetch) is recorded as skipped with the others,
+    not left pending for another round."""
+    slow = SlowSink(spec("s", task_types=frozenset({"portrait"})))
+    rig = Rig(make_settings(tmp_path), [slow], http)
+    rig.store.open()
+    rig.worker.lease = timedelta(seconds=0.3)  # renewed while the batch takes 0.5 s
+    try:
+        await rig.post("evaluation-completed.json", task_type=None)  # queued: type unknown
+        await rig.post("evaluation-completed.json", task_type="landscape")  # not wanted
+        await rig.post("evaluation-completed.json", id=numbered(1), task_type="portrait")
+        await rig.worker.run_once()
+        states = rig.rows("SELECT state FROM outbox ORDER BY id")
+    finally:
+        rig.store.close()
+    assert len(slow.received) == 1
+    assert sorted(state for (state,) in states) == ["done", "skipped"]
+
+
 class GatedSink(RecordingSink):
     """Holds each batch until `gate` opens; says when one has arrived (`entered`)."""
 
