@@ -219,9 +219,8 @@ def forwards(
         raise click.UsageError("give --retry ID or --retry-all-dead, not both")
     if dead and state not in (None, "dead"):
         raise click.UsageError(f"--dead lists the dead forwards: not with --state {state}")
-    settings = load_settings(sinks=False)
-    if retry_id is not None or retry_all_dead:
-        with writing_store(settings) as store:
+    if retry_id is not None or retry_all_dead:  # only to sinks the configuration still has
+        with writing_store(load_settings()) as store:
             if retry_id is not None:
                 asyncio.run(store.retry_forward(retry_id, now()))
                 click.echo(f"forward {retry_id} is pending again")
@@ -229,7 +228,8 @@ def forwards(
                 count = asyncio.run(store.retry_dead(now(), sink))
                 click.echo(f"{count} dead forward(s) pending again")
         return
-    items = reading_store(settings).list_forwards(  # one more: is there a next page?
+    store = reading_store(load_settings(sinks=False))
+    items = store.list_forwards(  # one more: is there a next page?
         state="dead" if dead else state, sink=sink, limit=limit + 1, after=forwards_after(cursor)
     )
     next_cursor = str(items[limit - 1]["id"]) if len(items) > limit else None

@@ -87,6 +87,25 @@ def cli_state(tmp_path: Path, env: dict[str, str]) -> str:
     return run_cli("forwards", "--json", cwd=tmp_path, env=env).stdout
 
 
+def test_a_removed_sinks_dead_forwards_stay_dead(tmp_path: Path) -> None:
+    """No worker sends to a sink the configuration no longer has: its forwards made pending
+    again would stay pending for ever (and keep their evaluation from being pruned)."""
+    env = _dead_letter(tmp_path, "http://127.0.0.1:9")
+    (tmp_path / "receiver.toml").write_text(
+        '[[sinks]]\nname = "other"\ntype = "http"\nurl = "http://127.0.0.1:9/events"\n'
+    )
+    refused = run_cli("forwards", "--retry", "1", cwd=tmp_path, env=env)
+    assert (refused.returncode, refused.stderr.strip()) == (
+        1,
+        "Error: sink 'consumer' is not configured: nothing would send its forwards",
+    )
+    refused = run_cli("forwards", "--retry-all-dead", "--sink", "consumer", cwd=tmp_path, env=env)
+    assert refused.returncode == 1
+    done = run_cli("forwards", "--retry-all-dead", cwd=tmp_path, env=env)
+    assert "0 dead forward(s) pending again" in done.stdout
+    assert "#1 consumer dead attempts=1" in run_cli("forwards", cwd=tmp_path, env=env).stdout
+
+
 def test_replay_of_an_unknown_delivery_is_one_line(tmp_path: Path) -> None:
     env = _dead_letter(tmp_path, "http://127.0.0.1:9")
     done = run_cli("replay", "42", cwd=tmp_path, env=env)

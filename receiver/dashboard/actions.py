@@ -125,7 +125,10 @@ async def retry_dead(request: Request) -> Response:
     ctx = context(request)
     fields = await checked_form(request)
     sink = fields.get("sink") or None
-    count = await ctx.store.retry_dead(now(), sink)
-    ctx.notify()
     page = "/forwards?" + urlencode({"state": "dead", **({"sink": sink} if sink else {})})
+    try:
+        count = await ctx.store.retry_dead(now(), sink)
+    except BadRequest as exc:  # a sink no longer configured
+        return back(request, page, error=str(exc))
+    ctx.notify()
     return back(request, page, notice=f"{count} dead forward(s) will be sent again.")

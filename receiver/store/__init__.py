@@ -342,11 +342,17 @@ class Store:
 
     async def retry_forward(self, outbox_id: int, stamp: str) -> dict[str, Any]:
         return await self.writer.run(
-            partial(outbox.retry_forward, outbox_id=outbox_id, stamp=stamp)
+            partial(outbox.retry_forward, outbox_id=outbox_id, stamp=stamp, sinks=self._sinks())
         )
 
     async def retry_dead(self, stamp: str, sink: str | None = None) -> int:
-        return await self.writer.run(partial(outbox.retry_dead, stamp=stamp, sink=sink))
+        return await self.writer.run(
+            partial(outbox.retry_dead, stamp=stamp, sinks=self._sinks(), sink=sink)
+        )
+
+    def _sinks(self) -> frozenset[str]:
+        """The names of the configured sinks: the only ones a worker sends to."""
+        return frozenset(spec.name for spec in self.forwarding.sinks)
 
     async def replay_delivery(self, delivery_id: int, stamp: str) -> int:
         await self.acatch_up()  # the delivery may have been acknowledged a moment ago

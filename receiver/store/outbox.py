@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import sqlite3
+from collections.abc import Collection
 from dataclasses import dataclass
 from typing import Any
 
@@ -357,13 +358,23 @@ def list_forwards(
     ]
 
 
-def retry_forward(conn: sqlite3.Connection, outbox_id: int, stamp: str) -> dict[str, Any]:
+def _configured(sink: str, sinks: Collection[str]) -> None:
+    """Only a configured sink's forwards are made pending: no worker loop sends the others,
+    so they would stay pending for ever (and keep their evaluation from being pruned)."""
+    if sink not in sinks:
+        raise BadRequest(f"sink {sink!r} is not configured: nothing would send its forwards")
+
+
+def retry_forward(
+    conn: sqlite3.Connection, outbox_id: int, stamp: str, sinks: Collection[str]
+) -> dict[str, Any]:
     """Send a dead (or done) forward again, from attempt zero."""
-    row = conn.execute("SELECT state FROM outbox WHERE id = ?", (outbox_id,)).fetchone()
+    row = conn.execute("SELECT state, sink FROM outbox WHERE id = ?", (outbox_id,)).fetchone()
     if row is None:
         raise NotFound(f"no forward {outbox_id}")
     if row[0] == "pending":
         raise BadRequest(f"forward {outbox_id} is already pending")
+    _configured(row[1], sinks)
     conn.execute(
         "UPDATE outbox SET state = 'pending', attempts = 0, next_attempt_at = ?,"
         " last_error = NULL, updated_at = ? WHERE id = ?",
@@ -372,11 +383,20 @@ def retry_forward(conn: sqlite3.Connection, outbox_id: int, stamp: str) -> dict[
     return {"id": outbox_id, "state": "pending"}
 
 
-def retry_dead(conn: sqlite3.Connection, stamp: str, sink: str | None = None) -> int:
+def retry_dead(
+    conn: sqlite3.Connection, stamp: str, sinks: Collection[str], sink: str | None = None
+) -> int:
+    """Send every dead forward of `sink`, or of every configured sink, again."""
+    if sink is not None:
+        _configured(sink, sinks)
+    names = [sink] if sink is not None else sorted(sinks)
+    if not names:
+        return 0
     cursor = conn.execute(
         "UPDATE outbox SET state = 'pending', attempts = 0, next_attempt_at = ?,"
-        " last_error = NULL, updated_at = ? WHERE state = 'dead' AND sink = coalesce(?, sink)",
-        (stamp, stamp, sink),
+        " last_error = NULL, updated_at = ? WHERE state = 'dead'"
+        f" AND sink IN ({', '.join('?' * len(names))})",
+        (stamp, stamp, *names),
     )
     return cursor.rowcount
 
