@@ -87,6 +87,7 @@ class Worker:
         self._stopping = False
         self._active = False
         self._stopped = asyncio.Event()
+        self._runflow_until = 0.0  # loop time before which Runflow asked (a 429) not to call
 
     @classmethod
     def from_settings(
@@ -373,7 +374,25 @@ class Worker:
             claim.outbox_id, "pending", format_time(now + timedelta(seconds=delay)), message
         )
 
+    def _runflow_waits(self) -> bool:
+        """Whether Runflow's last 429 still holds every refetch and poll back."""
+        return asyncio.get_running_loop().time() < self._runflow_until
+
+    def _runflow_limited(self, exc: ReceiverError) -> float | None:
+        """For Runflow's 429: the seconds to wait (its Retry-After, at least RECEIVER_RETRY_BASE
+        and at most RECEIVER_RETRY_MAX), for which every refetch and poll of this worker is
+        held back, not only the one refused: the limit is the API key's."""
+        if not (isinstance(exc, RunflowError) and exc.http_status == 429):
+            return None
+        settings = self.settings
+        wait = min(max(exc.retry_after or 0.0, settings.retry_base), settings.retry_max)
+        until = asyncio.get_running_loop().time() + wait
+        self._runflow_until = max(self._runflow_until, until)
+        return wait
+
     async def _refetch_round(self, _: Sink | None) -> int:
+        if self._runflow_waits():
+            return 0
         now = self.clock()
         lease = format_time(now + self.lease)
         due = await self.store.claim_refetches(now=format_time(now), lease_until=lease, limit=16)
@@ -407,17 +426,28 @@ class Worker:
         self, evaluation_id: str, attempt: int, lease: str, exc: ReceiverError
     ) -> None:
         """Try again after a backoff if that can help, up to RECEIVER_MAX_ATTEMPTS; else the
-        refetch is `failed`, with its error, and the stored state stays as it is. Nothing is
-        recorded once the refetch is no longer this lease's (started over for a verdict that
-        followed, or stored by `receiver refetch`)."""
+        refetch is `failed`, with its error, and the stored state stays as it is. A 429 is
+        no attempt (Runflow asked to wait, as a sink's 429). Nothing is recorded once the
+        refetch is no longer this lease's (started over for a verdict that followed, or stored
+        by `receiver refetch`)."""
         retry_at = None
-        if isinstance(exc, RunflowError) and exc.retryable and attempt < self.settings.max_attempts:
+        limited = self._runflow_limited(exc)
+        if limited is not None:
+            retry_at = format_time(self.clock() + timedelta(seconds=limited))
+        elif (
+            isinstance(exc, RunflowError) and exc.retryable and attempt < self.settings.max_attempts
+        ):
             delay = backoff(
                 attempt, self.settings.retry_base, self.settings.retry_max, exc.retry_after
             )
             retry_at = format_time(self.clock() + timedelta(seconds=delay))
         if await self.store.refetch_failed(
-            evaluation_id, str(exc)[:500], retry_at, format_time(self.clock()), held=lease
+            evaluation_id,
+            str(exc)[:500],
+            retry_at,
+            format_time(self.clock()),
+            held=lease,
+            attempt=limited is None,
         ):
             self.metrics.refetch_results["failed" if retry_at is None else "retry"].inc()
 
@@ -436,7 +466,7 @@ class Worker:
         (source `poll`), so a verdict whose callbacks were all lost is stored and forwarded
         exactly once. At most POLLS_PER_SECOND requests."""
         counts = {"polled": 0, "verdicts": 0, "pending": 0, "errors": 0}
-        if self.client is None:
+        if self.client is None or self._runflow_waits():
             return counts
         now = self.clock()
         if not self.store.polls_due(format_time(now)):
@@ -471,6 +501,7 @@ class Worker:
             # evaluation (404), or answers something that is not it. A refused key (401/403)
             # or a rate limit waits for the next poll (a 429's Retry-After at least).
             runflow = exc if isinstance(exc, RunflowError) else None
+            self._runflow_limited(exc)
             gone = (
                 runflow is None
                 or runflow.http_status == 404

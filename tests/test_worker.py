@@ -261,22 +261,24 @@ async def test_refetch_fills_the_event_and_becomes_the_stored_state(
     assert request["headers"]["authorization"] == f"Bearer {API_KEY}"
 
 
-REFETCH_FAULTS = {
-    "429-retry-after": ({"status": 429, "retry_after": 0.01}, "done"),
-    "429-bare": ({"status": 429}, "done"),
-    "500": ({"status": 500}, "done"),
-    "503-twice": ({"status": 503, "count": 2}, "done"),
-    "slow": ({"status": None, "delay": 3.0}, "done"),
+REFETCH_FAULTS = {  # the fault, and the attempts it costs (a 429 is no attempt: a wait)
+    "429-retry-after": ({"status": 429, "retry_after": 0.01}, 0),
+    "429-bare": ({"status": 429}, 0),
+    "500": ({"status": 500}, 1),
+    "503-twice": ({"status": 503, "count": 2}, 2),
+    "slow": ({"status": None, "delay": 3.0}, 1),
 }
 
 
-@pytest.mark.parametrize(("fault", "state"), REFETCH_FAULTS.values(), ids=REFETCH_FAULTS.keys())
+@pytest.mark.parametrize(
+    ("fault", "attempts_made"), REFETCH_FAULTS.values(), ids=REFETCH_FAULTS.keys()
+)
 async def test_refetch_faults_are_retried(
     tmp_path: Path,
     http: httpx.AsyncClient,
     runflow: tuple[FakeRunflow, str],
     fault: dict[str, Any],
-    state: str,
+    attempts_made: int,
 ) -> None:
     fake, url = runflow
     fake.add(EVALUATION_ID)
@@ -296,9 +298,44 @@ async def test_refetch_faults_are_retried(
         )
     finally:
         rig.store.close()
-    assert refetch_state == state
-    assert attempts == fault.get("count", 1)
+    assert refetch_state == "done"
+    assert attempts == attempts_made
     assert sink.received[0]["data"]["refetched"] is True
+
+
+async def test_a_429_holds_every_refetch_and_poll_for_its_retry_after(
+    tmp_path: Path, http: httpx.AsyncClient, runflow: tuple[FakeRunflow, str]
+) -> None:
+    """Runflow's rate limit is the API key's: after a 429 asking to wait a minute, the next
+    rounds ask nothing (they asked for 16 more evaluations each, into the limit), and the
+    refused refetches wait without losing an attempt."""
+    fake, url = runflow
+    fake.faults.clear()
+    rig = rig_for(
+        tmp_path,
+        http,
+        [RecordingSink(spec("s"))],
+        runflow_api_key=API_KEY,
+        runflow_api_base=url,
+        retry_max=3600,
+    )
+    try:
+        for n in range(48):
+            fake.add(numbered(n))
+        await rig.post_verdicts(48)
+        fake.fail_next(429, count=1000, retry_after=60)
+        first = await rig.worker._refetch_round(None)
+        asked = len(fake.requests)
+        later = [await rig.worker._refetch_round(None) for _ in range(3)]
+        polls = await rig.worker.reconcile()
+        attempts = rig.rows("SELECT DISTINCT refetch_attempts FROM evaluations")
+    finally:
+        fake.faults.clear()
+        rig.store.close()
+    assert first == 16
+    assert (later, len(fake.requests)) == ([0, 0, 0], asked)
+    assert polls["polled"] == 0
+    assert attempts == [(0,)]
 
 
 @pytest.mark.parametrize("case", ["unauthorized", "not-found", "not-a-uuid"])

@@ -286,7 +286,14 @@ class Store:
         )
 
     async def refetch_failed(
-        self, evaluation_id: str, error: str, retry_at: str | None, stamp: str, *, held: str
+        self,
+        evaluation_id: str,
+        error: str,
+        retry_at: str | None,
+        stamp: str,
+        *,
+        held: str,
+        attempt: bool = True,
     ) -> bool:
         return await self.writer.run(
             partial(
@@ -296,6 +303,7 @@ class Store:
                 retry_at=retry_at,
                 stamp=stamp,
                 held=held,
+                attempt=attempt,
             )
         )
 

@@ -264,16 +264,26 @@ def refetch_failed(
     retry_at: str | None,
     stamp: str,
     held: str,
+    attempt: bool = True,
 ) -> bool:
-    """Schedule another try at `retry_at`, or give up (`retry_at` None): state `failed`. Only
-    while the refetch is still the one claimed with lease `held` (whether it was recorded is
-    returned): a verdict that followed started it over, or `receiver refetch` stored it,
-    while the GET was on the way, and its failure is no longer theirs."""
+    """Schedule another try at `retry_at`, or give up (`retry_at` None): state `failed`; it
+    counts as an attempt unless `attempt` is false (a 429). Only while the refetch is still
+    the one claimed with lease `held` (whether it was recorded is returned): a verdict that
+    followed started it over, or `receiver refetch` stored it, while the GET was on the way,
+    and its failure is no longer theirs."""
     cursor = conn.execute(
-        "UPDATE evaluations SET refetch_attempts = refetch_attempts + 1, refetch_error = ?,"
+        "UPDATE evaluations SET refetch_attempts = refetch_attempts + ?, refetch_error = ?,"
         " refetch_next_at = ?, refetch_state = ?, updated_at = ?"
         " WHERE id = ? AND refetch_state = 'pending' AND refetch_next_at = ?",
-        (error, retry_at, "pending" if retry_at else "failed", stamp, evaluation_id, held),
+        (
+            int(attempt),
+            error,
+            retry_at,
+            "pending" if retry_at else "failed",
+            stamp,
+            evaluation_id,
+            held,
+        ),
     )
     return bool(cursor.rowcount)
 
