@@ -225,7 +225,7 @@ async def test_migration_11_searches_labels_written_before_as_text(path: str) ->
     conn.commit()
     conn.close()
     store = Store(path)
-    assert store.migrate() == [11, 12, 13]
+    assert store.migrate() == [11, 12, 13, 14]
     for text, found in (('5" crop', ["e-1"]), ("left", ["e-2"]), ("[", []), ('","', [])):
         assert [item["id"] for item in store.list_evaluations(EvaluationFilter(q=text))[0]] == (
             found
@@ -419,6 +419,32 @@ async def test_migration_12_indexes_the_changes_for_the_live_tables(path: str) -
         assert "idx_evaluations_updated_at_id" in plan(conn, sql, params)
     finally:
         conn.close()
+
+
+def test_migration_14_folds_the_repeats_of_a_quarantined_body(path: str) -> None:
+    """Before it every repeat of a signed but unusable body was a row of its own: each body is
+    kept once, in its first row, with how often and when last it came."""
+    store = Store(path)
+    store.migrate()
+    conn = connect(path)
+    try:
+        conn.execute("DROP INDEX idx_quarantine_sha256")
+        conn.execute("ALTER TABLE quarantine DROP COLUMN receipts")
+        conn.execute("ALTER TABLE quarantine DROP COLUMN last_received_at")
+        conn.execute("DELETE FROM migrations WHERE version = 14")
+        for n, body in enumerate([b"x", b"y", b"x", b"x"], start=1):
+            conn.execute(
+                "INSERT INTO quarantine (received_at, request_id, reason, sha256, headers, body)"
+                " VALUES (?, ?, 'bad', ?, '{}', ?)",
+                (f"2026-11-2{n}T00:00:00.000000Z", f"req-{n}", body.hex(), body),
+            )
+        conn.commit()
+    finally:
+        conn.close()
+    assert Store(path).migrate() == [14]
+    assert query(
+        path, "SELECT request_id, receipts, last_received_at FROM quarantine ORDER BY id"
+    ) == [("req-1", 3, "2026-11-24T00:00:00.000000Z"), ("req-2", 1, None)]
 
 
 def test_a_schema_newer_than_this_receiver_is_refused(path: str) -> None:
@@ -644,6 +670,22 @@ async def test_a_quarantined_body_is_kept(store: Store, path: str) -> None:
     assert quarantine_id == 1
     assert query(path, "SELECT body, reason, request_id FROM quarantine") == [
         (b"not json", "body is not valid JSON", "req-1")
+    ]
+
+
+@pytest.mark.anyio
+async def test_a_quarantined_body_sent_again_is_counted_not_kept_again(
+    store: Store, path: str
+) -> None:
+    """Runflow tries a 400 again, and a captured body can be replayed: kept once."""
+    reason = "body is not valid JSON"
+    first = await store.quarantine(b"not json", reason, {}, "req-1")
+    again = [await store.quarantine(b"not json", reason, {}, f"req-{n}") for n in (2, 3)]
+    other = await store.quarantine(b"[]", "body is not a JSON object", {}, "req-4")
+    assert again == [first, first]
+    assert query(path, "SELECT id, request_id, receipts FROM quarantine ORDER BY id") == [
+        (first, "req-1", 3),
+        (other, "req-4", 1),
     ]
 
 

@@ -160,10 +160,14 @@ def quarantine(
     headers: dict[str, str],
     request_id: str | None,
 ) -> int:
-    """Keep a signed body we could not parse, for inspection; returns its quarantine id."""
+    """Keep a signed body we could not parse, for inspection, once: the same bytes again
+    are counted (`receipts`, `last_received_at`). Returns its quarantine id."""
+    stamp = now()
     (quarantine_id,) = conn.execute(
         "INSERT INTO quarantine (received_at, request_id, reason, sha256, headers, body)"
-        " VALUES (?, ?, ?, ?, ?, ?) RETURNING id",
-        (now(), request_id, reason, hashlib.sha256(body).hexdigest(), dumps(headers), body),
+        " VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (sha256) DO UPDATE SET"
+        " receipts = quarantine.receipts + 1, last_received_at = excluded.received_at"
+        " RETURNING id",
+        (stamp, request_id, reason, hashlib.sha256(body).hexdigest(), dumps(headers), body),
     ).fetchone()
     return int(quarantine_id)

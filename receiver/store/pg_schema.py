@@ -18,6 +18,7 @@ from .pg_connection import PgConnection
 from .schema import (
     CHANGES_INDEX,
     DELIVERY_KEY,
+    QUARANTINE_ONCE,
     REPAIRS,
     refuse_newer,
     repair_nul_labels,
@@ -173,6 +174,12 @@ V13_VERDICTS: tuple[Callable[[PgConnection], object], ...] = (
     lambda conn: repair_verdicts(cast(sqlite3.Connection, conn)),
 )
 
+V14_QUARANTINE_ONCE = (
+    "ALTER TABLE quarantine ADD COLUMN receipts bigint NOT NULL DEFAULT 1,"
+    f" ADD COLUMN last_received_at {T}",
+    *QUARANTINE_ONCE,
+)
+
 MIGRATIONS: list[tuple[int, str, tuple[str | Callable[[PgConnection], object], ...]]] = [
     (1, "core tables", V1_CORE),
     (2, "refetch state and outbox claiming", V2_FORWARDING),
@@ -187,6 +194,7 @@ MIGRATIONS: list[tuple[int, str, tuple[str | Callable[[PgConnection], object], .
     (11, "issue labels searched as text", V11_ISSUE_TEXT),
     (12, "changes index", CHANGES_INDEX),
     (13, "verdicts keep only their own fields", V13_VERDICTS),
+    (14, "quarantined bodies kept once", V14_QUARANTINE_ONCE),
 ]
 
 

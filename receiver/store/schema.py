@@ -373,6 +373,27 @@ def _v13_verdicts(db: Database) -> None:
     repair_verdicts(db.conn)
 
 
+# A signed body that cannot be used is kept once, its repeats counted in `receipts` (Runflow
+# tries a 400 again, and each try added a row: a replayed body, as many as its sender liked).
+# The repeats already kept fold into their first row.
+QUARANTINE_ONCE = (
+    "UPDATE quarantine SET"
+    " receipts = (SELECT count(*) FROM quarantine q WHERE q.sha256 = quarantine.sha256),"
+    " last_received_at ="
+    " (SELECT max(q.received_at) FROM quarantine q WHERE q.sha256 = quarantine.sha256)"
+    " WHERE id IN (SELECT min(id) FROM quarantine GROUP BY sha256 HAVING count(*) > 1)",
+    "DELETE FROM quarantine WHERE id NOT IN (SELECT min(id) FROM quarantine GROUP BY sha256)",
+    "CREATE UNIQUE INDEX idx_quarantine_sha256 ON quarantine (sha256)",
+)
+
+
+def _v14_quarantine_once(db: Database) -> None:
+    db.execute("ALTER TABLE quarantine ADD COLUMN receipts INTEGER NOT NULL DEFAULT 1")
+    db.execute("ALTER TABLE quarantine ADD COLUMN last_received_at TEXT")
+    for statement in QUARANTINE_ONCE:
+        db.execute(statement)
+
+
 MIGRATIONS: list[tuple[int, str, Callable[[Database], None]]] = [
     (1, "core tables", _v1_core),
     (2, "refetch state and outbox claiming", _v2_forwarding),
@@ -387,6 +408,7 @@ MIGRATIONS: list[tuple[int, str, Callable[[Database], None]]] = [
     (11, "issue labels searched as text", _v11_issue_text),
     (12, "changes index", _v12_changes),
     (13, "verdicts keep only their own fields", _v13_verdicts),
+    (14, "quarantined bodies kept once", _v14_quarantine_once),
 ]
 
 
