@@ -18,8 +18,11 @@ def verify(body: bytes, signature: str | None, secrets: Sequence[str]) -> int | 
     """Index of the secret that signed `body`, or None.
 
     Every secret is compared, in constant time, so timing reveals neither the signature nor
-    which secret matched. A malformed header (not 64 hex characters) never matches.
+    which secret matched. A malformed header (not 64 hex characters) never matches. Spaces
+    and tabs around it are not part of the value (RFC 9110 §5.5; httptools keeps trailing ones).
     """
+    if signature is not None:
+        signature = signature.strip(" \t")
     if not signature or len(signature) != 64:
         return None
     try:

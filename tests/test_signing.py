@@ -40,6 +40,9 @@ GOOD = sign(BODY, SECRET_A)
         (GOOD, BODY[:-2] + b"x}", None),
         (GOOD, BODY + b" ", None),
         (sign(BODY, "whsec_other"), BODY, None),
+        (GOOD + "  ", BODY, 0),
+        (f"\t{GOOD}\t", BODY, 0),
+        (f"{GOOD[:32]} {GOOD[32:]}", BODY, None),
     ],
     ids=[
         "secret-a",
@@ -55,6 +58,9 @@ GOOD = sign(BODY, SECRET_A)
         "one-byte-changed",
         "trailing-space",
         "unknown-secret",
+        "header-trailing-spaces",
+        "header-tabs",
+        "header-space-inside",
     ],
 )
 def test_verify_table(signature: str | None, body: bytes, expected: int | None) -> None:
