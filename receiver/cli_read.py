@@ -9,7 +9,7 @@ from typing import Any, TypeVar, cast
 
 import click
 
-from .api import forwards_after
+from .api import MAX_ROW_ID, forwards_after
 from .cliutil import (
     cell,
     echo_json,
@@ -24,6 +24,8 @@ from .normalize import STATUSES
 from .store import EvaluationFilter
 from .store.outbox import STATES
 from .times import now
+
+ROW_ID = click.IntRange(1, MAX_ROW_ID)  # a larger number overflowed the query: a traceback
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -200,7 +202,7 @@ def stats(as_json: bool, **filters: Any) -> None:
 @click.option("--dead", is_flag=True, help="Only dead letters.")
 @click.option("--state", type=click.Choice(STATES), help="Only this state.")
 @click.option("--sink", help="Only this sink.")
-@click.option("--retry", "retry_id", type=int, metavar="ID", help="Send forward ID again.")
+@click.option("--retry", "retry_id", type=ROW_ID, metavar="ID", help="Send forward ID again.")
 @click.option("--retry-all-dead", is_flag=True, help="Send every dead forward again.")
 @page_options
 def forwards(
@@ -254,7 +256,7 @@ def _error_of(forward: dict[str, Any]) -> str:
 
 
 @click.command()
-@click.argument("delivery_id", type=int)
+@click.argument("delivery_id", type=ROW_ID)
 def replay(delivery_id: int) -> None:
     """Forward a stored delivery's verdict again to every sink that wants it."""
     with writing_store(load_settings()) as store:

@@ -56,13 +56,21 @@ def read_env_file(path: Path) -> dict[str, str]:
             raise ConfigError(
                 f"{path}:{number}: expected KEY=value (the line has no '=' or no key)"
             )
-        value = value.strip()
-        if len(value) >= 2 and value[0] == value[-1] and value[0] in "'\"":
-            value = value[1:-1]
-        else:
-            value = value.split(" #", 1)[0].rstrip()  # `KEY=value  # comment`
-        values[key.strip()] = value
+        values[key.strip()] = _unquoted(value.strip())
     return values
+
+
+def _unquoted(value: str) -> str:
+    """A .env value without its quotes, or its comment: `"v"`, `'v'  # c`, `v  # c`."""
+    quote = value[:1]
+    if quote not in ("'", '"'):
+        return value.split(" #", 1)[0].rstrip()
+    if len(value) >= 2 and value[-1] == quote:
+        return value[1:-1]
+    end = value.find(quote, 1)
+    if end > 0 and value[end + 1 :].lstrip().startswith("#"):
+        return value[1:end]  # `KEY="v"  # comment`: as dotenv and shells read it
+    return value.split(" #", 1)[0].rstrip()
 
 
 def _get(env: Mapping[str, str], name: str) -> str | None:
@@ -149,18 +157,30 @@ def _postgres(name: str, text: str) -> str:
 def _database(name: str, text: str) -> str:
     if is_postgres_url(text):
         return _postgres(name, text)
-    if "://" in text and not text.startswith("sqlite:///"):
+    path = text.removeprefix("sqlite:///")
+    # Not a file: an in-memory database (each connection its own, so the writer's tables are
+    # nowhere else) or a URI the path would be taken for literally.
+    if ("://" in text and path == text) or path in ("", ":memory:") or path.startswith("file:"):
         raise ConfigError(
             f"{name}: expected a SQLite file path, sqlite:///path or postgresql://…,"
             f" got {redact(text)!r}"
         )
-    return text.removeprefix("sqlite:///")
+    return path
 
 
 def _url(name: str) -> Callable[[str], str]:
     def parse(text: str) -> str:
-        if not text.startswith(("http://", "https://")):
-            raise ConfigError(f"{name} must start with http:// or https://, got {text!r}")
+        try:
+            parts = urlsplit(text)
+            parts.port  # noqa: B018 (raises for a port that is not a number)
+        except ValueError:
+            parts = None
+        if parts is None or parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ConfigError(
+                f"{name} must be an http:// or https:// URL with a host, got {text!r}"
+            )
+        if parts.query or parts.fragment:
+            raise ConfigError(f"{name} must have no query or fragment, got {text!r}")
         return text.rstrip("/")
 
     return parse

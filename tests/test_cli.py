@@ -210,6 +210,21 @@ MISTAKES = {
         {"RECEIVER_DATABASE": "body.json"},
         "RECEIVER_DATABASE: cannot open 'body.json': file is not a database",
     ),
+    "query-a-folder": (  # a traceback (sqlite3.OperationalError)
+        ["query"],
+        {"RECEIVER_DATABASE": "."},
+        "RECEIVER_DATABASE: cannot open '.': unable to open database file",
+    ),
+    "replay-past-the-largest-id": (  # a traceback (OverflowError)
+        ["replay", str(2**63)],
+        {"migrated": "1"},
+        "9223372036854775808 is not in the range 1<=x<=9223372036854775807",
+    ),
+    "retry-past-the-largest-id": (
+        ["forwards", "--retry", str(2**63)],
+        {"migrated": "1"},
+        "is not in the range",
+    ),
     "unknown-id": (["show", "nope"], {"migrated": "1"}, "no evaluation 'nope'"),
     "bad-since": (["query", "--since", "yesterday"], {}, "--since"),
     "bad-status": (["query", "--status", "done"], {}, "--status"),

@@ -132,6 +132,14 @@ def test_values(environ: dict[str, str], attribute: str, expected: Any) -> None:
         ("RECEIVER_ALLOW_UNSIGNED", "2"),
         ("RECEIVER_PUBLIC_URL", "ftp://x"),
         ("RECEIVER_PUBLIC_URL", "receiver.example.com"),
+        ("RECEIVER_PUBLIC_URL", "https://"),  # no host: the banner said https:/webhooks/runflow
+        ("RECEIVER_PUBLIC_URL", "https://r.example.com:port"),
+        ("RECEIVER_PUBLIC_URL", "https://r.example.com/?x=1"),
+        ("RUNFLOW_API_BASE", "http:///v1"),
+        ("RECEIVER_DATABASE", ":memory:"),  # each connection its own: no tables for the writer
+        ("RECEIVER_DATABASE", "sqlite:///"),
+        ("RECEIVER_DATABASE", "sqlite:///:memory:"),
+        ("RECEIVER_DATABASE", "file:r.db?mode=memory"),
         ("RECEIVER_DATABASE", "postgresql://user:pw@db:port/receiver"),
         ("RECEIVER_DATABASE", "postgres:///receiver"),
         ("DATABASE_URL", "postgres://user:pw@db:0/receiver"),
@@ -243,6 +251,8 @@ PORT=9000
 QUOTED_EMPTY=""
 MISMATCHED="x'
 SINGLE_QUOTE='
+QUOTED_COMMENT="whsec_q"  # from Runflow's settings page
+SINGLE_QUOTED_COMMENT='v w' #c
 """
 
 
@@ -258,6 +268,8 @@ def test_read_env_file(tmp_path: Path) -> None:
         "QUOTED_EMPTY": "",
         "MISMATCHED": "\"x'",
         "SINGLE_QUOTE": "'",
+        "QUOTED_COMMENT": "whsec_q",
+        "SINGLE_QUOTED_COMMENT": "v w",
     }
 
 

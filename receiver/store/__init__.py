@@ -128,7 +128,10 @@ class Store:
 
             found, known = schema_version(self.path), PG_MIGRATIONS[-1][0]
         else:
-            conn = connect(self.path, readonly=True)
+            try:
+                conn = connect(self.path, readonly=True)
+            except (OSError, sqlite3.Error) as exc:  # a folder, say: a traceback, before
+                raise self._cannot_open(exc) from None
             try:
                 (found,) = conn.execute(
                     "SELECT coalesce(max(version), 0) FROM migrations"
