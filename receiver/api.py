@@ -7,6 +7,7 @@ import asyncio
 import json
 from collections.abc import Mapping
 
+from starlette.datastructures import QueryParams
 from starlette.requests import HTTPConnection, Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
@@ -64,10 +65,17 @@ def _one(params: Mapping[str, str], name: str, max_length: int = 255) -> str | N
     return value
 
 
-def _check_known(params: Mapping[str, str], allowed: tuple[str, ...]) -> None:
-    for name in params:
+def _check_known(params: QueryParams, allowed: tuple[str, ...]) -> None:
+    """Every parameter known and given once: a repeated one took its last value without a
+    word (`?status=failed&status=completed` listed the completed ones)."""
+    expected = f"expected one of {', '.join(allowed)}" if allowed else "this takes none"
+    seen: set[str] = set()
+    for name, _ in params.multi_items():
         if name not in allowed:
-            raise BadRequest(f"unknown parameter {name!r}; expected one of {', '.join(allowed)}")
+            raise BadRequest(f"unknown parameter {name!r}; {expected}")
+        if name in seen:
+            raise BadRequest(f"parameter {name!r} given more than once; give it once")
+        seen.add(name)
 
 
 def evaluation_filter(params: Mapping[str, str]) -> EvaluationFilter:
@@ -208,13 +216,14 @@ def list_forwards(request: Request) -> Response:
     if state is not None and state not in STATES:
         raise BadRequest(f"state must be one of {', '.join(STATES)}, got {state!r}")
     limit = _limit(params)
-    items = context(request).store.list_forwards(
+    items = context(request).store.list_forwards(  # one more: is there a next page?
         state=state,
         sink=_one(params, "sink"),
-        limit=limit,
+        limit=limit + 1,
         after=forwards_after(_one(params, "cursor")),
     )
-    next_cursor = str(items[-1]["id"]) if len(items) == limit else None
+    next_cursor = str(items[limit - 1]["id"]) if len(items) > limit else None
+    items = items[:limit]
     return JSONResponse({"items": items, "next_cursor": next_cursor})
 
 

@@ -219,6 +219,10 @@ def forwards(
     # Each of these pairs used to do one and drop the other without a word.
     if retry_id is not None and retry_all_dead:
         raise click.UsageError("give --retry ID or --retry-all-dead, not both")
+    if retry_id is not None and (dead or state or sink):  # they were dropped without a word
+        raise click.UsageError("--retry ID names its forward: not with --dead, --state or --sink")
+    if retry_all_dead and state not in (None, "dead"):
+        raise click.UsageError(f"--retry-all-dead sends the dead forwards: not --state {state}")
     if dead and state not in (None, "dead"):
         raise click.UsageError(f"--dead lists the dead forwards: not with --state {state}")
     if retry_id is not None or retry_all_dead:  # only to sinks the configuration still has

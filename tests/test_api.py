@@ -514,6 +514,49 @@ def test_other_endpoints_check_their_parameters(
     assert name in response.json()["error"]
 
 
+@pytest.mark.parametrize(
+    ("path", "params", "error"),
+    [
+        (  # the last one was taken without a word
+            "/api/evaluations",
+            [("status", "failed"), ("status", "completed")],
+            "parameter 'status' given more than once; give it once",
+        ),
+        ("/api/evaluations", [("limit", "1"), ("limit", "3")], "parameter 'limit' given"),
+        ("/api/forwards", [("state", "dead"), ("state", "done")], "parameter 'state' given"),
+        (  # "expected one of " and nothing
+            "/api/evaluations/e-01",
+            [("x", "1")],
+            "unknown parameter 'x'; this takes none",
+        ),
+    ],
+)
+def test_parameters_are_given_once_and_known(
+    client: TestClient, path: str, params: list[tuple[str, str]], error: str
+) -> None:
+    response = client.get(path, params=params, headers=auth())
+    assert response.status_code == 400
+    assert response.json()["error"].startswith(error)
+
+
+def test_a_full_last_page_of_forwards_has_no_next_cursor(
+    client: TestClient, settings: Settings
+) -> None:
+    """As the evaluations' pages: a cursor only when there is more (it led to an empty page)."""
+    conn = connect(settings.database)
+    for n in range(3):
+        conn.execute(
+            "INSERT INTO outbox (event_id, sink, state, created_at) VALUES (?, 's', 'dead', ?)",
+            (f"event-{n}", "2026-11-20T09:00:00.000000Z"),
+        )
+    conn.commit()
+    conn.close()
+    assert get(client, "/api/forwards", limit="3")["next_cursor"] is None
+    first = get(client, "/api/forwards", limit="2")
+    rest = get(client, "/api/forwards", limit="2", cursor=first["next_cursor"])
+    assert [len(first["items"]), len(rest["items"]), rest["next_cursor"]] == [2, 1, None]
+
+
 # GET /api/evaluations/{id}
 
 

@@ -195,6 +195,16 @@ MISTAKES = {
         {},
         "give --retry ID or --retry-all-dead, not both",
     ),
+    "forwards-retry-with-a-filter": (  # it retried forward 1 of whatever sink
+        ["forwards", "--retry", "1", "--sink", "nosuch"],
+        {},
+        "--retry ID names its forward: not with --dead, --state or --sink",
+    ),
+    "forwards-retry-all-dead-of-a-state": (
+        ["forwards", "--retry-all-dead", "--state", "done"],
+        {},
+        "--retry-all-dead sends the dead forwards: not --state done",
+    ),
     "prune-too-long-ago": (  # a traceback (OverflowError)
         ["prune", "--older-than", "99999999d"],
         {"migrated": "1"},

@@ -389,6 +389,14 @@ def test_a_huge_number_in_the_query_is_not_an_error(browser: TestClient, path: s
     assert browser.get(path).status_code == 200
 
 
+@pytest.mark.parametrize("after", ["abc", "-1", "1.5", "\u00b2"])
+def test_a_forwards_page_after_no_forward_id_is_refused(browser: TestClient, after: str) -> None:
+    """It showed the first page as if asked for it."""
+    response = browser.get("/forwards", params={"after": after})
+    assert response.status_code == 400
+    assert "after must be a forward id" in response.text
+
+
 def test_a_reason_as_long_as_the_form_allows_is_read(browser: TestClient) -> None:
     """2,000 characters (the form's maxlength, Runflow's limit) in any script: 9 bytes each,
     URL-encoded, went past the form limit (a 400 page, the text lost)."""

@@ -216,12 +216,12 @@ def forwards(request: Request) -> Response:
     if state not in STATES:
         raise BadRequest(f"state must be one of {', '.join(STATES)}, got {state!r}")
     sink = request.query_params.get("sink") or None
-    after = request.query_params.get("after")
+    after = request.query_params.get("after") or None
+    if after is not None and not (after.isascii() and after.isdigit()):  # not the first page
+        raise BadRequest(f"after must be a forward id, got {after!r}")
+    after_id = None if after is None else whole(after, MAX_ROW_ID) or MAX_ROW_ID
     items = context(request).store.list_forwards(
-        state=state,
-        sink=sink,
-        limit=PAGE + 1,
-        after=whole(after, MAX_ROW_ID) if after else None,
+        state=state, sink=sink, limit=PAGE + 1, after=after_id
     )
     more = len(items) > PAGE
     items = items[:PAGE]
