@@ -236,6 +236,18 @@ def test_the_detail_page_shows_a_body_of_any_shape(browser: TestClient, judged: 
     assert browser.get(f"/evaluations/{body['id']}").status_code == 200
 
 
+def test_a_long_client_ref_history_links_to_all_of_it(browser: TestClient) -> None:
+    """The page lists the newest 500: past that it said "History (501)" over 500 rows."""
+    body = json.loads(fixture("evaluation-completed.json"))
+    for n in range(501):
+        body.update(id=f"0193a7c2-0000-7000-8000-{n:012d}", client_ref="a&b many")
+        post_callback(browser, json.dumps(body).encode())
+    page = browser.get("/client-refs/a%26b%20many").text
+    assert "History (501)" in page
+    assert 'The newest 500 of 501: <a href="/evaluations?client_ref=a%26b+many">' in page
+    assert "history-more" not in browser.get("/client-refs/customer-job-123").text
+
+
 @pytest.mark.parametrize(
     ("client_ref", "link"),
     [
