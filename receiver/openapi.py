@@ -22,7 +22,11 @@ _NULL_STR = {"type": ["string", "null"]}
 _FILTER_PARAMS: list[dict[str, Any]] = [
     {"name": "client_ref", "in": "query", "schema": {**_STR, "minLength": 1, "maxLength": 255}},
     {"name": "status", "in": "query", "schema": {"type": "string", "enum": list(STATUSES)}},
-    {"name": "passed", "in": "query", "schema": {"type": "string", "enum": ["true", "false"]}},
+    {
+        "name": "passed",
+        "in": "query",
+        "schema": {"type": "string", "enum": ["true", "false", "1", "0"]},
+    },
     {"name": "task_type", "in": "query", "schema": {**_STR, "minLength": 1, "maxLength": 255}},
     {"name": "failure_code", "in": "query", "schema": {**_STR, "minLength": 1, "maxLength": 255}},
     {
@@ -203,7 +207,8 @@ def _post(summary: str, ok: dict[str, Any], name: str) -> Any:
             "parameters": [
                 {"name": name, "in": "path", "required": True, "schema": {"type": "integer"}}
             ],
-            "responses": {"200": ok, "400": _ERROR, "401": _ERROR, "404": _ERROR},
+            # 403: with the session cookie and no X-CSRF-Token; 503: the store is down
+            "responses": {"200": ok, **dict.fromkeys(("400", "401", "403", "404", "503"), _ERROR)},
         }
     }
 
@@ -213,7 +218,7 @@ def _get(summary: str, ok: dict[str, Any], params: list[dict[str, Any]] | None =
         "get": {
             "summary": summary,
             "parameters": params or [],
-            "responses": {"200": ok, "400": _ERROR, "401": _ERROR, "404": _ERROR},
+            "responses": {"200": ok, **dict.fromkeys(("400", "401", "404", "503"), _ERROR)},
         }
     }
 
@@ -345,7 +350,9 @@ def document() -> dict[str, Any]:
                         },
                         "stored",
                     ),
-                    **{code: _ERROR for code in ("400", "401", "404", "408", "413", "501", "502")},
+                    **dict.fromkeys(
+                        ("400", "401", "403", "404", "408", "413", "501", "502", "503"), _ERROR
+                    ),
                 },
             }
         },

@@ -236,6 +236,26 @@ def test_the_detail_page_shows_a_body_of_any_shape(browser: TestClient, judged: 
     assert browser.get(f"/evaluations/{body['id']}").status_code == 200
 
 
+@pytest.mark.parametrize(
+    ("image_url", "shown"),
+    [
+        ("https://cdn.example.com/i.png", '<img class="evaluation-image" src="https://cdn'),
+        # The CSP lets images come over https only: an <img> of this was a broken image.
+        ("http://cdn.example.com/i.png", '<a href="http://cdn.example.com/i.png" rel='),
+        ("javascript:alert(1)", "No image URL."),
+    ],
+)
+def test_the_evaluated_image_is_shown_where_the_policy_allows(
+    browser: TestClient, image_url: str, shown: str
+) -> None:
+    body = json.loads(fixture("evaluation-completed.json"))
+    body.update(id="0193a7c2-0000-7000-8000-000000000079", generated_image_url=image_url)
+    post_callback(browser, json.dumps(body).encode())
+    page = browser.get(f"/evaluations/{body['id']}").text
+    assert shown in page
+    assert ("<img" in page) == image_url.startswith("https://")
+
+
 def test_a_long_client_ref_history_links_to_all_of_it(browser: TestClient) -> None:
     """The page lists the newest 500: past that it said "History (501)" over 500 rows."""
     body = json.loads(fixture("evaluation-completed.json"))
