@@ -42,11 +42,18 @@ _HEAD = b"HTTP/1.1 200 OK\r\n"
 _TAIL = b"content-type: application/json\r\n" + b"".join(
     name + b": " + value + b"\r\n" for name, value in HEADERS
 )
+_UNPARSEABLE = (
+    b"HTTP/1.1 400 Bad Request\r\n",
+    b'{"ok":false,"error":"invalid HTTP request: the connection is closed"}',
+)
 
 
-def response(default_headers: list[tuple[bytes, bytes]], body: bytes, keep_alive: bool) -> bytes:
-    """A 200 with a JSON body, as uvicorn would write the endpoint's answer."""
-    parts = [_HEAD]
+def response(
+    default_headers: list[tuple[bytes, bytes]], body: bytes, keep_alive: bool, head: bytes = _HEAD
+) -> bytes:
+    """A 200 (or the status line `head`) with a JSON body, as uvicorn would write the
+    endpoint's answer."""
+    parts = [head]
     for name, value in default_headers:
         parts += [name, b": ", value, b"\r\n"]
     parts += [b"content-length: %d\r\n" % len(body), _TAIL]
@@ -73,6 +80,12 @@ class WebhookProtocol(HttpToolsProtocol):
     # Keep-alive: uvicorn arms a timer after every response and cancels it on the next
     # request, ~6 % of a callback's CPU. Here one timer per connection, which when it fires
     # closes the connection if it has been idle that long, and else looks again later.
+
+    def send_400_response(self, msg: str) -> None:
+        """Bytes httptools cannot parse: uvicorn's plain-text 400, in the one error shape."""
+        head, body = _UNPARSEABLE
+        self.transport.write(response(self.server_state.default_headers, body, False, head))
+        self.transport.close()
 
     def _unset_keepalive_if_required(self) -> None:
         self._idle_since = None  # a request: the timer, if armed, will find the connection busy

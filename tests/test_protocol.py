@@ -303,6 +303,22 @@ def test_connection_close_is_honoured(servers: tuple[Server, Server]) -> None:
     assert fast.reached.webhooks == 0
 
 
+@pytest.mark.parametrize("request_", [b"GARBAGE\r\n\r\n", b"POST / HTTP/1.1\r\nA\x00: b\r\n\r\n"])
+def test_bytes_that_are_no_http_get_the_one_error_shape(
+    servers: tuple[Server, Server], request_: bytes
+) -> None:
+    """uvicorn answers them in plain text; every other error is `{"ok": false, "error"}`."""
+    _, fast = servers
+    with connect(fast) as sock:
+        sock.sendall(request_)
+        [(status, body)] = read_responses(sock, 1)
+        assert sock.recv(65536) == b""  # closed by the server
+    assert status.startswith(b"HTTP/1.1 400 Bad Request\r\n")
+    assert b"\r\ncontent-type: application/json\r\n" in status
+    assert b"\r\nx-content-type-options: nosniff\r\n" in status
+    assert body == {"ok": False, "error": "invalid HTTP request: the connection is closed"}
+
+
 def test_a_callback_whose_sender_left_is_still_stored(servers: tuple[Server, Server]) -> None:
     _, fast = servers
     body = callback(23)
