@@ -30,8 +30,16 @@ ROW_ID = click.IntRange(1, MAX_ROW_ID)  # a larger number overflowed the query: 
 F = TypeVar("F", bound=Callable[..., Any])
 
 
+def _given(_: click.Context, __: click.Parameter, value: str | None) -> str | None:
+    """An empty text filter is refused, as the API refuses it: `--search ""` listed every
+    evaluation and `--client-ref ""` none."""
+    if value == "":
+        raise click.BadParameter("must not be empty: leave the option out for no filter")
+    return value
+
+
 FILTERS = (
-    click.option("--client-ref", help="Exact client_ref."),
+    click.option("--client-ref", callback=_given, help="Exact client_ref."),
     click.option("--status", type=click.Choice(STATUSES)),
     # Two flags, not a --passed/--failed pair: with a pair, `--passed --failed` took the last.
     click.option("--passed", "only_passed", is_flag=True, help="Verdict passed."),
@@ -42,13 +50,14 @@ FILTERS = (
         help="Verdict not passed (the dashboard's 'not passed'; for status failed, "
         "--status failed).",
     ),
-    click.option("--task-type"),
-    click.option("--failure-code"),
+    click.option("--task-type", callback=_given),
+    click.option("--failure-code", callback=_given),
     click.option("--since", callback=moment, help="ISO time or duration ago (24h, 7d)."),
     click.option("--until", callback=moment, help="ISO time or duration ago."),
     click.option(
         "--search",
         "q",
+        callback=_given,
         help="Text search: part of the id, client_ref, task type, failure code or a top issue.",
     ),
 )

@@ -205,6 +205,12 @@ MISTAKES = {
         {},
         "--retry-all-dead sends the dead forwards: not --state done",
     ),
+    "query-empty-search": (  # it listed every evaluation (the API answers 400)
+        ["query", "--search", ""],
+        {},
+        "Invalid value for '--search': must not be empty",
+    ),
+    "stats-empty-client-ref": (["stats", "--client-ref", ""], {}, "'--client-ref': must not"),
     "prune-too-long-ago": (  # a traceback (OverflowError)
         ["prune", "--older-than", "99999999d"],
         {"migrated": "1"},
