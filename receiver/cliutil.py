@@ -116,6 +116,7 @@ def writing_store(settings: Settings, *, create: bool = False) -> Iterator[Store
         settings.database,
         forwarding=forwarding(settings),
         pool_size=settings.database_pool_size,
+        applies=False,  # the server's backlog, for the server's sinks
     )
     store.open()
     try:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import signal
 import socket
+import sqlite3
 import subprocess
 import sys
 from pathlib import Path
@@ -14,6 +15,7 @@ from receiver.fakes.server import serve_in_thread
 from receiver.normalize import normalize, parse_body
 from receiver.sinkspec import SinkSpec
 from receiver.store import Delivery, Forwarding, Outcome, Store
+from receiver.store.ingest import accept
 
 from .helpers import SECRET_A, fixture
 from .servers import free_port, run_cli
@@ -85,6 +87,29 @@ def test_forwards_retry_replay_and_the_worker_process(tmp_path: Path) -> None:
 
 def cli_state(tmp_path: Path, env: dict[str, str]) -> str:
     return run_cli("forwards", "--json", cwd=tmp_path, env=env).stdout
+
+
+def test_a_cli_command_leaves_the_servers_queue_to_the_server(tmp_path: Path) -> None:
+    """`receiver prune` (which reads no sinks) applied the callbacks the server had just
+    acknowledged, with no sinks: their verdicts were stored and never forwarded."""
+    env = _dead_letter(tmp_path, "http://127.0.0.1:9")
+    body = fixture("evaluation-failed.json")
+    conn = sqlite3.connect(tmp_path / "r.db", isolation_level=None)
+    conn.execute("BEGIN IMMEDIATE")
+    accept(conn, Delivery(body, normalize(parse_body(body))))  # acknowledged, not yet applied
+    conn.execute("COMMIT")
+    conn.close()
+    done = run_cli("prune", "--older-than", "90d", "--yes", cwd=tmp_path, env=env)
+    assert done.returncode == 0, done.stderr
+    sink = SinkSpec(name="consumer", type="http", url="http://127.0.0.1:9/events")
+    store = Store(str(tmp_path / "r.db"), forwarding=Forwarding(sinks=(sink,)))
+    store.open()  # the server, with its sinks
+    try:
+        store.catch_up()
+        found = store.list_forwards(state="pending", sink=None, limit=10)
+    finally:
+        store.close()
+    assert [forward["event_type"] for forward in found] == ["evaluation.failed"]
 
 
 def test_a_removed_sinks_dead_forwards_stay_dead(tmp_path: Path) -> None:

@@ -74,7 +74,13 @@ class Store:
         pool_size: int = 10,
         max_backlog: int = MAX_BACKLOG,
         ack_timeout: float = ACK_TIMEOUT,
+        applies: bool = True,
     ) -> None:
+        """`applies`: whether this store's writer applies the callbacks acknowledged and
+        queued (store/backlog.py). Only the servers and the worker do, with the sinks of the
+        service's configuration: a CLI command that writes (prune, refetch…) may run without
+        them (or in another folder, with another receiver.toml), and callbacks it applied
+        would queue no forwards, or the wrong ones."""
         self.path = path
         self.deadlines = Deadlines(ack_timeout)
         self.forwarding = forwarding
@@ -91,7 +97,9 @@ class Store:
             self._pool = PgReaders(path, pool_size)
         else:
             self.writer = Writer(path, busy_timeout)
-        self.backlog = self.writer.backlog = Backlog(self._apply, max_backlog)
+        self.backlog = Backlog(self._apply, max_backlog)
+        self.applies = applies
+        self.writer.backlog = self.backlog if applies else None
         self._local = threading.local()
         self._readers: list[sqlite3.Connection] = []
         self._lock = threading.Lock()
@@ -213,7 +221,7 @@ class Store:
         that was acknowledged. Bounded: after `timeout` seconds (a huge backlog) the read goes
         ahead with what is applied. Without a running writer (a read-only CLI) there is
         nothing to do: the server applies its own backlog within milliseconds."""
-        if not self.writer.running:
+        if not (self.writer.running and self.applies):
             return
         with self.read() as conn:
             (head,) = conn.execute("SELECT max(delivery_id) FROM apply_queue").fetchone()
