@@ -89,6 +89,27 @@ def test_backup_while_writing_then_restore(tmp_path: Path) -> None:
     assert again.stderr.strip().endswith("exists; choose a new path (a backup never overwrites)")
 
 
+@sqlite_only
+@pytest.mark.parametrize("folder", ["x#y", "a?b", "100%"])
+def test_backup_of_a_database_whose_path_has_uri_characters(tmp_path: Path, folder: str) -> None:
+    """The source is opened by URI: `x#y/receiver.db` read a new empty file `x` (a traceback,
+    and a `.partial` left behind)."""
+    database = tmp_path / folder / "receiver.db"
+    store = Store(str(database))
+    store.open()
+    try:
+        asyncio.run(store.ingest(Delivery(callback(1), normalize(parse_body(callback(1))))))
+    finally:
+        store.close()
+    env = {"RECEIVER_DATABASE": str(database), "RUNFLOW_WEBHOOK_SECRET": SECRET_A}
+    done = run_cli("backup", str(tmp_path / "copy.db"), cwd=tmp_path, env=env)
+    assert done.returncode == 0, done.stderr
+    copy = sqlite3.connect(tmp_path / "copy.db")
+    assert copy.execute("SELECT count(*) FROM evaluations").fetchone() == (1,)
+    copy.close()
+    assert sorted(path.name for path in tmp_path.iterdir()) == sorted(["copy.db", folder])
+
+
 def test_prune_keeps_everything_with_work_left_and_the_stats_follow(tmp_path: Path) -> None:
     sink = SinkSpec(name="consumer", type="http", url="http://127.0.0.1:9/")
     store = Store(str(tmp_path / "r.db"), forwarding=Forwarding(sinks=(sink,), refetch=True))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import sqlite3
 from pathlib import Path
+from urllib.parse import quote
 
 from ..errors import BadRequest
 from ..times import now
@@ -24,7 +25,14 @@ def backup(source: str, target: Path) -> dict[str, int]:
         dst = sqlite3.connect(partial)
     except (OSError, sqlite3.Error) as exc:
         raise BadRequest(f"cannot write {target}: {exc}") from None
-    src = sqlite3.connect(f"file:{source}?mode=ro", uri=True)
+    try:
+        # A URI: `?`, `#` and `%` in the path are its syntax unless quoted (a folder `x#y` made
+        # the backup read a new empty file `x`).
+        src = sqlite3.connect(f"file:{quote(source)}?mode=ro", uri=True)
+    except sqlite3.Error as exc:
+        dst.close()
+        partial.unlink(missing_ok=True)
+        raise BadRequest(f"cannot read {source}: {exc}") from None
     try:
         src.backup(dst, pages=0)
         dst.execute("PRAGMA journal_mode = DELETE")  # one self-contained file
@@ -35,6 +43,9 @@ def backup(source: str, target: Path) -> dict[str, int]:
             table: dst.execute(f"SELECT count(*) FROM {table}").fetchone()[0]
             for table in ("evaluations", "deliveries", "outbox")
         }
+    except BaseException:
+        partial.unlink(missing_ok=True)
+        raise
     finally:
         dst.close()
         src.close()
