@@ -32,6 +32,17 @@ def callback(number: int) -> bytes:
     return json.dumps(body).encode()
 
 
+def one_evaluation(database: Path) -> Path:
+    """`database`, made with one evaluation stored."""
+    store = Store(str(database))
+    store.open()
+    try:
+        asyncio.run(store.ingest(Delivery(callback(1), normalize(parse_body(callback(1))))))
+    finally:
+        store.close()
+    return database
+
+
 @sqlite_only
 def test_backup_while_writing_then_restore(tmp_path: Path) -> None:
     live = tmp_path / "live"
@@ -94,13 +105,7 @@ def test_backup_while_writing_then_restore(tmp_path: Path) -> None:
 def test_backup_of_a_database_whose_path_has_uri_characters(tmp_path: Path, folder: str) -> None:
     """The source is opened by URI: `x#y/receiver.db` read a new empty file `x` (a traceback,
     and a `.partial` left behind)."""
-    database = tmp_path / folder / "receiver.db"
-    store = Store(str(database))
-    store.open()
-    try:
-        asyncio.run(store.ingest(Delivery(callback(1), normalize(parse_body(callback(1))))))
-    finally:
-        store.close()
+    database = one_evaluation(tmp_path / folder / "receiver.db")
     env = {"RECEIVER_DATABASE": str(database), "RUNFLOW_WEBHOOK_SECRET": SECRET_A}
     done = run_cli("backup", str(tmp_path / "copy.db"), cwd=tmp_path, env=env)
     assert done.returncode == 0, done.stderr
@@ -199,13 +204,7 @@ def _prune(tmp_path: Path, *args: str, answer: bytes | None) -> tuple[int, str, 
     """`receiver prune ARGS` on a database of one evaluation 13 hours old, at a terminal
     that answers `answer`, or without one (None: a script, cron): its status, output and the
     evaluations left."""
-    database = tmp_path / "r.db"
-    store = Store(str(database))
-    store.open()
-    try:
-        asyncio.run(store.ingest(Delivery(callback(1), normalize(parse_body(callback(1))))))
-    finally:
-        store.close()
+    database = one_evaluation(tmp_path / "r.db")
     with sqlite3.connect(database) as conn:  # last touched 13 hours ago
         conn.execute("UPDATE evaluations SET updated_at = ?", (ago("13h"),))
     env = {"PATH": "/usr/bin:/bin", "RECEIVER_DATABASE": str(database)}
