@@ -129,14 +129,20 @@ def stored_fields(body: bytes) -> dict[str, Any] | None:
 
 
 def _newer_or_equal(incoming: dict[str, Any], existing: dict[str, Any]) -> bool:
-    """Status rank first, then Runflow's own `updated_at`; ties go to the later arrival."""
+    """Status rank first, then Runflow's own `updated_at`, else (the event envelope has none)
+    `completed_at`, when both bodies give it; ties go to the later arrival. Runflow promises
+    no order: a verdict's callback retried late must not undo the verdict that followed it
+    (for good: the refetch that would repair it is refused as lagging)."""
     rank_in = _RANK.get(incoming.get("status_code") or "", -1)
     rank_old = _RANK.get(existing.get("status_code") or "", -1)
     if rank_in != rank_old:
         return rank_in > rank_old
-    stamp_in = normalize_time(incoming.get("updated_at"))
-    stamp_old = normalize_time(existing.get("updated_at"))
-    return stamp_in is None or stamp_old is None or stamp_in >= stamp_old
+    for key in ("updated_at", "completed_at"):
+        stamp_in = normalize_time(incoming.get(key))
+        stamp_old = normalize_time(existing.get(key))
+        if stamp_in is not None and stamp_old is not None:
+            return stamp_in >= stamp_old
+    return True
 
 
 # What only one verdict says (contract §4): Runflow's own GET of an evaluation with the other

@@ -589,6 +589,30 @@ COMPLETED_OWN: dict[str, Any] = {
                 "superseded_at": None,
             },
         ),
+        (  # envelopes (no updated_at): Runflow retried the failed callback's delivery late
+            {"id": "e", "status_code": "completed", "overall_passed": True, "completed_at": _at(5)},
+            {"id": "e", "status_code": "failed", "failure_code": "t", "completed_at": _at(4)},
+            {
+                "id": "e",
+                "status_code": "completed",
+                "overall_passed": True,
+                "failure_code": None,
+                "completed_at": _at(5),
+                "superseded_at": None,
+            },
+        ),
+        (
+            {"id": "e", "status_code": "completed", "overall_passed": True, "completed_at": _at(4)},
+            {"id": "e", "status_code": "failed", "failure_code": "t", "completed_at": _at(5)},
+            {
+                "id": "e",
+                "status_code": "failed",
+                "overall_passed": None,
+                "failure_code": "t",
+                "completed_at": _at(5),
+                "superseded_at": None,
+            },
+        ),
     ],
     ids=[
         "pending-to-running",
@@ -614,6 +638,8 @@ COMPLETED_OWN: dict[str, Any] = {
         "late-completed-adds-no-verdict-to-failed",
         "failed-keeps-a-score-it-gives-on-a-tie",
         "failed-keeps-what-a-running-body-said",
+        "no-updated-at-an-older-verdict-arriving-late-loses",
+        "no-updated-at-the-newer-completed-at-wins",
     ],
 )
 def test_merge_table(

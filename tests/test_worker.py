@@ -1223,7 +1223,8 @@ async def test_a_refetch_that_finds_a_newer_verdict_forwards_both_as_themselves(
     again): the completed verdict is the refetched state, the failed one its callback."""
     fake, url = runflow
     fake.faults.clear()
-    fake.add(VERDICT_ID, **{key: ASKED[key] for key in ASKED if key != "status_code"})
+    asked = {key: ASKED[key] for key in ASKED if key != "status_code"}
+    fake.add(VERDICT_ID, **asked, completed_at=COMPLETED_CALLBACK["completed_at"])
     sink = RecordingSink(spec("s"))
     rig = rig_for(tmp_path, http, [sink], runflow_api_key=API_KEY, runflow_api_base=url)
     try:
@@ -1613,7 +1614,9 @@ ORDERS = {
     "older-failed-arrives-last": ([("completed", 2), ("failed", 1)], "completed"),
     "older-completed-arrives-last": ([("failed", 2), ("completed", 1)], "failed"),
     "no-updated-at-completed-last": ([("failed", 1), ("completed", None)], "completed"),
-    "no-updated-at-failed-last": ([("completed", 1), ("failed", None)], "failed"),
+    # Without updated_at on both, completed_at decides: this failed callback's (09:15:03) is
+    # older than the completed one's (09:16:10), so it is a late one, not the newer verdict.
+    "no-updated-at-failed-last": ([("completed", 1), ("failed", None)], "completed"),
     "refetch-in-between": ([("completed", 1), ("refetch", 0), ("failed", 2)], "failed"),
 }
 
