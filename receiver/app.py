@@ -208,6 +208,9 @@ def from_env() -> Starlette:
     app = create_app(
         Settings.from_env(), metrics_dir=os.environ.get("PROMETHEUS_MULTIPROC_DIR") or None
     )
+    from .supervisor import stop_with_parent
+
     lean_records()  # each worker process configures its own logging
+    stop_with_parent()
     gc.freeze()  # the start-up heap is permanent: full collections stop walking it
     return app

@@ -6,9 +6,14 @@ of a process that loaded the app, while each worker loads the app itself
 from __future__ import annotations
 
 import contextlib
+import logging
+import multiprocessing
 import os
+import signal
 import sys
 import tempfile
+import threading
+import time
 from collections.abc import Iterator
 
 import click
@@ -51,15 +56,72 @@ def supervise(host: str, port: int, workers: int, log_format: str, log_level: st
     os.execv(sys.executable, [sys.executable, "-m", "receiver.supervisor", *arguments])  # noqa: S606
 
 
+def stop_with_parent(interval: float = 1.0) -> None:
+    """In a worker process: stop it, gracefully as SIGTERM does, once its supervisor is gone.
+    After a `kill -9` of the supervisor its workers went on serving, holding the port, so the
+    service could not start again. The supervisor's pid is the one multiprocessing recorded
+    when it started this process: it may be gone already."""
+    started_by = multiprocessing.parent_process()
+    parent = started_by.pid if started_by is not None and started_by.pid else os.getppid()
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(interval)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    threading.Thread(target=watch, name="receiver-parent-watch", daemon=True).start()
+
+
+def how_it_ended(exitcode: int | None) -> str:
+    if exitcode is not None and exitcode < 0:
+        return f"killed by {signal.Signals(-exitcode).name}"
+    return f"exit status {exitcode}"
+
+
 def main(argv: list[str]) -> None:
-    import uvicorn
+    from uvicorn.config import STARTUP_FAILURE, Config
+    from uvicorn.supervisors.multiprocess import Multiprocess, Process
 
     from . import logs
+
+    log = logging.getLogger("receiver.supervisor")
+
+    class Supervisor(Multiprocess):
+        """uvicorn's, but a worker that fails to start (the database down while one is
+        replaced) ends the supervisor with exit status 3, for the service manager to start it
+        again: uvicorn's exits 0, and stays down once the database is back. A worker that died
+        is named with how it ended."""
+
+        failed = False
+
+        def keep_subprocess_alive(self) -> None:
+            for index, process in enumerate(self.processes):
+                if self.should_exit.is_set():
+                    return
+                if process.is_alive(timeout=self.config.timeout_worker_healthcheck):
+                    continue
+                hung = process.process.is_alive()
+                process.kill()
+                process.join()
+                if process.exitcode == STARTUP_FAILURE:
+                    log.error("worker [%s] failed to start: stopping (exit 3)", process.pid)
+                    self.failed = True
+                    self.should_exit.set()
+                    return
+                log.error(
+                    "worker [%s] %s: starting another",
+                    process.pid,
+                    "did not answer its health check, killed"
+                    if hung
+                    else how_it_ended(process.exitcode),
+                )
+                self.processes[index] = replacement = Process(self.config, self.sockets)
+                replacement.start()
 
     host, port, workers, log_format, log_level = argv
     log_config = logs.configure(log_format, log_level, sys.stderr)
     with shared_metrics_dir():
-        uvicorn.run(
+        config = Config(
             "receiver.app:from_env",
             factory=True,
             host=host,
@@ -69,6 +131,11 @@ def main(argv: list[str]) -> None:
             log_config=log_config,
             access_log=False,
         )
+        supervisor = Supervisor(config, sockets=[config.bind_socket()])
+        with contextlib.suppress(KeyboardInterrupt):
+            supervisor.run()
+    if supervisor.failed:
+        sys.exit(STARTUP_FAILURE)
 
 
 if __name__ == "__main__":
