@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import logging
 import os
 import signal
 import socket
 import sys
 from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 
@@ -21,6 +22,9 @@ from .database_url import is_postgres_url
 from .errors import ReceiverError
 from .store import Store
 from .supervisor import HTTP_PROTOCOL, given_metrics_dir, supervise
+
+if TYPE_CHECKING:
+    import uvicorn
 
 
 class Group(click.Group):
@@ -39,13 +43,22 @@ def cli() -> None:
     """Verified, durable webhook receiver for Runflow image evaluations."""
 
 
-def exit_zero_after_graceful_stop() -> None:
+def exit_zero_after_graceful_stop(server: uvicorn.Server) -> None:
     """uvicorn stops gracefully on SIGTERM/SIGINT, then raises the signal again to the handler
     that was there before it; with this one the process then exits 0 (as `receiver worker`
     does) instead of dying of the signal (143/130, a failure to `docker stop` and most
-    supervisors). A signal before uvicorn has taken over exits 0 at once."""
+    supervisors). A signal before uvicorn has taken over exits 0 at once. A second Ctrl-C
+    forces uvicorn out without the app's shutdown (the worker's batch in flight is sent again
+    once its lease runs out): that exits 130, without the traceback of the shutdown that
+    never came."""
 
     def stop(signum: int, frame: object) -> None:
+        if server.force_exit:
+            logging.getLogger("receiver").warning(
+                "forced to stop: the worker's forwards in flight go out again after their lease"
+            )
+            logging.shutdown()
+            os._exit(130)
         raise SystemExit(0)
 
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -75,6 +88,7 @@ def check_listen(host: str, port: int) -> None:
 def serve(host: str, port: int | None, workers: int) -> None:
     """Run the HTTP server: webhook, API and dashboard."""
     import uvicorn
+    from uvicorn.config import STARTUP_FAILURE
 
     from .app import check_sinks, create_app
 
@@ -111,16 +125,15 @@ def serve(host: str, port: int | None, workers: int) -> None:
         )
     if workers == 1:
         app = create_app(settings, metrics_dir=given_metrics_dir())
-        exit_zero_after_graceful_stop()
-        gc.freeze()  # the start-up heap is permanent: full collections stop walking it
-        uvicorn.run(
-            app,
-            host=host,
-            port=port,
-            http=HTTP_PROTOCOL,
-            log_config=log_config,
-            access_log=False,
+        config = uvicorn.Config(
+            app, host=host, port=port, http=HTTP_PROTOCOL, log_config=log_config, access_log=False
         )
+        server = uvicorn.Server(config)
+        exit_zero_after_graceful_stop(server)
+        gc.freeze()  # the start-up heap is permanent: full collections stop walking it
+        server.run()
+        if not server.started:  # as uvicorn.run: the app's start-up failed, and said why
+            sys.exit(STARTUP_FAILURE)
         return
     if not is_postgres_url(settings.database):
         click.echo(

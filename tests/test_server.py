@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 import json
 import signal
+import socket
+import time
 from pathlib import Path
 
 import httpx
@@ -141,3 +143,25 @@ def test_a_graceful_stop_under_load_keeps_every_acknowledged_callback(tmp_path: 
     conn = connect(tmp_path / "receiver.db")
     assert conn.execute("SELECT count(*) FROM evaluations").fetchone()[0] == len(stored)
     assert conn.execute("SELECT count(*) FROM apply_queue").fetchone()[0] == 0
+
+
+def test_a_second_ctrl_c_forces_the_stop_with_status_130(tmp_path: Path) -> None:
+    """uvicorn leaves without the app's shutdown then: it exited 0, after an ERROR traceback
+    of the shutdown that never came."""
+    with (
+        ReceiverProcess(tmp_path) as server,
+        socket.create_connection(("127.0.0.1", server.port)) as sender,
+    ):
+        assert server.process is not None
+        sender.sendall(b"POST /webhooks/runflow HTTP/1.1\r\nHost: x\r\nContent-Length: 9\r\n\r\n")
+        time.sleep(0.2)  # its body never comes: the first Ctrl-C waits for it
+        server.process.send_signal(signal.SIGINT)
+        deadline = time.monotonic() + 20
+        while b"Waiting for connections to close" not in server.log.read_bytes():
+            assert time.monotonic() < deadline, server.log.read_text()
+            time.sleep(0.05)
+        server.process.send_signal(signal.SIGINT)
+        assert server.process.wait(timeout=20) == 130
+    log = server.log.read_text()
+    assert "forced to stop" in log
+    assert "Traceback" not in log
