@@ -21,7 +21,7 @@ from .cliutil import (
     writing_store,
 )
 from .normalize import STATUSES
-from .store import EvaluationFilter
+from .store import EvaluationFilter, Store
 from .store.outbox import STATES
 from .times import now
 
@@ -242,6 +242,7 @@ def forwards(
             else:
                 count = asyncio.run(store.retry_dead(now(), sink))
                 click.echo(f"{count} dead forward(s) pending again")
+                _left_dead(store)
         return
     store = reading_store(load_settings(sinks=False))
     items = store.list_forwards(  # one more: is there a next page?
@@ -261,6 +262,24 @@ def forwards(
     if not items:
         click.echo("(no forwards match)")
     _next_page(next_cursor, as_json)
+
+
+def _left_dead(store: Store) -> None:
+    """Say which dead forwards were left, as their sinks are not in this configuration: run
+    from another folder, the CLI finds another receiver.toml, or none."""
+    configured = {spec.name for spec in store.forwarding.sinks}
+    left = {
+        sink: states["dead"]
+        for sink, states in store.outbox_depth().items()
+        if sink not in configured and states.get("dead")
+    }
+    if left:
+        named = ", ".join(f"{count} of {sink!r}" for sink, count in sorted(left.items()))
+        click.echo(
+            f"left dead: {named}, a sink not in this configuration"
+            " (RECEIVER_CONFIG: is it the service's?)",
+            err=True,
+        )
 
 
 def _error_of(forward: dict[str, Any]) -> str:

@@ -128,6 +128,7 @@ def test_a_removed_sinks_dead_forwards_stay_dead(tmp_path: Path) -> None:
     assert refused.returncode == 1
     done = run_cli("forwards", "--retry-all-dead", cwd=tmp_path, env=env)
     assert "0 dead forward(s) pending again" in done.stdout
+    assert "left dead: 1 of 'consumer', a sink not in this configuration" in done.stderr
     assert "#1 consumer dead attempts=1" in run_cli("forwards", cwd=tmp_path, env=env).stdout
 
 
