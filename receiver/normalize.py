@@ -110,7 +110,7 @@ def normalize(payload: dict[str, Any]) -> Callback:
     if "status_code" not in fields and "status" in fields:
         fields["status_code"] = fields.pop("status")
     status = fields.get("status_code")
-    if status is None and event in ("evaluation.completed", "evaluation.failed"):
+    if event in ("evaluation.completed", "evaluation.failed"):  # the event decides (§3)
         status = fields["status_code"] = event.removeprefix("evaluation.")
     if status is not None and (not isinstance(status, str) or status not in _RANK):
         raise BadRequest(f"status must be one of {', '.join(STATUSES)}, got {str(status)[:40]!r}")

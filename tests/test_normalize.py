@@ -176,6 +176,21 @@ def test_parse_body_refuses_with_one_line(body: bytes, reason: str) -> None:
                 "evaluation", "evaluation.failed", "e-1", {"id": "e-1", "status_code": "failed"}
             ),
         ),
+        (  # contradictory: the event decides (contract §3); it was forwarded as completed
+            {"event": "evaluation.failed", "evaluation_id": "e-1", "status": "completed"},
+            Callback(
+                "evaluation", "evaluation.failed", "e-1", {"id": "e-1", "status_code": "failed"}
+            ),
+        ),
+        (
+            {"event": "evaluation.completed", "evaluation_id": "e-1", "status": "running"},
+            Callback(
+                "evaluation",
+                "evaluation.completed",
+                "e-1",
+                {"id": "e-1", "status_code": "completed"},
+            ),
+        ),
         (
             {"evaluation_id": "e-1", "status": "completed"},
             Callback(
@@ -219,6 +234,8 @@ def test_parse_body_refuses_with_one_line(body: bytes, reason: str) -> None:
         "envelope-failed",
         "envelope-status-from-event",
         "envelope-null-status-from-event",
+        "envelope-event-over-a-contradicting-status",
+        "envelope-event-over-a-running-status",
         "envelope-without-event",
         "envelope-id-is-not-the-evaluation",
         "empty-evaluation-id-falls-back-to-id",
