@@ -1172,6 +1172,26 @@ async def test_a_verdict_without_completed_at_comes_after_every_dated_one(
 
 
 @pytest.mark.anyio
+async def test_a_tie_on_completed_at_goes_to_the_later_received_on_both_backends(
+    store: Store, path: str
+) -> None:
+    """PostgreSQL's index gives tied rows in no set order: after the first one's row was
+    written again (a feedback), it was current there and the second one on SQLite."""
+    await ingest_all(
+        store,
+        evaluation("e-a", client_ref="job-7", second=42, overall_passed=False),
+        evaluation("e-b", client_ref="job-7", second=42, overall_passed=True),
+    )
+    rated = evaluation("e-a", client_ref="job-7", second=42, overall_passed=False)
+    await ingest_all(
+        store, {**rated, "feedback_is_positive": True, "updated_at": "2026-11-20T09:05:00+00:00"}
+    )
+    found = pointers(path, "job-7")
+    assert found is not None
+    assert found[:3] == ("e-b", "e-b", "completed")
+
+
+@pytest.mark.anyio
 async def test_lineage_starts_at_the_root_when_its_body_has_no_attempt_number(
     store: Store,
 ) -> None:

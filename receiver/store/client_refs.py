@@ -21,14 +21,18 @@ _UPDATE_CLIENT_REF = (
 # without completed_at comes after every dated one (the newest received first), as a second
 # choice of its own: `ORDER BY completed_at DESC NULLS LAST` matches no index there (a
 # backward scan gives NULLS FIRST), so each refresh sorted every row of the client_ref, on a
-# growing table without statistics through a worse plan: 6.7 times as long (session 15).
+# growing table without statistics through a worse plan: 6.7 times as long (session 15). A
+# tie on completed_at goes to the later received (then the larger id) on both backends: the
+# index gives ties in rowid order on SQLite, in no set order on PostgreSQL; the sort is of the
+# tied rows only (PostgreSQL's incremental sort, SQLite's sorter for the right part).
 _REFRESH_CLIENT_REF = f"""
 INSERT INTO client_refs (client_ref, current_evaluation_id, latest_evaluation_id,
   latest_status, latest_passed, latest_score, evaluations, updated_at)
 SELECT :ref,
   COALESCE(
     (SELECT id FROM evaluations WHERE client_ref = :ref AND status = 'completed'
-     AND superseded = 0 AND completed_at IS NOT NULL ORDER BY completed_at DESC LIMIT 1),
+     AND superseded = 0 AND completed_at IS NOT NULL
+     ORDER BY completed_at DESC, received_at DESC, id DESC LIMIT 1),
     (SELECT id FROM evaluations WHERE client_ref = :ref AND status = 'completed'
      AND superseded = 0 AND completed_at IS NULL ORDER BY received_at DESC LIMIT 1)),
   latest.id, latest.status, latest.passed, latest.score, counted.n, :stamp
@@ -37,7 +41,8 @@ LEFT JOIN (
   SELECT id, status, passed, score FROM (
     SELECT * FROM (SELECT 0 AS rank, id, status, passed, score FROM evaluations
       WHERE client_ref = :ref AND status IN ('completed', 'failed')
-      AND completed_at IS NOT NULL ORDER BY completed_at DESC LIMIT 1) AS dated
+      AND completed_at IS NOT NULL
+      ORDER BY completed_at DESC, received_at DESC, id DESC LIMIT 1) AS dated
     UNION ALL
     SELECT * FROM (SELECT 1 AS rank, id, status, passed, score FROM evaluations
       WHERE client_ref = :ref AND status IN ('completed', 'failed')
@@ -75,14 +80,15 @@ def refresh_client_ref(conn: sqlite3.Connection, client_ref: str, stamp: str) ->
         return
     current = conn.execute(
         "SELECT id FROM evaluations WHERE client_ref = ? AND status = 'completed'"
-        " AND superseded = 0 ORDER BY completed_at DESC NULLS LAST, received_at DESC LIMIT 1",
+        " AND superseded = 0 ORDER BY completed_at DESC NULLS LAST, received_at DESC, id DESC"
+        " LIMIT 1",
         (client_ref,),
     ).fetchone()
     latest = (
         conn.execute(
             "SELECT id, status, passed, score FROM evaluations WHERE client_ref = ?"
             " AND status IN ('completed', 'failed')"
-            " ORDER BY completed_at DESC NULLS LAST, received_at DESC LIMIT 1",
+            " ORDER BY completed_at DESC NULLS LAST, received_at DESC, id DESC LIMIT 1",
             (client_ref,),
         ).fetchone()
         or conn.execute(
