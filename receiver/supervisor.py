@@ -10,6 +10,7 @@ import logging
 import multiprocessing
 import os
 import signal
+import socket
 import sys
 import tempfile
 import threading
@@ -72,6 +73,20 @@ def stop_with_parent(interval: float = 1.0) -> None:
     threading.Thread(target=watch, name="receiver-parent-watch", daemon=True).start()
 
 
+QUICK_DEATH = 10.0  # seconds: a worker that dies younger than this is in a crash loop
+LONGEST_WAIT = 30.0
+
+
+def restart_delay(lived: float, last: float) -> float:
+    """Seconds before a dead worker is replaced: at once after a life of QUICK_DEATH or more,
+    else twice the last wait (from 1 s, at most LONGEST_WAIT). A worker that keeps dying (a
+    resource gone, a bad deploy) was started again twice a second, for ever, taking the CPU
+    of those still serving."""
+    if lived >= QUICK_DEATH:
+        return 0.0
+    return min(max(2 * last, 1.0), LONGEST_WAIT)
+
+
 def how_it_ended(exitcode: int | None) -> str:
     if exitcode is not None and exitcode < 0:
         return f"killed by {signal.Signals(-exitcode).name}"
@@ -90,14 +105,25 @@ def main(argv: list[str]) -> None:
         """uvicorn's, but a worker that fails to start (the database down while one is
         replaced) ends the supervisor with exit status 3, for the service manager to start it
         again: uvicorn's exits 0, and stays down once the database is back. A worker that died
-        is named with how it ended."""
+        is named with how it ended, and one that keeps dying is replaced after a growing wait
+        (restart_delay)."""
 
-        failed = False
+        def __init__(self, config: Config, sockets: list[socket.socket]) -> None:
+            super().__init__(config, sockets)
+            self.failed = False
+            self.born: dict[int, float] = {}  # when the worker in each place started
+            self.waits: dict[int, float] = {}  # the last wait before replacing the one there
+            self.due: dict[int, float] = {}  # when a replacement is to start there
 
         def keep_subprocess_alive(self) -> None:
+            now = time.monotonic()
             for index, process in enumerate(self.processes):
                 if self.should_exit.is_set():
                     return
+                if index in self.due:
+                    if now >= self.due[index]:
+                        self._replace(index, now)
+                    continue
                 if process.is_alive(timeout=self.config.timeout_worker_healthcheck):
                     continue
                 hung = process.process.is_alive()
@@ -108,16 +134,27 @@ def main(argv: list[str]) -> None:
                     self.failed = True
                     self.should_exit.set()
                     return
+                wait = restart_delay(now - self.born.get(index, began), self.waits.get(index, 0))
+                self.waits[index] = wait
                 log.error(
-                    "worker [%s] %s: starting another",
+                    "worker [%s] %s: starting another%s",
                     process.pid,
                     "did not answer its health check, killed"
                     if hung
                     else how_it_ended(process.exitcode),
+                    f" in {wait:g}s" if wait else "",
                 )
-                self.processes[index] = replacement = Process(self.config, self.sockets)
-                replacement.start()
+                self.due[index] = now + wait
+                if not wait:
+                    self._replace(index, now)
 
+        def _replace(self, index: int, now: float) -> None:
+            del self.due[index]
+            self.born[index] = now
+            self.processes[index] = replacement = Process(self.config, self.sockets)
+            replacement.start()
+
+    began = time.monotonic()  # the first workers start with the supervisor
     host, port, workers, log_format, log_level = argv
     log_config = logs.configure(log_format, log_level, sys.stderr)
     with shared_metrics_dir():

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from receiver.supervisor import how_it_ended
+from receiver.supervisor import LONGEST_WAIT, QUICK_DEATH, how_it_ended, restart_delay
 
 from .database import sqlite_only
 from .servers import ReceiverProcess
@@ -61,6 +61,33 @@ def alive(pid: int) -> bool:
 )
 def test_how_a_worker_ended(exitcode: int, said: str) -> None:
     assert how_it_ended(exitcode) == said
+
+
+@pytest.mark.parametrize(
+    ("lived", "last", "wait"),
+    [
+        (QUICK_DEATH, 0.0, 0.0),  # after a life: at once
+        (3600.0, 8.0, 0.0),  # and the waits start over
+        (0.5, 0.0, 1.0),  # died young: wait, longer each time
+        (0.5, 1.0, 2.0),
+        (0.5, 16.0, LONGEST_WAIT),
+        (0.5, LONGEST_WAIT, LONGEST_WAIT),
+    ],
+)
+def test_a_worker_that_keeps_dying_is_replaced_after_a_growing_wait(
+    lived: float, last: float, wait: float
+) -> None:
+    assert restart_delay(lived, last) == wait
+
+
+def test_a_worker_killed_again_soon_is_replaced_after_a_wait(tmp_path: Path) -> None:
+    with ReceiverProcess(tmp_path, "--workers", "2", RECEIVER_WORKER="false") as server:
+        assert server.process is not None
+        until(lambda: len(workers_of(server.process.pid)) == 2, "two workers")
+        os.kill(workers_of(server.process.pid)[0], signal.SIGKILL)  # young: the first wait
+        until(lambda: b"starting another in 1s" in server.log.read_bytes(), "a wait")
+        until(lambda: len(workers_of(server.process.pid)) == 2, "the replacement")
+        assert server.stop() == 0
 
 
 def test_the_workers_stop_when_their_supervisor_is_killed(tmp_path: Path) -> None:
