@@ -10,7 +10,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TypeVar
-from urllib.parse import urlsplit
+from urllib.parse import urlsplit, urlunsplit
 
 from .database_url import is_postgres_url, redact
 from .errors import ConfigError
@@ -169,6 +169,9 @@ def _database(name: str, text: str) -> str:
 
 
 def _url(name: str) -> Callable[[str], str]:
+    """An http(s) base URL with a host and nothing else: no user or password (they went into
+    every error naming the URL: logged, stored, shown on the dashboard), query or fragment."""
+
     def parse(text: str) -> str:
         try:
             parts = urlsplit(text)
@@ -176,14 +179,22 @@ def _url(name: str) -> Callable[[str], str]:
         except ValueError:
             parts = None
         if parts is None or parts.scheme not in ("http", "https") or not parts.hostname:
+            shown = "a value that is not one" if parts is None else _public(text)
+            raise ConfigError(f"{name} must be an http:// or https:// URL with a host, got {shown}")
+        if parts.username is not None or parts.query or parts.fragment:
             raise ConfigError(
-                f"{name} must be an http:// or https:// URL with a host, got {text!r}"
+                f"{name} must have no user, password, query or fragment, got {_public(text)}"
             )
-        if parts.query or parts.fragment:
-            raise ConfigError(f"{name} must have no query or fragment, got {text!r}")
         return text.rstrip("/")
 
     return parse
+
+
+def _public(url: str) -> str:
+    """`url` as it may be shown: without its user, password, query and fragment."""
+    parts = urlsplit(url)
+    host = parts.netloc.rpartition("@")[2]
+    return repr(urlunsplit((parts.scheme, host, parts.path, "", "")))
 
 
 def _embeds(text: str) -> tuple[str, ...]:

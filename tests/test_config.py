@@ -136,6 +136,8 @@ def test_values(environ: dict[str, str], attribute: str, expected: Any) -> None:
         ("RECEIVER_PUBLIC_URL", "https://r.example.com:port"),
         ("RECEIVER_PUBLIC_URL", "https://r.example.com/?x=1"),
         ("RUNFLOW_API_BASE", "http:///v1"),
+        ("RUNFLOW_API_BASE", "https://svc:s3cretPW@api.runflow.io"),  # in every refetch error
+        ("RECEIVER_PUBLIC_URL", "https://user@r.example.com"),
         ("RECEIVER_DATABASE", ":memory:"),  # each connection its own: no tables for the writer
         ("RECEIVER_DATABASE", "sqlite:///"),
         ("RECEIVER_DATABASE", "sqlite:///:memory:"),
@@ -155,6 +157,7 @@ def test_malformed_values_name_their_variable(name: str, value: str) -> None:
     message = str(caught.value)
     assert message.startswith(name)
     assert "\n" not in message
+    assert "s3cretPW" not in message
 
 
 @pytest.mark.parametrize(

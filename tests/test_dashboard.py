@@ -226,6 +226,7 @@ def test_logout_ends_the_session(browser: TestClient) -> None:
         {"judges": [{"name": "j", "issues": 5}]},
         {"judges": [{"name": "j", "evidence": 5}]},
         {"judges": [{"name": "j", "issues": [5, {"category": "c"}], "evidence": "one"}]},
+        {"judges": [{"name": "j", "confidence": 10**400}]},  # no float holds it: it was a 500
     ],
 )
 def test_the_detail_page_shows_a_body_of_any_shape(browser: TestClient, judged: dict) -> None:

@@ -24,8 +24,18 @@ Endpoint = Callable[[Request], Awaitable[Response]]
 def templates() -> Jinja2Templates:
     found = Jinja2Templates(directory=HERE / "templates")
     found.env.filters["segment"] = segment
+    found.env.filters["decimals"] = decimals
     found.env.globals["client_ref_url"] = client_ref_url
     return found
+
+
+def decimals(value: float, places: int = 2) -> str:
+    """A number from a payload with `places` decimals; one no float holds (a 400-digit
+    integer) as it came: `%.2f` of it raised, and the whole page was a 500."""
+    try:
+        return f"{float(value):.{places}f}"
+    except OverflowError:
+        return str(value)
 
 
 def segment(value: str) -> str:
