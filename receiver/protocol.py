@@ -46,6 +46,19 @@ _UNPARSEABLE = (
     b"HTTP/1.1 400 Bad Request\r\n",
     b'{"ok":false,"error":"invalid HTTP request: the connection is closed"}',
 )
+# A request's head (request line and headers): uvicorn's httptools protocol bounds neither its
+# size nor how long it may take, so one connection could hold a server's memory (64 MB of
+# header lines: +60 MB) or a connection for ever. As nginx's large_client_header_buffers and
+# client_header_timeout bound them.
+MAX_HEAD = 64 * 1024
+_HEAD_TOO_LARGE = (
+    b"HTTP/1.1 431 Request Header Fields Too Large\r\n",
+    b'{"ok":false,"error":"request headers larger than 65536 bytes"}',
+)
+_HEAD_TOO_SLOW = (
+    b"HTTP/1.1 408 Request Timeout\r\n",
+    b'{"ok":false,"error":"request headers not received within RECEIVER_BODY_TIMEOUT"}',
+)
 
 
 def response(
@@ -81,11 +94,45 @@ class WebhookProtocol(HttpToolsProtocol):
     # request, ~6 % of a callback's CPU. Here one timer per connection, which when it fires
     # closes the connection if it has been idle that long, and else looks again later.
 
+    _heading = False  # between the first byte of a request and the end of its headers
+    _head_bytes = 0  # received meanwhile
+    _head_deadline: asyncio.TimerHandle | None = None
+
     def send_400_response(self, msg: str) -> None:
         """Bytes httptools cannot parse: uvicorn's plain-text 400, in the one error shape."""
-        head, body = _UNPARSEABLE
+        self._refuse(_UNPARSEABLE)
+
+    def _refuse(self, answer: tuple[bytes, bytes]) -> None:
+        head, body = answer
         self.transport.write(response(self.server_state.default_headers, body, False, head))
         self.transport.close()
+
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        super().connection_made(transport)
+        self._idle_since = self.loop.time()  # one that never sends a byte is closed as idle
+        self._keep_alive_for(self.timeout_keep_alive)
+
+    def data_received(self, data: bytes) -> None:
+        super().data_received(data)
+        if self._heading and not self.transport.is_closing():  # a head not complete yet
+            self._head_bytes += len(data)
+            if self._head_bytes > MAX_HEAD:
+                self._refuse(_HEAD_TOO_LARGE)
+            elif self._head_deadline is None:  # only now: most heads come in one piece
+                ctx = self.app_state.get(STATE_KEY)
+                wait = ctx.settings.body_timeout if ctx is not None else 10.0
+                self._head_deadline = self.loop.call_later(wait, self._refuse, _HEAD_TOO_SLOW)
+
+    def on_message_begin(self) -> None:
+        super().on_message_begin()
+        self._heading = True
+
+    def on_headers_complete(self) -> None:
+        self._heading, self._head_bytes = False, 0
+        if self._head_deadline is not None:
+            self._head_deadline.cancel()
+            self._head_deadline = None
+        super().on_headers_complete()
 
     def _unset_keepalive_if_required(self) -> None:
         self._idle_since = None  # a request: the timer, if armed, will find the connection busy
@@ -120,6 +167,9 @@ class WebhookProtocol(HttpToolsProtocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         super().connection_lost(exc)
+        if self._head_deadline is not None:
+            self._head_deadline.cancel()
+            self._head_deadline = None
         if self.timeout_keep_alive_task is not None:
             self.timeout_keep_alive_task.cancel()
             self.timeout_keep_alive_task = None

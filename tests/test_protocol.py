@@ -420,6 +420,49 @@ def test_keep_alive_closes_an_idle_connection_but_not_a_busy_one(tmp_path: Path)
             assert time.monotonic() - idle >= keep_alive * 0.5
 
 
+def connected(url: str) -> socket.socket:
+    return socket.create_connection(("127.0.0.1", int(url.rsplit(":", 1)[1])), timeout=TIMEOUT)
+
+
+def test_a_connection_that_never_sends_a_request_is_closed_as_idle(tmp_path: Path) -> None:
+    """uvicorn arms its keep-alive timer only after a response: one that sent nothing stayed
+    open for ever."""
+    app = create_app(make_settings(tmp_path, worker=False))
+    with serve_in_thread(app, http=WebhookProtocol, keep_alive=1) as url, connected(url) as sock:
+        assert sock.recv(65536) == b""  # closed, within the keep-alive
+
+
+@pytest.mark.parametrize(
+    ("sent", "status", "error"),
+    [
+        (  # and then nothing: it held the connection for ever
+            f"POST {WEBHOOK_PATH} HTTP/1.1\r\nHost: x\r\n".encode(),
+            b"HTTP/1.1 408 Request Timeout",
+            "request headers not received within RECEIVER_BODY_TIMEOUT",
+        ),
+        (  # unbounded: 64 MB of them took 60 MB of the server's memory
+            f"POST {WEBHOOK_PATH} HTTP/1.1\r\n".encode() + b"X-Pad: " + b"a" * 70_000 + b"\r\n",
+            b"HTTP/1.1 431 Request Header Fields Too Large",
+            "request headers larger than 65536 bytes",
+        ),
+    ],
+    ids=["too-slow", "too-large"],
+)
+def test_a_request_head_is_bounded_in_time_and_size(
+    tmp_path: Path, sent: bytes, status: bytes, error: str
+) -> None:
+    settings = make_settings(tmp_path, worker=False, body_timeout=0.5)
+    with serve_in_thread(create_app(settings), http=WebhookProtocol) as url, connected(url) as sock:
+        for start in range(0, len(sent), 16384):  # as a client writes it, in pieces
+            sock.sendall(sent[start : start + 16384])
+            time.sleep(0.01)
+        [(head_, body)] = read_responses(sock, 1)
+        assert sock.recv(65536) == b""  # closed
+    assert head_.startswith(status + b"\r\n")
+    assert b"\r\ncontent-type: application/json\r\n" in head_
+    assert body == {"ok": False, "error": error}
+
+
 def test_the_logged_duration_counts_the_wait_for_the_body_on_both_protocols(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
