@@ -103,6 +103,9 @@ class WebhookProtocol(HttpToolsProtocol):
         self._refuse(_UNPARSEABLE)
 
     def _refuse(self, answer: tuple[bytes, bytes]) -> None:
+        """Answer with an error and close; nothing to do on a connection already closing."""
+        if self.transport.is_closing():
+            return
         head, body = answer
         self.transport.write(response(self.server_state.default_headers, body, False, head))
         self.transport.close()
