@@ -109,7 +109,9 @@ def first_secret(secret: str | None) -> str:
 @contextlib.contextmanager
 def writing_store(settings: Settings, *, create: bool = False) -> Iterator[Store]:
     """The store with its writer running, for commands that change something; only with
-    `create` (`receiver submit`, which records what it sent) may it make the database."""
+    `create` (`receiver submit`, which records what it sent) may it make the database. It never
+    migrates one that exists: a server may be running the version before."""
+    made = not settings.postgres and not Path(settings.database).exists()
     if not create:
         existing_database(settings)
     store = Store(
@@ -118,7 +120,9 @@ def writing_store(settings: Settings, *, create: bool = False) -> Iterator[Store
         pool_size=settings.database_pool_size,
         applies=False,  # the server's backlog, for the server's sinks
     )
-    store.open()
+    if not made:
+        store.check_schema()
+    store.open(migrate=made)
     try:
         yield store
     finally:

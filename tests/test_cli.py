@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import shlex
 import socket
@@ -64,6 +65,35 @@ def test_migrate_is_idempotent(runner: CliRunner, tmp_path: Path) -> None:
     assert first.exit_code == second.exit_code == 0
     assert "applied migrations 1" in first.output
     assert "up to date" in second.output
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["prune", "--older-than", "0d", "--yes"],
+        ["forwards", "--retry-all-dead"],
+        ["replay", "1"],
+        ["reconcile"],
+    ],
+)
+def test_commands_that_write_never_migrate(
+    runner: CliRunner, filled: Path, args: list[str]
+) -> None:
+    """A server of the version before may be running: a migration under it (a daily prune
+    after an upgrade) would leave it writing by its older rules into the newer schema."""
+    database = str(filled / "r.db")
+    with contextlib.closing(sqlite3.connect(database)) as conn, conn:
+        conn.execute("DELETE FROM migrations WHERE version = (SELECT max(version) FROM migrations)")
+    before = _versions(database)
+    result = runner.invoke(cli, args)
+    assert result.exit_code == 1
+    assert "run `receiver migrate`" in result.output
+    assert _versions(database) == before
+
+
+def _versions(database: str) -> list[int]:
+    with contextlib.closing(sqlite3.connect(database)) as conn:
+        return [version for (version,) in conn.execute("SELECT version FROM migrations")]
 
 
 @pytest.mark.parametrize(

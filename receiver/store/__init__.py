@@ -158,8 +158,13 @@ class Store:
                 " run `receiver migrate` (or start the server, which does)"
             )
 
-    def open(self) -> None:
-        self.migrate()
+    def open(self, *, migrate: bool = True) -> None:
+        """Start the writer; with `migrate` (the servers and the worker), apply pending
+        migrations first. A CLI command checks the schema instead (check_schema): migrating
+        under a server still running the version before would leave it writing by older rules
+        into the newer schema."""
+        if migrate:
+            self.migrate()
         self.writer.start()
 
     def close(self) -> None:
