@@ -7,6 +7,7 @@ import contextlib
 import gc
 import logging
 import os
+import sys
 from collections.abc import AsyncIterator
 from functools import partial
 
@@ -22,7 +23,7 @@ from starlette.types import Message, Receive, Scope, Send
 from . import api, dashboard, openapi, web
 from .config import Settings
 from .context import STATE_KEY, Context
-from .errors import ReceiverError, StoreTimeout
+from .errors import ConfigError, ReceiverError, StoreTimeout
 from .headers import SecurityHeaders
 from .logs import REASON, AccessLog, lean_records
 from .metrics import Metrics
@@ -204,11 +205,26 @@ def create_app(
 
 def from_env() -> Starlette:
     """App factory for `uvicorn --factory` (used by `receiver serve --workers N`, which shares
-    a PROMETHEUS_MULTIPROC_DIR between the processes so /metrics sums them)."""
-    app = create_app(
-        Settings.from_env(), metrics_dir=os.environ.get("PROMETHEUS_MULTIPROC_DIR") or None
-    )
-    from .supervisor import stop_with_parent
+    a PROMETHEUS_MULTIPROC_DIR between the processes so /metrics sums them). A worker process
+    that cannot start as the others did (its settings changed since, or no longer valid) ends
+    with uvicorn's start-up failure, which stops the supervisor with exit status 3: the
+    service manager then starts all of them again, on one configuration."""
+    from uvicorn.config import STARTUP_FAILURE
+
+    from .supervisor import STARTED_WITH, stop_with_parent
+
+    try:
+        settings = Settings.from_env()
+        if os.environ.get(STARTED_WITH, settings.fingerprint()) != settings.fingerprint():
+            raise ConfigError(
+                "the settings (.env, receiver.toml or the environment) changed since `receiver"
+                " serve` started, and a worker started now would differ from the others (other"
+                " sinks, say): restart the service to apply them"
+            )
+        app = create_app(settings, metrics_dir=os.environ.get("PROMETHEUS_MULTIPROC_DIR") or None)
+    except ConfigError as exc:
+        log.error("worker [%s] cannot start: %s", os.getpid(), exc)
+        sys.exit(STARTUP_FAILURE)
 
     lean_records()  # each worker process configures its own logging
     stop_with_parent()

@@ -21,7 +21,7 @@ from .config import MIN_TOKEN_CHARS
 from .database_url import is_postgres_url
 from .errors import ReceiverError
 from .store import Store
-from .supervisor import HTTP_PROTOCOL, given_metrics_dir, supervise
+from .supervisor import HTTP_PROTOCOL, STARTED_WITH, given_metrics_dir, supervise
 
 if TYPE_CHECKING:
     import uvicorn
@@ -141,6 +141,7 @@ def serve(host: str, port: int | None, workers: int) -> None:
             " one process answers more callbacks per second (docs/performance.md)"
         )
     os.environ["RECEIVER_DASHBOARD_TOKEN"] = settings.dashboard_token
+    os.environ[STARTED_WITH] = settings.fingerprint()
     supervise(host, port, workers, settings.log_format, settings.log_level)
 
 

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
+import json
 import os
 import secrets
 import tomllib
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import TypeVar
 from urllib.parse import urlsplit, urlunsplit
@@ -275,6 +277,13 @@ class Settings:
     @property
     def postgres(self) -> bool:
         return is_postgres_url(self.database)
+
+    def fingerprint(self) -> str:
+        """A digest of every setting (secrets in it, so it is shown nowhere), to tell whether
+        two processes read the same configuration."""
+        fields = asdict(replace(self, dashboard_token_generated=False))
+        text = json.dumps(fields, sort_keys=True, default=sorted)  # sets: in no set order
+        return hashlib.sha256(text.encode()).hexdigest()
 
     @property
     def database_shown(self) -> str:

@@ -23,6 +23,11 @@ import click
 # uvicorn imports it in each worker process and this one stays lean.
 HTTP_PROTOCOL = "receiver.protocol:WebhookProtocol"
 
+# The fingerprint of the settings `serve` started with (Settings.fingerprint), for each worker
+# process to compare with its own: one started later (a replacement) reads .env and
+# receiver.toml again, and after an edit for the next restart would forward to other sinks.
+STARTED_WITH = "RECEIVER_SERVE_SETTINGS"
+
 
 def given_metrics_dir() -> str | None:
     """PROMETHEUS_MULTIPROC_DIR, when set: every process writing there (`serve --workers N`,

@@ -1,5 +1,8 @@
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -237,6 +240,51 @@ def test_a_token_is_generated_when_unset() -> None:
     assert second.dashboard_token_generated
     assert len(first.dashboard_token) >= 32
     assert first.dashboard_token != second.dashboard_token
+
+
+FINGERPRINT = (
+    "from receiver.config import Settings;"
+    "print(Settings.from_env({'RECEIVER_DASHBOARD_TOKEN': 't' * 20}, None).fingerprint())"
+)
+
+
+def test_a_fingerprint_is_the_same_in_every_process(tmp_path: Path) -> None:
+    """Sets (a sink's events) iterate in another order in each process (string hashes are
+    salted): the fingerprint must not see it, or `serve --workers N` would refuse its workers."""
+    sinks = tmp_path / "receiver.toml"
+    sinks.write_text('[[sinks]]\nname = "hook"\ntype = "http"\nurl = "http://127.0.0.1:9/"\n')
+    prints = {
+        subprocess.run(
+            [sys.executable, "-c", FINGERPRINT],
+            cwd=tmp_path,
+            env={**os.environ, "PYTHONHASHSEED": str(seed)},
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout
+        for seed in range(6)
+    }
+    assert len(prints) == 1
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        {"RUNFLOW_WEBHOOK_SECRET": "whsec_other"},
+        {"RECEIVER_MAX_ATTEMPTS": "3"},
+        {"RECEIVER_SLACK_WEBHOOK_URL": "https://hooks.slack.com/services/T/B/x"},
+    ],
+)
+def test_a_fingerprint_changes_with_any_setting(change: dict[str, str]) -> None:
+    given = {"RUNFLOW_WEBHOOK_SECRET": "whsec_a", "RECEIVER_DASHBOARD_TOKEN": "t" * 20}
+    assert from_env(given).fingerprint() != from_env({**given, **change}).fingerprint()
+
+
+def test_a_generated_token_given_on_is_the_same_fingerprint() -> None:
+    """`serve --workers N` hands its generated token to its workers in the environment."""
+    generated = from_env({})
+    given = from_env({"RECEIVER_DASHBOARD_TOKEN": generated.dashboard_token})
+    assert generated.fingerprint() == given.fingerprint()
 
 
 # .env files

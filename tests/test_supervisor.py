@@ -125,3 +125,23 @@ def test_a_worker_that_cannot_start_again_stops_the_supervisor_with_status_3(
         assert server.process.wait(timeout=WAIT) == 3
     log = server.log.read_text()
     assert "failed to start: stopping (exit 3)" in log
+
+
+def test_a_worker_started_on_changed_settings_stops_the_supervisor_with_status_3(
+    tmp_path: Path,
+) -> None:
+    """A replacement reads .env and receiver.toml again: after an edit meant for the next
+    restart it forwarded to other sinks than the workers still running (an added sink got
+    some verdicts, not all). It refuses, and the service manager starts them all again."""
+    sinks = tmp_path / "receiver.toml"
+    sinks.write_text('[[sinks]]\nname = "hook"\ntype = "http"\nurl = "http://127.0.0.1:9/a"\n')
+    with ReceiverProcess(tmp_path, "--workers", "2", RECEIVER_WORKER="false") as server:
+        assert server.process is not None
+        until(lambda: len(workers_of(server.process.pid)) == 2, "two workers")
+        with sinks.open("a") as more:
+            more.write('[[sinks]]\nname = "archive"\ntype = "http"\nurl = "http://127.0.0.1:9/b"\n')
+        os.kill(workers_of(server.process.pid)[0], signal.SIGKILL)
+        assert server.process.wait(timeout=WAIT) == 3
+    log = server.log.read_text()
+    assert "changed since `receiver serve` started" in log
+    assert "failed to start: stopping (exit 3)" in log
