@@ -28,6 +28,7 @@ from receiver.store.backlog import (
     GATHER,
     IDLE,
     LINGER,
+    LOOK,
     MAX_CHUNK,
     PAUSE,
     PRESSURE,
@@ -67,6 +68,8 @@ def policy(meter: Meter, limit: int = 100, pending: int = 0) -> Backlog:
         clock=lambda: meter.now,
         cpu=lambda: meter.cpu,
     )
+    if not pending:  # the queue was just found empty
+        backlog.apply(sqlite3.connect(":memory:"))
     backlog.pending = pending
     return backlog
 
@@ -83,8 +86,8 @@ def primed(meter: Meter, backlog: Backlog, busy: float, batch: int, since: float
 @pytest.mark.parametrize(
     ("pending", "busy", "batch", "since_operation", "expected"),
     [
-        (0, 0.0, 1, 0.0, None),  # nothing queued: block until an operation arrives
-        (0, 1.0, 30, 1.0, None),
+        (0, 0.0, 1, 0.0, LOOK - 2 * WINDOW),  # nothing queued: an operation, or the next look
+        (0, 1.0, 30, 1.0, LOOK - 2 * WINDOW),
         (5, 0.1, 30, 0.0, 0.0),  # CPU to spare: apply as soon as no operation waits
         (5, 1.0, 2, 0.0, 0.0),  # busy, but nobody queues up for the writer: the same
         (5, 1.0, PRESSURE - 1, 0.0, 0.0),
@@ -138,7 +141,7 @@ def test_gathering_starts_again_once_the_queue_is_applied() -> None:
     )
     assert backlog.due() == 0.0  # at start it is not known what is queued: look at once
     backlog.apply(sqlite3.connect(":memory:"))
-    assert backlog.due() is None
+    assert backlog.due() == pytest.approx(LOOK)
     meter.spend(1.0, 0.0)
     backlog.added()
     backlog.added()
@@ -148,6 +151,27 @@ def test_gathering_starts_again_once_the_queue_is_applied() -> None:
     backlog.apply(sqlite3.connect(":memory:"))
     backlog.added()
     assert backlog.due() == pytest.approx(LINGER)  # the next one waits from its own arrival
+
+
+def test_an_empty_queue_is_looked_at_again_after_a_while() -> None:
+    """Another process on the database may acknowledge callbacks and die before it applies
+    them: they waited here until this process acknowledged one of its own."""
+    meter = Meter()
+    backlog = Backlog(
+        lambda conn, most, through, skip, isolate: Applied(0, False),
+        100,
+        clock=lambda: meter.now,
+        cpu=lambda: meter.cpu,
+    )
+    backlog.apply(sqlite3.connect(":memory:"))
+    assert not backlog.ready()
+    meter.spend(LOOK / 2, 0.0)
+    assert backlog.due() == pytest.approx(LOOK / 2)
+    meter.spend(LOOK / 2, 0.0)
+    assert backlog.due() == 0.0
+    assert backlog.ready()
+    backlog.apply(sqlite3.connect(":memory:"))
+    assert backlog.due() == pytest.approx(LOOK)
 
 
 @pytest.mark.parametrize(
@@ -400,6 +424,31 @@ async def test_a_restart_applies_what_was_left_queued(path: str) -> None:
         assert raw(path, "SELECT count(*) FROM client_refs") == 3
     finally:
         again.close()
+
+
+async def test_what_another_process_left_queued_is_applied_without_a_restart(
+    path: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Two servers on one database: one acknowledged callbacks and was killed before it
+    applied them; the other, idle, left them unapplied (and unforwarded) until it
+    acknowledged one of its own."""
+    monkeypatch.setattr(import_module("receiver.store.backlog"), "LOOK", 0.05)
+    running = opened(path)
+    try:
+        deadline = time.monotonic() + 10
+        while running.backlog.pending:  # its look at start is done
+            assert time.monotonic() < deadline
+            await asyncio.sleep(0.01)
+        killed = opened(path, hold=True)
+        for number in range(3):
+            await killed.accept(delivery(body(number)))
+        killed.close()
+        while raw(path, "SELECT count(*) FROM evaluations") < 3:
+            assert time.monotonic() < deadline, "left queued"
+            await asyncio.sleep(0.02)
+        assert raw(path, "SELECT count(*) FROM apply_queue") == 0
+    finally:
+        running.close()
 
 
 async def test_past_the_limit_acks_wait_for_applying(path: str) -> None:

@@ -16,6 +16,8 @@ in the time acks leave it.
   waits for round trips and is saturated while the CPU is not). Applying would only slow the
   acks then, so it waits for a pause in the operations (IDLE): a burst is acknowledged at the
   speed of the ack path and applied right after it.
+- Once its own are applied it looks at the queue again every LOOK: with several processes on one
+  database, callbacks one acknowledged and did not apply (it was killed) are applied by another.
 - Backpressure: past `limit` queued deliveries a chunk is applied before every batch of
   operations, so acks slow to the speed of applying and the lag stays bounded.
 """
@@ -43,6 +45,8 @@ PAUSE = 1.0  # seconds to wait after a failed apply transaction before trying ag
 
 GATHER = 32  # queued deliveries worth a chunk at once
 LINGER = 0.02  # seconds the oldest queued delivery waits, at most, for GATHER to gather
+
+LOOK = 5.0  # seconds between looks at a queue this process has nothing of its own in
 
 CATCH_UP_CHUNK = 256  # deliveries per transaction when a reader waits for them
 # apply(conn, most, through, skip, isolate): apply.apply_queued with the store's forwarding
@@ -74,6 +78,7 @@ class Backlog:
         self._batch = 0.0  # operations per batch, moving average
         self._chunk = CHUNK  # the next chunk's size when no operation arrives
         self._queued_at: float | None = None  # when the oldest queued came; None: not known
+        self._look_at = 0.0  # when to look at a queue with nothing of this process's in it
         self._isolate = False  # a savepoint per callback: after a failed chunk, until one works
 
     def took(self, batch: int) -> None:
@@ -98,12 +103,14 @@ class Backlog:
     def forced(self) -> bool:
         return self.pending >= self.limit and self._clock() >= self._resume_at
 
-    def due(self) -> float | None:
+    def due(self) -> float:
         """How long to wait for an operation before applying a chunk: 0 to apply now unless
-        one is waiting, None when there is nothing to apply."""
+        one is waiting; with nothing queued, until the next look (LOOK)."""
         now = self._clock()
         if self.pending <= 0:
-            return None
+            if now < self._look_at:
+                return self._look_at - now
+            self.pending = 1  # what another process acknowledged and left (it died) applies here
         if now < self._resume_at:
             return self._resume_at - now
         if self.pending >= self.limit:
@@ -160,6 +167,7 @@ class Backlog:
         else:
             self.pending = 0
             self._queued_at = None
+            self._look_at = self._clock() + LOOK
         return applied
 
     def settled(self, future: Future[Applied]) -> None:
