@@ -157,13 +157,7 @@ def test_an_empty_queue_is_looked_at_again_after_a_while() -> None:
     """Another process on the database may acknowledge callbacks and die before it applies
     them: they waited here until this process acknowledged one of its own."""
     meter = Meter()
-    backlog = Backlog(
-        lambda conn, most, through, skip, isolate: Applied(0, False),
-        100,
-        clock=lambda: meter.now,
-        cpu=lambda: meter.cpu,
-    )
-    backlog.apply(sqlite3.connect(":memory:"))
+    backlog = policy(meter)  # the queue just found empty
     assert not backlog.ready()
     meter.spend(LOOK / 2, 0.0)
     assert backlog.due() == pytest.approx(LOOK / 2)
