@@ -10,6 +10,7 @@ import subprocess
 import sys
 import threading
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -17,7 +18,16 @@ import pytest
 from receiver.normalize import normalize, parse_body
 from receiver.signing import sign
 from receiver.sinkspec import SinkSpec
-from receiver.store import Delivery, EvaluationFilter, Forwarding, Outcome, Store, rollups
+from receiver.store import (
+    Delivery,
+    EvaluationFilter,
+    Forwarding,
+    Outcome,
+    Store,
+    maintenance,
+    outbox,
+    rollups,
+)
 from receiver.store.ingest import accept
 from receiver.times import ago
 
@@ -298,3 +308,42 @@ def test_prune_keeps_a_callback_another_server_acknowledges_meanwhile(
     assert receipt.outcome == "stored"
     assert found is not None
     assert [d["id"] for d in found["deliveries"]] == [receipt.delivery_id]
+
+
+@pytest.mark.skipif(not POSTGRES, reason="SQLite writes one transaction at a time")
+def test_prune_keeps_a_forward_another_process_retries_meanwhile(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`forwards --retry` commits after prune chose the evaluation: the forward, pending again,
+    was deleted with it, and nothing was sent (the operator was told "pending")."""
+    url = database_for(tmp_path / "r.db")
+    sink = SinkSpec(name="consumer", type="http", url="http://127.0.0.1:9/")
+    store = Store(url, forwarding=Forwarding(sinks=(sink,)))
+    store.open()
+    old = "2020-01-01T00:00:00.000000Z"
+    try:
+        asyncio.run(store.ingest(Delivery(callback(1), normalize(parse_body(callback(1))))))
+        asyncio.run(store.finish_forwards([Outcome(1, "dead", old, "gone")], old))
+        conn = connect(url)
+        conn.execute("UPDATE evaluations SET updated_at = ?, next_poll_at = NULL", (old,))
+        prunable = maintenance._prunable
+
+        def look_while_another_process_retries(*args: Any, **kwargs: Any) -> list[str]:
+            found = prunable(*args, **kwargs)
+            if kwargs.get("among") is not None:  # prune's second look, under the locks
+                other = connect(url)
+                other.execute("BEGIN")
+                outbox.retry_forward(other, 1, old, sinks=["consumer"])
+                other.execute("COMMIT")
+            return found
+
+        monkeypatch.setattr(maintenance, "_prunable", look_while_another_process_retries)
+        counts = asyncio.run(store.prune("2025-01-01T00:00:00.000000Z"))
+        monkeypatch.setattr(maintenance, "_prunable", prunable)
+        forwards = store.list_forwards(state=None, sink=None, limit=10)
+        kept = store.get_evaluation(json.loads(callback(1))["id"])
+    finally:
+        store.close()
+    assert counts["evaluations"] == 0
+    assert [(f["id"], f["state"]) for f in forwards] == [(1, "pending")]
+    assert kept is not None

@@ -67,6 +67,23 @@ def prune_batch(conn: sqlite3.Connection, cutoff: str, limit: int) -> dict[str, 
     if not doomed:
         return counts
     marks = ", ".join("?" * len(doomed))
+    # A forward made pending since the look (a retry from another process, on PostgreSQL) is
+    # not deleted, and keeps its evaluation: it is to be sent.
+    counts["forwards"] = conn.execute(
+        f"DELETE FROM outbox WHERE evaluation_id IN ({marks}) AND state <> 'pending'", doomed
+    ).rowcount
+    sending = {
+        row[0]
+        for row in conn.execute(
+            f"SELECT DISTINCT evaluation_id FROM outbox WHERE evaluation_id IN ({marks})", doomed
+        )
+    }
+    if sending:
+        doomed = [evaluation_id for evaluation_id in doomed if evaluation_id not in sending]
+        counts["evaluations"] = len(doomed)
+        if not doomed:
+            return counts
+        marks = ", ".join("?" * len(doomed))
     refs = {
         row[0]
         for row in conn.execute(
@@ -80,9 +97,6 @@ def prune_batch(conn: sqlite3.Connection, cutoff: str, limit: int) -> dict[str, 
         f"DELETE FROM deliveries WHERE evaluation_id IN ({marks})"
         " AND id NOT IN (SELECT delivery_id FROM apply_queue)",
         doomed,
-    ).rowcount
-    counts["forwards"] = conn.execute(
-        f"DELETE FROM outbox WHERE evaluation_id IN ({marks})", doomed
     ).rowcount
     conn.execute(f"DELETE FROM issues WHERE evaluation_id IN ({marks})", doomed)
     conn.execute(f"DELETE FROM evaluations WHERE id IN ({marks})", doomed)

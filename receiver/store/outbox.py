@@ -16,7 +16,7 @@ from typing import Any
 from ..errors import BadRequest, NotFound
 from ..normalize import TERMINAL, merge, stored_fields, verdict_fields
 from .apply import Forwarding, Stored, apply_evaluation, queue_forwards, read_stored
-from .dialect import is_postgres
+from .dialect import is_postgres, serialize
 from .ingest import Delivery, ingest
 
 # The embeds a refetch adds (Runflow's GET ?embed=…): a polled body with one of them is as full
@@ -385,11 +385,13 @@ def retry_forward(
     if row[0] == "pending":
         raise BadRequest(f"forward {outbox_id} is already pending")
     _configured(row[1], sinks)
-    conn.execute(
+    changed = conn.execute(
         "UPDATE outbox SET state = 'pending', attempts = 0, next_attempt_at = ?,"
         " last_error = NULL, updated_at = ? WHERE id = ?",
         (stamp, stamp, outbox_id),
-    )
+    ).rowcount
+    if not changed:  # pruned meanwhile, by another process (PostgreSQL)
+        raise NotFound(f"no forward {outbox_id}")
     return {"id": outbox_id, "state": "pending"}
 
 
@@ -423,6 +425,7 @@ def replay_delivery(
         raise NotFound(f"no delivery {delivery_id}")
     if row[0] is None:
         raise BadRequest(f"delivery {delivery_id} is not an evaluation callback; nothing to replay")
+    serialize(conn, f"evaluation:{row[0]}")  # as prune does: its rows must not go meanwhile
     evaluation = conn.execute(
         "SELECT status, passed, task_type, client_ref FROM evaluations WHERE id = ?", (row[0],)
     ).fetchone()
