@@ -243,7 +243,7 @@ def prune(age: str, dry_run: bool, yes: bool) -> None:
             f"--older-than {age} keeps less than {ASK_BELOW}: delete {_pruned(counts)}?",
             abort=True,
         )
-    with writing_store(settings) as store:
+    with writing_store(settings, forwards=False) as store:
         counts = asyncio.run(store.prune(cutoff))
     click.echo(f"pruned before {cutoff}: {_pruned(counts)}")
 

@@ -16,7 +16,7 @@ import click
 
 from .app import forwarding
 from .config import Settings
-from .store import Store
+from .store import Store, service
 from .times import parse_moment
 
 
@@ -107,10 +107,13 @@ def first_secret(secret: str | None) -> str:
 
 
 @contextlib.contextmanager
-def writing_store(settings: Settings, *, create: bool = False) -> Iterator[Store]:
+def writing_store(
+    settings: Settings, *, create: bool = False, forwards: bool = True
+) -> Iterator[Store]:
     """The store with its writer running, for commands that change something; only with
     `create` (`receiver submit`, which records what it sent) may it make the database. It never
-    migrates one that exists: a server may be running the version before."""
+    migrates one that exists: a server may be running the version before. A command that may
+    queue forwards (`forwards`) must have the service's sinks (store/service.py)."""
     made = not settings.postgres and not Path(settings.database).exists()
     if not create:
         existing_database(settings)
@@ -124,6 +127,10 @@ def writing_store(settings: Settings, *, create: bool = False) -> Iterator[Store
         store.check_schema()
     store.open(migrate=made)
     try:
+        recorded = store.service_forwarding() if forwards else None
+        why = None if recorded is None else service.differs(recorded, store.forwarding)
+        if why is not None:
+            raise click.ClickException(why)
         yield store
     finally:
         store.close()

@@ -338,7 +338,7 @@ def test_refetch_stores_nothing_while_runflow_still_answers_the_verdict_left(
     Runflow's GET still answers failed: stored, it would turn the evaluation back to failed.
     `receiver refetch` stores nothing and says why (exit 1); once the GET has caught up it
     stores it."""
-    store = Store(str(tmp_path / "r.db"))
+    store = Store(str(tmp_path / "r.db"), forwarding=Forwarding(refetch=True))  # as the CLI's
     store.open()
     try:
         for verdict, own in (("failed", {"failure_code": "timed_out"}), ("completed", {})):

@@ -119,6 +119,16 @@ def test_a_removed_sinks_dead_forwards_stay_dead(tmp_path: Path) -> None:
     (tmp_path / "receiver.toml").write_text(
         '[[sinks]]\nname = "other"\ntype = "http"\nurl = "http://127.0.0.1:9/events"\n'
     )
+    changed = run_cli("forwards", "--retry", "1", cwd=tmp_path, env=env)
+    assert changed.returncode == 1
+    assert (  # until the service runs with the new configuration
+        "service: sinks consumer (http), refetch off, polls after 600s;"
+        " here: sinks other (http), refetch off, polls after 600s)" in changed.stderr
+    )
+    other = SinkSpec(name="other", type="http", url="http://127.0.0.1:9/events")
+    restarted = Store(str(tmp_path / "r.db"), forwarding=Forwarding(sinks=(other,)))
+    restarted.open()  # the service, restarted with it
+    restarted.close()
     refused = run_cli("forwards", "--retry", "1", cwd=tmp_path, env=env)
     assert (refused.returncode, refused.stderr.strip()) == (
         1,

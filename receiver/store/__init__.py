@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any, cast
 
 from ..database_url import is_postgres_url
 from ..errors import ConfigError, StoreUnavailable
-from . import maintenance, outbox
+from . import maintenance, outbox, service
 from .apply import NO_FORWARDING, Applied, Forwarding, apply_evaluation, apply_queued
 from .backlog import Backlog
 from .deadlines import Deadlines
@@ -166,6 +166,8 @@ class Store:
         if migrate:
             self.migrate()
         self.writer.start()
+        if self.applies:  # a server or the worker: the CLI compares its forwarding with this
+            self.writer.submit(partial(service.record, forwarding=self.forwarding)).result()
 
     def close(self) -> None:
         self.writer.close()
@@ -510,6 +512,11 @@ class Store:
         self.catch_up()
         with self.read() as conn:
             return outbox.list_forwards(conn, state=state, sink=sink, limit=limit, after=after)
+
+    def service_forwarding(self) -> str | None:
+        """What the service forwards (store/service.py), as it recorded at its last start."""
+        with self.read() as conn:
+            return service.recorded(conn)
 
     def outbox_depth(self, wait: float | None = None) -> dict[str, dict[str, int]]:
         """Forwards per sink and state. /metrics waits at most GLANCE_WAIT for a connection;

@@ -20,6 +20,7 @@ from .schema import (
     DELIVERY_KEY,
     QUARANTINE_ONCE,
     REPAIRS,
+    SERVICE,
     refuse_newer,
     repair_nul_labels,
     repair_verdicts,
@@ -195,6 +196,7 @@ MIGRATIONS: list[tuple[int, str, tuple[str | Callable[[PgConnection], object], .
     (12, "changes index", CHANGES_INDEX),
     (13, "verdicts keep only their own fields", V13_VERDICTS),
     (14, "quarantined bodies kept once", V14_QUARANTINE_ONCE),
+    (15, "the service's forwarding", (SERVICE,)),
 ]
 
 

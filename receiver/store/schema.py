@@ -394,6 +394,16 @@ def _v14_quarantine_once(db: Database) -> None:
         db.execute(statement)
 
 
+# What the service forwards (store/service.py), for the CLI to compare its own with.
+SERVICE = (
+    "CREATE TABLE service (name TEXT PRIMARY KEY, value TEXT NOT NULL, updated_at TEXT NOT NULL)"
+)
+
+
+def _v15_service(db: Database) -> None:
+    db.execute(SERVICE)
+
+
 MIGRATIONS: list[tuple[int, str, Callable[[Database], None]]] = [
     (1, "core tables", _v1_core),
     (2, "refetch state and outbox claiming", _v2_forwarding),
@@ -409,6 +419,7 @@ MIGRATIONS: list[tuple[int, str, Callable[[Database], None]]] = [
     (12, "changes index", _v12_changes),
     (13, "verdicts keep only their own fields", _v13_verdicts),
     (14, "quarantined bodies kept once", _v14_quarantine_once),
+    (15, "the service's forwarding", _v15_service),
 ]
 
 

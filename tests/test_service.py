@@ -1,0 +1,75 @@
+"""What the service forwards, recorded for the CLI (store/service.py)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from receiver.sinkspec import SinkSpec
+from receiver.store import Forwarding, Store, service
+
+from .database import database_for
+from .servers import run_cli
+
+HOOK = SinkSpec(name="hook", type="http", url="https://a.example/events", options={"secret": "s"})
+
+
+@pytest.mark.parametrize(
+    ("mine", "why"),
+    [
+        (Forwarding(sinks=(HOOK,)), None),
+        # the URL and secrets decide no forward, and are never recorded
+        (Forwarding(sinks=(SinkSpec(name="hook", type="http", url="https://b.example/"),)), None),
+        (Forwarding(), "service: sinks hook (http), refetch off, polls after 600s; here: sinks"),
+        (Forwarding(sinks=(HOOK,), refetch=True), "here: sinks hook (http), refetch on"),
+        (
+            Forwarding(sinks=(SinkSpec(name="hook", type="http", url="x", only_failures=True),)),
+            "polls after 600s, other filters)",
+        ),
+        (
+            Forwarding(
+                sinks=(SinkSpec(name="hook", type="http", url="x", task_types=frozenset({"a"})),)
+            ),
+            "other filters",
+        ),
+    ],
+)
+def test_differs(mine: Forwarding, why: str | None) -> None:
+    found = service.differs(service.describe(Forwarding(sinks=(HOOK,))), mine)
+    assert (found is None) == (why is None)
+    assert why is None or why in str(found)
+
+
+def test_nothing_secret_is_recorded() -> None:
+    described = service.describe(Forwarding(sinks=(HOOK,)))
+    assert "a.example" not in described
+    assert '"s"' not in described
+
+
+def test_a_server_records_at_its_start_and_a_cli_store_does_not(tmp_path: Path) -> None:
+    database = database_for(tmp_path / "r.db")
+    cli = Store(database, forwarding=Forwarding(), applies=False)
+    server = Store(database, forwarding=Forwarding(sinks=(HOOK,)))
+    for store in (server, cli):
+        store.open()
+        store.close()
+    assert server.service_forwarding() == service.describe(Forwarding(sinks=(HOOK,)))
+
+
+@pytest.mark.parametrize("args", [["replay", "1"], ["forwards", "--retry-all-dead"], ["reconcile"]])
+def test_a_command_without_the_services_sinks_is_refused(tmp_path: Path, args: list[str]) -> None:
+    """Run outside the service's folder (no receiver.toml), `reconcile` stored verdicts with no
+    forwards: never sent, and nothing would ever send them."""
+    database = str(tmp_path / "r.db")
+    server = Store(database, forwarding=Forwarding(sinks=(HOOK,)))
+    server.open()
+    server.close()
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    env = {"PATH": "/usr/bin:/bin", "RECEIVER_DATABASE": database, "RUNFLOW_API_KEY": "k"}
+    done = run_cli(*args, cwd=elsewhere, env=env)
+    assert done.returncode == 1
+    assert done.stderr.startswith("Error: the service forwards with other settings")
+    assert "service: sinks hook (http)" in done.stderr
+    assert "here: sinks none" in done.stderr
