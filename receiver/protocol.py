@@ -84,6 +84,10 @@ def _declared_within(headers: Iterable[tuple[bytes, bytes]], most: int) -> bool:
     return True
 
 
+class HeadTooLarge(Exception):
+    """Raised in the parser's callback to stop it once the 431 is written."""
+
+
 class WebhookProtocol(HttpToolsProtocol):
     _held: RequestResponseCycle | None = None  # a callback whose body is still arriving
     _held_since = 0.0  # time.perf_counter() when its headers arrived
@@ -95,7 +99,8 @@ class WebhookProtocol(HttpToolsProtocol):
     # closes the connection if it has been idle that long, and else looks again later.
 
     _heading = False  # between the first byte of a request and the end of its headers
-    _head_bytes = 0  # received meanwhile
+    _head_bytes = 0  # received meanwhile, before the piece being parsed
+    _piece = 0  # bytes in the piece being parsed
     _head_deadline: asyncio.TimerHandle | None = None
 
     def send_400_response(self, msg: str) -> None:
@@ -116,6 +121,7 @@ class WebhookProtocol(HttpToolsProtocol):
         self._keep_alive_for(self.timeout_keep_alive)
 
     def data_received(self, data: bytes) -> None:
+        self._piece = len(data)
         super().data_received(data)
         if self._heading and not self.transport.is_closing():  # a head not complete yet
             self._head_bytes += len(data)
@@ -131,11 +137,19 @@ class WebhookProtocol(HttpToolsProtocol):
         self._heading = True
 
     def on_headers_complete(self) -> None:
-        self._heading, self._head_bytes = False, 0
+        received, self._heading, self._head_bytes = self._head_bytes, False, 0
         if self._head_deadline is not None:
             self._head_deadline.cancel()
             self._head_deadline = None
+        # A head that ends in this piece was not counted above: measured once it may be large.
+        if received + self._piece > MAX_HEAD and self._head_size() > MAX_HEAD:
+            self._refuse(_HEAD_TOO_LARGE)
+            raise HeadTooLarge  # stops the parser: nothing of this request goes on
         super().on_headers_complete()
+
+    def _head_size(self) -> int:
+        """The request line and headers as sent, give or take their separators."""
+        return len(self.url) + sum(len(name) + len(value) + 4 for name, value in self.headers)
 
     def _unset_keepalive_if_required(self) -> None:
         self._idle_since = None  # a request: the timer, if armed, will find the connection busy

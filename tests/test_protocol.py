@@ -445,22 +445,35 @@ def test_a_connection_that_never_sends_a_request_is_closed_as_idle(tmp_path: Pat
             b"HTTP/1.1 431 Request Header Fields Too Large",
             "request headers larger than 65536 bytes",
         ),
+        (  # complete, and in one piece (or its last piece): it was not counted
+            head(callback(1), "X-Pad: " + "a" * 66_000) + callback(1),  # a signed callback
+            b"HTTP/1.1 431 Request Header Fields Too Large",
+            "request headers larger than 65536 bytes",
+        ),
+        (  # many headers
+            b"GET /healthz HTTP/1.1\r\n" + b"X-Pad: aaaaaaaaaa\r\n" * 3500 + b"\r\n",
+            b"HTTP/1.1 431 Request Header Fields Too Large",
+            "request headers larger than 65536 bytes",
+        ),
     ],
-    ids=["too-slow", "too-large"],
+    ids=["too-slow", "too-large", "too-large-complete", "too-many"],
 )
 def test_a_request_head_is_bounded_in_time_and_size(
     tmp_path: Path, sent: bytes, status: bytes, error: str
 ) -> None:
     settings = make_settings(tmp_path, worker=False, body_timeout=0.5)
+    complete = sent.find(b"\r\n\r\n") > 0
     with serve_in_thread(create_app(settings), http=WebhookProtocol) as url, connected(url) as sock:
-        for start in range(0, len(sent), 16384):  # as a client writes it, in pieces
-            sock.sendall(sent[start : start + 16384])
+        piece = len(sent) if complete else 16384  # complete heads at once: one read, if it can
+        for start in range(0, len(sent), piece):  # as a client writes it, in pieces
+            sock.sendall(sent[start : start + piece])
             time.sleep(0.01)
         [(head_, body)] = read_responses(sock, 1)
         assert sock.recv(65536) == b""  # closed
     assert head_.startswith(status + b"\r\n")
     assert b"\r\ncontent-type: application/json\r\n" in head_
     assert body == {"ok": False, "error": error}
+    assert count(settings, "deliveries") == 0
 
 
 def test_the_logged_duration_counts_the_wait_for_the_body_on_both_protocols(
