@@ -48,7 +48,13 @@ def read_env_file(path: Path) -> dict[str, str]:
     values: dict[str, str] = {}
     if not path.is_file():
         return values
-    for number, raw in enumerate(path.read_text().splitlines(), start=1):
+    try:  # a byte-order mark (some editors write one) would be taken for the first key's
+        text = path.read_bytes().decode("utf-8-sig")
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read it: {exc.strerror}") from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{path}: not UTF-8 text (byte {exc.start}): save it as UTF-8") from None
+    for number, raw in enumerate(text.splitlines(), start=1):
         line = raw.strip()
         if not line or line.startswith("#"):
             continue
@@ -153,7 +159,16 @@ def _postgres(name: str, text: str) -> str:
         raise ConfigError(
             f"{name}: PostgreSQL needs psycopg: pip install '.[postgres]' in receiver's checkout"
         )
-    return "postgresql://" + text.partition("://")[2]
+    url = "postgresql://" + text.partition("://")[2]
+    from psycopg import ProgrammingError
+    from psycopg.conninfo import conninfo_to_dict
+
+    try:  # libpq's own reading: a parameter it does not know (`?sslmod=`) was a traceback
+        conninfo_to_dict(url)
+    except ProgrammingError as exc:
+        reason = " ".join(str(exc).split())
+        raise ConfigError(f"{name}: {reason} in {redact(text)!r}") from None
+    return url
 
 
 def _database(name: str, text: str) -> str:

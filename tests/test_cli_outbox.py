@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import signal
 import socket
 import sqlite3
@@ -149,11 +150,13 @@ def test_replay_of_an_unknown_delivery_is_one_line(tmp_path: Path) -> None:
     assert done.stderr.strip() == "Error: no delivery 42"
 
 
-def demo(port: int, workdir: Path) -> subprocess.CompletedProcess[str]:
-    """`make demo`, once through."""
+def demo(port: int, workdir: Path, **env: str) -> subprocess.CompletedProcess[str]:
+    """`make demo`, once through, in a shell with `env`."""
     command = [sys.executable, "-m", "receiver.fakes.demo", "--once", "--port", str(port)]
     return subprocess.run(
         [*command, "--workdir", str(workdir)],
+        env={**os.environ, **env},
+        cwd=workdir.parent,  # as `make demo` runs in the checkout, beside its .env
         capture_output=True,
         text=True,
         timeout=120,
@@ -162,7 +165,10 @@ def demo(port: int, workdir: Path) -> subprocess.CompletedProcess[str]:
 
 
 def test_make_demo_runs_the_whole_flow(tmp_path: Path) -> None:
-    done = demo(free_port(), tmp_path / "demo")
+    """Whatever the user's shell or .env sets for their own receiver: with RECEIVER_WORKER=false
+    (for a separate worker) the demo forwarded nothing and failed after a minute."""
+    (tmp_path / ".env").write_text("RECEIVER_REFETCH_EMBEDS=off\n")
+    done = demo(free_port(), tmp_path / "demo", RECEIVER_WORKER="false")
     assert done.returncode == 0, done.stderr
     assert done.stdout.count("submitted ") == 6
     forwarded = done.stdout.split("forwarded to the consumer:")[1].split("\n\n")[0]

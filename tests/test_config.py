@@ -149,6 +149,8 @@ def test_values(environ: dict[str, str], attribute: str, expected: Any) -> None:
         ("RECEIVER_DATABASE", "postgres:///receiver"),
         ("DATABASE_URL", "postgres://user:pw@db:0/receiver"),
         ("DATABASE_URL", "mysql://user:pw@db/receiver"),
+        ("RECEIVER_DATABASE", "postgresql://u:s3cretPW@db/receiver?sslmod=require"),  # a typo
+        ("DATABASE_URL", "postgres://u:s3cretPW@db/receiver?sslmode=require&x=1"),
         ("RECEIVER_DATABASE_POOL_SIZE", "0"),
         ("RECEIVER_SLACK_WEBHOOK_URL", "hooks.slack.com/services/T0/B0/x"),
         ("RECEIVER_SLACK_WEBHOOK_URL", "https://hooks.slack.com:99999/services/T0/B0/x"),
@@ -371,6 +373,27 @@ def test_a_malformed_line_names_file_and_line(tmp_path: Path, content: str, line
     with pytest.raises(ConfigError) as caught:
         from_env({}, env_file=path)
     assert str(caught.value).startswith(f"{path}:{line}: expected KEY=value")
+
+
+@pytest.mark.parametrize(
+    ("content", "expected"),
+    [
+        (
+            b"# caf\xe9\nRUNFLOW_WEBHOOK_SECRET=whsec_x\n",
+            "not UTF-8 text (byte 5): save it as UTF-8",
+        ),
+        (b"\xef\xbb\xbfRUNFLOW_WEBHOOK_SECRET=whsec_x\n", None),  # a BOM: the key is the key
+    ],
+)
+def test_an_env_file_is_utf_8_text(tmp_path: Path, content: bytes, expected: str | None) -> None:
+    path = tmp_path / ".env"
+    path.write_bytes(content)
+    if expected is None:
+        assert read_env_file(path) == {"RUNFLOW_WEBHOOK_SECRET": "whsec_x"}
+        return
+    with pytest.raises(ConfigError) as caught:
+        read_env_file(path)
+    assert str(caught.value) == f"{path}: {expected}"
 
 
 def test_a_malformed_line_is_not_echoed(tmp_path: Path) -> None:

@@ -31,10 +31,11 @@ IMAGES = [
 ]
 
 
-def run(*args: str, env: dict[str, str]) -> str:
+def run(*args: str, env: dict[str, str], cwd: Path) -> str:
     done = subprocess.run(  # noqa: S603 (our own CLI, fixed arguments)
         [sys.executable, "-m", "receiver", *args],
         env=env,
+        cwd=cwd,
         capture_output=True,
         text=True,
         check=False,
@@ -80,20 +81,20 @@ def main(argv: list[str] | None = None) -> None:
             f'[[sinks]]\nname = "demo-consumer"\ntype = "http"\nurl = "{consumer_url}/events"\n'
         )
         url = f"http://127.0.0.1:{options.port}"
-        env = {
-            **os.environ,
+        env = {  # none of the shell's settings, nor a .env (the processes run in workdir)
+            **{k: v for k, v in os.environ.items() if not k.startswith(("RECEIVER_", "RUNFLOW_"))},
             "RUNFLOW_WEBHOOK_SECRET": secret,
             "RUNFLOW_API_KEY": API_KEY,
             "RUNFLOW_API_BASE": runflow_url,
             "RECEIVER_PUBLIC_URL": url,
             "RECEIVER_DATABASE": str(workdir / "receiver.db"),
             "RECEIVER_CONFIG": str(workdir / "receiver.toml"),
-            "RECEIVER_SLACK_WEBHOOK_URL": "",  # one in .env is for the real receiver, not this
             "RECEIVER_DASHBOARD_TOKEN": token,
         }
         server = subprocess.Popen(  # noqa: S603 (our own CLI, fixed arguments)
             [sys.executable, "-m", "receiver", "serve", "--port", str(options.port)],
             env=env,
+            cwd=workdir,
             stdout=subprocess.DEVNULL,
             stderr=(workdir / "server.log").open("w"),
         )
@@ -116,9 +117,13 @@ def main(argv: list[str] | None = None) -> None:
                     "--client-ref",
                     f"demo-{number}",
                     env=env,
+                    cwd=workdir,
                 )
             )
-        consumer.wait_for(len(IMAGES), timeout=60)
+        try:
+            consumer.wait_for(len(IMAGES), timeout=60)
+        except TimeoutError as exc:
+            raise SystemExit(f"{exc}; see {workdir / 'server.log'}") from None
         print("\nforwarded to the consumer:")
         for item in consumer.received:
             data = json.loads(item.body)["data"]
@@ -126,7 +131,7 @@ def main(argv: list[str] | None = None) -> None:
                 f"  {data['client_ref']}: {data['status']}, passed={data['passed']}, "
                 f"score={data['score']}, refetched={data['refetched']}"
             )
-        print("\n" + run("query", env=env))
+        print("\n" + run("query", env=env, cwd=workdir))
         print(f"\nAPI:  curl -H 'Authorization: Bearer {token}' {url}/api/stats")
         print(f"Dashboard: {url}/ (token {token})")
         if not options.once:
