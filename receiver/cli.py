@@ -98,6 +98,7 @@ def serve(host: str, port: int | None, workers: int) -> None:
     check_sinks(settings)  # a sink that cannot work stops the start here, before any worker
     Store(settings.database).migrate()
     port = port or settings.port
+    metrics_dir = given_metrics_dir()  # a mistake there stops the start before the banner
     check_listen(host, port)
     shown = "127.0.0.1" if host in ("0.0.0.0", "::") else host  # noqa: S104
     shown = f"[{shown}]" if ":" in shown else shown  # an IPv6 address, in a URL
@@ -124,7 +125,7 @@ def serve(host: str, port: int | None, workers: int) -> None:
             " print(secrets.token_urlsafe(24))'"
         )
     if workers == 1:
-        app = create_app(settings, metrics_dir=given_metrics_dir())
+        app = create_app(settings, metrics_dir=metrics_dir)
         config = uvicorn.Config(
             app, host=host, port=port, http=HTTP_PROTOCOL, log_config=log_config, access_log=False
         )

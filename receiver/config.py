@@ -218,6 +218,11 @@ def _embeds(text: str) -> tuple[str, ...]:
     if text.lower() == "off":
         return ()
     embeds = tuple(e.strip() for e in text.split(",") if e.strip())
+    if not embeds:  # `,` turned refetch off without a word: `off` says so
+        raise ConfigError(
+            f"RECEIVER_REFETCH_EMBEDS: expected off or a comma-separated list of"
+            f" {', '.join(EMBEDS)}, got {text!r}"
+        )
     for embed in embeds:
         if embed not in EMBEDS:
             raise ConfigError(

@@ -78,16 +78,15 @@ def ago(text: str, *, reference: datetime | None = None) -> str:
 
 
 def parse_moment(text: str, *, reference: datetime | None = None) -> str:
-    """A filter bound: an ISO timestamp/date, or a duration meaning that long ago."""
+    """A filter bound: an ISO timestamp/date, or a duration meaning that long ago. One that is
+    either but out of range says so (too long, before year 1), as `prune` does."""
+    if _DURATION.match(text.strip()):
+        return ago(text, reference=reference)
     try:
-        return format_time(parse_time(text))
-    except ValueError:
-        pass
-    try:
-        parse_duration(text)
+        datetime.fromisoformat(text.strip())
     except ValueError:
         raise ValueError(
             f"expected an ISO 8601 time (2026-11-20T09:00:00Z) or a duration (24h, 7d), "
             f"got {text!r}"
         ) from None
-    return ago(text, reference=reference)
+    return format_time(parse_time(text))

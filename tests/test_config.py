@@ -152,6 +152,7 @@ def test_values(environ: dict[str, str], attribute: str, expected: Any) -> None:
         ("RECEIVER_DATABASE", "postgresql://u:s3cretPW@db/receiver?sslmod=require"),  # a typo
         ("DATABASE_URL", "postgres://u:s3cretPW@db/receiver?sslmode=require&x=1"),
         ("RECEIVER_DATABASE_POOL_SIZE", "0"),
+        ("RECEIVER_REFETCH_EMBEDS", ","),
         ("RECEIVER_SLACK_WEBHOOK_URL", "hooks.slack.com/services/T0/B0/x"),
         ("RECEIVER_SLACK_WEBHOOK_URL", "https://hooks.slack.com:99999/services/T0/B0/x"),
     ],
