@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import asyncio
+import logging
 from pathlib import Path
 
 import pytest
 
+from receiver.normalize import normalize, parse_body
 from receiver.sinkspec import SinkSpec
-from receiver.store import Forwarding, Store, service
+from receiver.store import Delivery, Forwarding, Store, service
 
 from .database import database_for
+from .helpers import fixture
 from .servers import run_cli
 
 HOOK = SinkSpec(name="hook", type="http", url="https://a.example/events", options={"secret": "s"})
@@ -73,3 +77,40 @@ def test_a_command_without_the_services_sinks_is_refused(tmp_path: Path, args: l
     assert done.stderr.startswith("Error: the service forwards with other settings")
     assert "service: sinks hook (http)" in done.stderr
     assert "here: sinks none" in done.stderr
+
+
+def test_a_start_without_a_sink_makes_its_pending_forwards_dead(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Renamed or removed in receiver.toml, its pending forwards stayed pending for ever (no
+    loop sends them; retry refused them as pending; they kept their evaluations from prune)."""
+    database = database_for(tmp_path / "r.db")
+    old = SinkSpec(name="old", type="http", url="https://old.example/")
+    before = Store(database, forwarding=Forwarding(sinks=(HOOK, old)))
+    before.open()
+    try:
+        body = fixture("evaluation-completed.json")
+        asyncio.run(before.ingest(Delivery(body, normalize(parse_body(body)))))
+    finally:
+        before.close()
+    after = Store(database, forwarding=Forwarding(sinks=(HOOK,)))
+    with caplog.at_level(logging.WARNING, logger="receiver.store"):
+        after.open()
+    try:
+        states = {
+            f["sink"]: (f["state"], f["last_error"])
+            for f in after.list_forwards(state=None, sink=None, limit=10)
+        }
+    finally:
+        after.close()
+    assert states == {
+        "hook": ("pending", None),
+        "old": ("dead", "the sink is not in receiver.toml"),
+    }
+    assert "1 forward(s) to sink 'old' made dead" in caplog.text
+    again = Store(database, forwarding=Forwarding(sinks=(HOOK, old)))  # configured again
+    again.open()
+    try:
+        assert asyncio.run(again.retry_dead("2026-11-25T00:00:00.000000Z", sink="old")) == 1
+    finally:
+        again.close()

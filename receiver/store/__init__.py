@@ -167,7 +167,15 @@ class Store:
             self.migrate()
         self.writer.start()
         if self.applies:  # a server or the worker: the CLI compares its forwarding with this
-            self.writer.submit(partial(service.record, forwarding=self.forwarding)).result()
+            recorded = partial(service.record, forwarding=self.forwarding)
+            for sink, count in sorted(self.writer.submit(recorded).result().items()):
+                log.warning(
+                    "%d forward(s) to sink %r made dead: it is not in this configuration"
+                    " (`receiver forwards --retry-all-dead --sink %s` once it is again)",
+                    count,
+                    sink,
+                    sink,
+                )
 
     def close(self) -> None:
         self.writer.close()

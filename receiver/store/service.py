@@ -39,14 +39,29 @@ def describe(forwarding: Forwarding) -> str:
     return json.dumps(described, sort_keys=True, separators=(",", ":"))
 
 
-def record(conn: sqlite3.Connection, forwarding: Forwarding) -> None:
-    """At the start of a process that applies callbacks (serve, worker)."""
+def record(conn: sqlite3.Connection, forwarding: Forwarding) -> dict[str, int]:
+    """At the start of a process that applies callbacks (serve, worker). The forwards still
+    pending for a sink it does not have (removed or renamed in receiver.toml) become dead: no
+    loop sends them, so they stayed pending for ever, and kept their evaluations from being
+    pruned. Dead, they show as dead letters, and `forwards --retry-all-dead` sends them once
+    the sink is configured again. Returns how many, per sink."""
+    stamp = now()
     conn.execute(
         "INSERT INTO service (name, value, updated_at) VALUES (?, ?, ?)"
         " ON CONFLICT (name) DO UPDATE SET value = excluded.value,"
         " updated_at = excluded.updated_at",
-        (KEY, describe(forwarding), now()),
+        (KEY, describe(forwarding), stamp),
     )
+    names = [spec.name for spec in forwarding.sinks]
+    others = f" AND sink NOT IN ({', '.join('?' * len(names))})" if names else ""
+    abandoned: dict[str, int] = {}
+    for (sink,) in conn.execute(
+        "UPDATE outbox SET state = 'dead', last_error = 'the sink is not in receiver.toml',"
+        f" updated_at = ? WHERE state = 'pending'{others} RETURNING sink",
+        (stamp, *names),
+    ).fetchall():
+        abandoned[sink] = abandoned.get(sink, 0) + 1
+    return abandoned
 
 
 def recorded(conn: sqlite3.Connection) -> str | None:
