@@ -145,6 +145,7 @@ def create_app(
     settings.check_ingest()
     store = store or Store(
         settings.database,
+        setting=settings.database_setting,
         forwarding=forwarding(settings),
         pool_size=settings.database_pool_size,
         max_backlog=settings.max_backlog,

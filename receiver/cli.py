@@ -96,7 +96,7 @@ def serve(host: str, port: int | None, workers: int) -> None:
     log_config = logs.configure(settings.log_format, settings.log_level, sys.stderr)
     settings.check_ingest()
     check_sinks(settings)  # a sink that cannot work stops the start here, before any worker
-    Store(settings.database).migrate()
+    Store(settings.database, setting=settings.database_setting).migrate()
     port = port or settings.port
     metrics_dir = given_metrics_dir()  # a mistake there stops the start before the banner
     check_listen(host, port)
@@ -150,7 +150,7 @@ def serve(host: str, port: int | None, workers: int) -> None:
 def migrate() -> None:
     """Create the database or bring its schema up to date (safe to run again)."""
     settings = load_settings(sinks=False)
-    applied = Store(settings.database).migrate()
+    applied = Store(settings.database, setting=settings.database_setting).migrate()
     if applied:
         shown = settings.database_shown
         click.echo(f"applied migrations {', '.join(map(str, applied))} to {shown}")
@@ -171,6 +171,7 @@ def worker() -> None:
     async def run() -> None:
         store = Store(
             settings.database,
+            setting=settings.database_setting,
             forwarding=forwarding(settings),
             pool_size=settings.database_pool_size,
             max_backlog=settings.max_backlog,

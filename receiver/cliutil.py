@@ -32,14 +32,18 @@ def existing_database(settings: Settings) -> None:
     report nothing to do."""
     if not settings.postgres and not Path(settings.database).exists():
         raise click.ClickException(
-            f"no database at {settings.database!r}: set RECEIVER_DATABASE to the server's "
-            "(or make one with `receiver migrate`)"
+            f"no database at {settings.database!r}: set {settings.database_setting} to the"
+            " server's (or make one with `receiver migrate`)"
         )
 
 
 def reading_store(settings: Settings) -> Store:
     existing_database(settings)
-    store = Store(settings.database, pool_size=settings.database_pool_size)
+    store = Store(
+        settings.database,
+        pool_size=settings.database_pool_size,
+        setting=settings.database_setting,
+    )
     store.check_schema()
     return store
 
@@ -119,6 +123,7 @@ def writing_store(
         existing_database(settings)
     store = Store(
         settings.database,
+        setting=settings.database_setting,
         forwarding=forwarding(settings),
         pool_size=settings.database_pool_size,
         applies=False,  # the server's backlog, for the server's sinks

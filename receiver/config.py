@@ -270,6 +270,7 @@ class Settings:
     database: str = "receiver.db"
     database_pool_size: int = 10
     max_backlog: int = 100_000
+    database_setting: str = "RECEIVER_DATABASE"  # the variable it came from (or DATABASE_URL)
     dashboard_token: str = ""
     dashboard_token_generated: bool = False
     public_url: str | None = None
@@ -329,13 +330,16 @@ class Settings:
         env = {**(read_env_file(env_file) if env_file else {}), **given}
         secrets_text = _get(env, "RUNFLOW_WEBHOOK_SECRET") or ""
         token = _get(env, "RECEIVER_DASHBOARD_TOKEN")
-        database_variable = (
-            "RECEIVER_DATABASE" if _get(env, "RECEIVER_DATABASE") else "DATABASE_URL"
+        database_variable = (  # DATABASE_URL when only that is set (a platform's)
+            "DATABASE_URL"
+            if _get(env, "DATABASE_URL") and not _get(env, "RECEIVER_DATABASE")
+            else "RECEIVER_DATABASE"
         )
         database = _get(env, database_variable) or "receiver.db"
         settings = cls(
             webhook_secrets=tuple(s.strip() for s in secrets_text.split(",") if s.strip()),
             database=_database(database_variable, database),
+            database_setting=database_variable,
             database_pool_size=_parsed(
                 env,
                 "RECEIVER_DATABASE_POOL_SIZE",

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from urllib.parse import unquote, urlsplit, urlunsplit
 
+DATABASE_SETTING = "RECEIVER_DATABASE"  # or DATABASE_URL, when only that is set
 SCHEMES = ("postgres://", "postgresql://")
 SECRET_PARAMETERS = ("password", "sslpassword")
 

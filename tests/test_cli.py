@@ -256,6 +256,16 @@ MISTAKES = {
         {"RECEIVER_DATABASE": "body.json"},
         "RECEIVER_DATABASE: cannot open 'body.json': file is not a database",
     ),
+    "query-not-a-database-from-database-url": (  # named RECEIVER_DATABASE, not set at all
+        ["query"],
+        {"RECEIVER_DATABASE": "", "DATABASE_URL": "sqlite:///body.json"},
+        "DATABASE_URL: cannot open 'body.json': file is not a database",
+    ),
+    "query-no-database-from-database-url": (
+        ["query"],
+        {"RECEIVER_DATABASE": "", "DATABASE_URL": "sqlite:///none.db"},
+        "no database at 'none.db': set DATABASE_URL to the server's",
+    ),
     "query-a-folder": (  # a traceback (sqlite3.OperationalError)
         ["query"],
         {"RECEIVER_DATABASE": "."},

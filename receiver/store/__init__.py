@@ -16,7 +16,7 @@ from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, cast
 
-from ..database_url import is_postgres_url
+from ..database_url import DATABASE_SETTING, is_postgres_url
 from ..errors import ConfigError, StoreUnavailable
 from . import maintenance, outbox, service
 from .apply import NO_FORWARDING, Applied, Forwarding, apply_evaluation, apply_queued
@@ -75,6 +75,7 @@ class Store:
         max_backlog: int = MAX_BACKLOG,
         ack_timeout: float = ACK_TIMEOUT,
         applies: bool = True,
+        setting: str = DATABASE_SETTING,
     ) -> None:
         """`applies`: whether this store's writer applies the callbacks acknowledged and
         queued (store/backlog.py). Only the servers and the worker do, with the sinks of the
@@ -82,6 +83,7 @@ class Store:
         them (or in another folder, with another receiver.toml), and callbacks it applied
         would queue no forwards, or the wrong ones."""
         self.path = path
+        self.setting = setting  # the variable it came from, for errors
         self.deadlines = Deadlines(ack_timeout)
         self.forwarding = forwarding
         self.postgres = is_postgres_url(path)
@@ -106,6 +108,10 @@ class Store:
 
     def migrate(self) -> list[int]:
         """Create the file (or schema) if needed and apply pending migrations (idempotent)."""
+        with self._named():
+            return self._migrate()
+
+    def _migrate(self) -> list[int]:
         if self.postgres:
             from .pg_backend import migrate_url
 
@@ -123,6 +129,18 @@ class Store:
         finally:
             conn.close()
 
+    @contextlib.contextmanager
+    def _named(self) -> Iterator[None]:
+        """Its errors name the variable the database came from: DATABASE_URL, where a platform
+        sets only that, was named RECEIVER_DATABASE."""
+        try:
+            yield
+        except ConfigError as exc:
+            text = str(exc)
+            if self.setting == DATABASE_SETTING or not text.startswith(DATABASE_SETTING):
+                raise
+            raise ConfigError(self.setting + text.removeprefix(DATABASE_SETTING)) from None
+
     def _cannot_open(self, exc: Exception) -> ConfigError:
         return ConfigError(f"RECEIVER_DATABASE: cannot open {self.path!r}: {exc}")
 
@@ -130,6 +148,10 @@ class Store:
         """For a command that only reads: the database must be at this receiver's schema. It is
         not migrated from here, under a server still running the version before (that is
         `receiver migrate`, or the server's next start)."""
+        with self._named():
+            self._check_schema()
+
+    def _check_schema(self) -> None:
         if self.postgres:
             from .pg_backend import schema_version
             from .pg_schema import MIGRATIONS as PG_MIGRATIONS
