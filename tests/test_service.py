@@ -12,7 +12,7 @@ from receiver.normalize import normalize, parse_body
 from receiver.sinkspec import SinkSpec
 from receiver.store import Delivery, Forwarding, Store, service
 
-from .database import database_for
+from .database import connect, database_for
 from .helpers import fixture
 from .servers import run_cli
 
@@ -114,3 +114,33 @@ def test_a_start_without_a_sink_makes_its_pending_forwards_dead(
         assert asyncio.run(again.retry_dead("2026-11-25T00:00:00.000000Z", sink="old")) == 1
     finally:
         again.close()
+
+
+def test_a_start_with_refetch_off_drops_the_pending_refetches(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """With the API key removed, none would ever be done: shown as pending for ever, and their
+    evaluations never pruned."""
+    database = database_for(tmp_path / "r.db")
+    before = Store(database, forwarding=Forwarding(sinks=(HOOK,), refetch=True))
+    before.open()
+    try:
+        body = fixture("evaluation-completed.json")
+        asyncio.run(before.ingest(Delivery(body, normalize(parse_body(body)))))
+        assert refetch_states(database) == ["pending"]
+    finally:
+        before.close()
+    after = Store(database, forwarding=Forwarding(sinks=(HOOK,)))
+    with caplog.at_level(logging.WARNING, logger="receiver.store"):
+        after.open()
+    after.close()
+    assert refetch_states(database) == [None]
+    assert "1 pending refetch(es) dropped: refetch is off" in caplog.text
+
+
+def refetch_states(database: str) -> list[str | None]:
+    conn = connect(database)
+    try:
+        return [row[0] for row in conn.execute("SELECT refetch_state FROM evaluations")]
+    finally:
+        conn.close()

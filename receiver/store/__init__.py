@@ -190,7 +190,10 @@ class Store:
         self.writer.start()
         if self.applies:  # a server or the worker: the CLI compares its forwarding with this
             recorded = partial(service.record, forwarding=self.forwarding)
-            for sink, count in sorted(self.writer.submit(recorded).result().items()):
+            dropped = self.writer.submit(recorded).result()
+            if dropped.refetches:
+                log.warning("%d pending refetch(es) dropped: refetch is off", dropped.refetches)
+            for sink, count in sorted(dropped.forwards.items()):
                 log.warning(
                     "%d forward(s) to sink %r made dead: it is not in this configuration"
                     " (`receiver forwards --retry-all-dead --sink %s` once it is again)",

@@ -10,12 +10,21 @@ from __future__ import annotations
 
 import json
 import sqlite3
+from dataclasses import dataclass
 from typing import Any
 
 from ..times import now
 from .apply import Forwarding
 
 KEY = "forwarding"
+
+
+@dataclass(frozen=True)
+class Dropped:
+    """What a start found it could not do: forwards made dead per sink, refetches dropped."""
+
+    forwards: dict[str, int]
+    refetches: int = 0
 
 
 def describe(forwarding: Forwarding) -> str:
@@ -39,12 +48,13 @@ def describe(forwarding: Forwarding) -> str:
     return json.dumps(described, sort_keys=True, separators=(",", ":"))
 
 
-def record(conn: sqlite3.Connection, forwarding: Forwarding) -> dict[str, int]:
+def record(conn: sqlite3.Connection, forwarding: Forwarding) -> Dropped:
     """At the start of a process that applies callbacks (serve, worker). The forwards still
     pending for a sink it does not have (removed or renamed in receiver.toml) become dead: no
     loop sends them, so they stayed pending for ever, and kept their evaluations from being
     pruned. Dead, they show as dead letters, and `forwards --retry-all-dead` sends them once
-    the sink is configured again. Returns how many, per sink."""
+    the sink is configured again. Likewise, with refetch off, pending refetches are dropped
+    (their forwards waited out the refetch budget)."""
     stamp = now()
     conn.execute(
         "INSERT INTO service (name, value, updated_at) VALUES (?, ?, ?)"
@@ -61,7 +71,13 @@ def record(conn: sqlite3.Connection, forwarding: Forwarding) -> dict[str, int]:
         (stamp, *names),
     ).fetchall():
         abandoned[sink] = abandoned.get(sink, 0) + 1
-    return abandoned
+    if forwarding.refetch:
+        return Dropped(abandoned)
+    dropped = conn.execute(  # switched off (no API key, embeds off): none would be done
+        "UPDATE evaluations SET refetch_state = NULL, refetch_next_at = NULL"
+        " WHERE refetch_state = 'pending'"
+    ).rowcount
+    return Dropped(abandoned, dropped)
 
 
 def recorded(conn: sqlite3.Connection) -> str | None:
