@@ -153,6 +153,9 @@ def test_values(environ: dict[str, str], attribute: str, expected: Any) -> None:
         ("DATABASE_URL", "postgres://u:s3cretPW@db/receiver?sslmode=require&x=1"),
         ("RECEIVER_DATABASE_POOL_SIZE", "0"),
         ("RECEIVER_REFETCH_EMBEDS", ","),
+        ("RECEIVER_REFETCH_EMBEDS", "judges,judgse"),  # a typo: found at start, not at refetch
+        ("RECEIVER_LEASE", "0"),  # two workers would send one forward
+        ("RECEIVER_LEASE", "0.5"),
         ("RECEIVER_SLACK_WEBHOOK_URL", "hooks.slack.com/services/T0/B0/x"),
         ("RECEIVER_SLACK_WEBHOOK_URL", "https://hooks.slack.com:99999/services/T0/B0/x"),
     ],
@@ -234,6 +237,23 @@ def test_a_database_password_is_never_shown(value: str) -> None:
 )
 def test_the_database_is_shown_without_its_password(database: str, shown: str) -> None:
     assert from_env({"RECEIVER_DATABASE": database}).database_shown == shown
+
+
+@pytest.mark.parametrize(
+    ("dashboard", "metrics", "short"),
+    [
+        ("a" * 16, None, []),
+        ("a" * 15, None, ["RECEIVER_DASHBOARD_TOKEN"]),
+        ("a" * 16, "b" * 15, ["RECEIVER_METRICS_TOKEN"]),
+        ("a" * 8, "b" * 8, ["RECEIVER_DASHBOARD_TOKEN", "RECEIVER_METRICS_TOKEN"]),
+    ],
+)
+def test_short_tokens_are_named(dashboard: str, metrics: str | None, short: list[str]) -> None:
+    """`serve` warns of them at start: 16 random URL-safe characters is the least it takes."""
+    given = {"RECEIVER_DASHBOARD_TOKEN": dashboard}
+    if metrics is not None:
+        given["RECEIVER_METRICS_TOKEN"] = metrics
+    assert from_env(given).short_tokens() == short
 
 
 def test_a_token_is_generated_when_unset() -> None:

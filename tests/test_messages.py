@@ -136,14 +136,16 @@ def test_slack_escapes_every_user_controlled_string(where: str, value: str) -> N
     assert not re.search(r"&(?!amp;|lt;|gt;)", everything)
 
 
-@pytest.mark.parametrize("value", [*HOSTILE, "@everyone", "@here", "[x](https://evil.example)"])
+@pytest.mark.parametrize(
+    "value", [*HOSTILE, "@everyone", "@here", "[x](https://evil.example)", "||hidden||"]
+)
 @pytest.mark.parametrize("where", PLACES)
 def test_discord_escapes_markdown_and_mentions(where: str, value: str) -> None:
     message = discord_message(put(make_event(), where, value))
     assert message["allowed_mentions"] == {"parse": []}
     everything = "\n".join(texts(message, DISCORD_TEXT_KEYS))
     assert escaped(value, discord_escape) in everything
-    for raw in ("<", "@", "[", "]"):
+    for raw in ("<", "@", "[", "]", "|"):
         assert not re.search(rf"(?<!\\){re.escape(raw)}", everything), raw
 
 
@@ -240,6 +242,7 @@ def test_at_most_five_issues_are_listed_with_a_count_of_the_rest() -> None:
         ("completed", False, None, "❌ Not passed", 0xE01E5A),
         ("failed", None, "image_fetch_failed", "⚠️ Evaluation failed", 0xF2994A),
         ("failed", False, "timeout", "⚠️ Evaluation failed", 0xF2994A),
+        ("failed", True, "timeout", "⚠️ Evaluation failed", 0xF2994A),  # failed wins over passed
         ("completed", None, None, "❔ No verdict", 0x95A5A6),
     ],
 )
@@ -314,3 +317,24 @@ def test_scores_are_shown_as_percentages(score: Any, shown: str | None) -> None:
     event["data"]["score"] = score
     facts = {f["name"]: f["value"] for f in discord_message(event)["embeds"][0]["fields"]}
     assert facts.get("Score") == shown
+
+
+def test_slack_shows_user_text_verbatim() -> None:
+    """Without `verbatim`, Slack turns a bare #channel or URL in a judge's text into a link."""
+    message = slack_message(make_event())
+    mrkdwn = [
+        block
+        for block in walk(message)
+        if isinstance(block, dict) and block.get("type") == "mrkdwn"
+    ]
+    assert mrkdwn
+    assert all(block.get("verbatim") is True for block in mrkdwn)
+
+
+def walk(value: Any) -> Iterator[Any]:
+    yield value
+    children = (
+        value.values() if isinstance(value, dict) else value if isinstance(value, list) else ()
+    )
+    for child in children:
+        yield from walk(child)

@@ -506,3 +506,28 @@ def test_the_logged_duration_counts_the_wait_for_the_body_on_both_protocols(
     for name, (answered, timed_out) in durations.items():
         assert answered >= late * 500, (name, answered)
         assert timed_out >= budget * 500, (name, timed_out)
+
+
+@pytest.mark.parametrize(
+    ("method", "body", "status"),
+    [
+        ("PUT", callback(60), b"HTTP/1.1 405"),  # a signed callback by another method
+        ("PATCH", callback(61), b"HTTP/1.1 405"),
+        ("POST", LARGE, b"HTTP/1.1 413"),  # over RECEIVER_MAX_BODY_BYTES, though in one piece
+    ],
+)
+def test_what_the_endpoint_refuses_the_protocol_never_stores(
+    tmp_path: Path, method: str, body: bytes, status: bytes
+) -> None:
+    """Pipelined behind another request, a whole signed request reaches the protocol at once:
+    it must still be refused as the endpoint refuses it, and stored by neither."""
+    with ExitStack() as stack:
+        server = serve(stack, tmp_path / "fast", WebhookProtocol)
+        first = callback(59)
+        refused = head(body).replace(b"POST ", method.encode() + b" ", 1) + body
+        with connect(server) as sock:
+            sock.sendall(head(first) + first + refused)
+            (ok, _), (answered, _) = read_responses(sock, 2)
+        assert ok.startswith(b"HTTP/1.1 200")
+        assert answered.startswith(status)
+        assert count(server.settings, "deliveries") == 1

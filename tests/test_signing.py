@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+import hmac
+
 import pytest
 
 from receiver.signing import sign, verify
@@ -76,3 +78,21 @@ def test_vendored_fixtures_match_shared() -> None:
     shared = {path.name: path.read_bytes() for path in SHARED_FIXTURES.iterdir()}
     vendored = {path.name: path.read_bytes() for path in FIXTURES.iterdir()}
     assert vendored == shared
+
+
+@pytest.mark.parametrize("signed_by", [SECRET_A, SECRET_B, "whsec_other"])
+def test_every_secret_is_compared_in_constant_time(
+    monkeypatch: pytest.MonkeyPatch, signed_by: str
+) -> None:
+    """Whichever secret matches, or none: the same comparisons, each by compare_digest, so
+    timing tells neither the signature nor which secret it was."""
+    compared: list[int] = []
+    real = hmac.compare_digest
+
+    def counted(a: bytes, b: bytes) -> bool:
+        compared.append(len(a))
+        return real(a, b)
+
+    monkeypatch.setattr(hmac, "compare_digest", counted)
+    verify(b"{}", sign(b"{}", signed_by), [SECRET_A, SECRET_B])
+    assert compared == [32, 32]

@@ -1750,3 +1750,43 @@ async def test_a_verdict_that_follows_the_other_is_not_refetched_by_its_refetch(
     assert refetched_before == [(1, "done")]
     state = "SELECT refetched, refetch_state, refetch_attempts, refetch_error FROM evaluations"
     assert query(path, state) == [after]
+
+
+@pytest.mark.anyio
+async def test_retries_and_replays_send_again_only_what_they_name(path: str) -> None:
+    """--retry-all-dead sends the dead, not what was delivered or skipped; a pending forward
+    is not retried (a worker may hold it: it would go twice); a replay sends again its own
+    verdict, not the other one the evaluation had."""
+    sink = SinkSpec(name="hook", type="http", url="https://a.example.com/hooks")
+    store = Store(path, forwarding=Forwarding(sinks=(sink,)))
+    store.open()
+    try:
+        _, completed = await ingest_all(
+            store, evaluation("e-1", "failed"), evaluation("e-1", second=5)
+        )
+        await ingest_all(store, evaluation("e-2"))
+        ids = dict(query(path, "SELECT evaluation_id || ' ' || event_type, id FROM outbox"))
+        conn = connect(path)
+        conn.execute(
+            "UPDATE outbox SET state = CASE id WHEN ? THEN 'done' WHEN ? THEN 'dead'"
+            " ELSE 'skipped' END",
+            (ids["e-1 evaluation.failed"], ids["e-1 evaluation.completed"]),
+        )
+        conn.commit()
+        conn.close()
+        assert await store.retry_dead("2026-11-20T09:01:00Z") == 1
+        with pytest.raises(BadRequest, match="already pending"):
+            await store.retry_forward(ids["e-1 evaluation.completed"], "2026-11-20T09:01:00Z")
+        conn = connect(path)
+        conn.execute("UPDATE outbox SET state = 'done'")
+        conn.commit()
+        conn.close()
+        assert await store.replay_delivery(completed.delivery_id, "2026-11-20T09:02:00Z") == 1
+    finally:
+        store.close()
+    states = dict(query(path, "SELECT evaluation_id || ' ' || event_type, state FROM outbox"))
+    assert states == {
+        "e-1 evaluation.failed": "done",
+        "e-1 evaluation.completed": "pending",
+        "e-2 evaluation.completed": "done",
+    }
