@@ -214,6 +214,30 @@ async def test_permanent_errors_die_at_once_and_retry_after_is_honoured(
     assert next_at[:13] > created[:13]  # an hour later, not within the same hour
 
 
+async def test_a_sinks_own_max_attempts_and_retry_after_within_retry_max(
+    tmp_path: Path, http: httpx.AsyncClient
+) -> None:
+    """`max_attempts` in a sink's table wins over RECEIVER_MAX_ATTEMPTS; a Retry-After of a
+    day from an http or queue sink waits RECEIVER_RETRY_MAX at most."""
+    brief = RecordingSink(spec("brief", max_attempts=2))
+    brief.failures = [SinkError("boom")] * 5
+    limited = RecordingSink(spec("limited"))
+    limited.failures = [SinkError("429", retry_after=86_400)]
+    rig = rig_for(tmp_path, http, [brief, limited], max_attempts=10, retry_base=0.01, retry_max=60)
+    try:
+        await rig.post("evaluation-completed.json")
+        for _ in range(10):
+            await rig.worker.run_once()
+            await asyncio.sleep(0.02)
+        states = dict(rig.rows("SELECT sink, state || ':' || attempts FROM outbox"))
+        (next_at,) = rig.rows("SELECT next_attempt_at FROM outbox WHERE sink = 'limited'")[0]
+        latest = format_time(rig.worker.clock() + timedelta(seconds=61))
+    finally:
+        rig.store.close()
+    assert states == {"brief": "dead:2", "limited": "pending:1"}
+    assert next_at < latest
+
+
 async def test_dead_letters_and_replays_arrive_again_with_the_same_id(
     tmp_path: Path, http: httpx.AsyncClient
 ) -> None:
@@ -564,6 +588,21 @@ async def test_a_refused_key_does_not_end_reconciliation(
     assert refused == {"polled": 3, "verdicts": 0, "pending": 0, "errors": 3}
     assert later == {"polled": 3, "verdicts": 3, "pending": 0, "errors": 0}
     assert states == [("completed", None)] * 3
+
+
+async def test_a_404_ends_reconciliation(
+    tmp_path: Path, http: httpx.AsyncClient, runflow: tuple[FakeRunflow, str]
+) -> None:
+    """Runflow does not know them: asking again cannot help, so they are not polled again."""
+    rig, fake = await stuck_rig(tmp_path, http, runflow)
+    try:
+        fake.fail_next(404, count=len(STUCK))
+        counts = await rig.worker.reconcile()
+        states = rig.rows("SELECT status, next_poll_at FROM evaluations ORDER BY id")
+    finally:
+        rig.store.close()
+    assert counts == {"polled": 3, "verdicts": 0, "pending": 0, "errors": 3}
+    assert states == [("running", None)] * 3
 
 
 async def test_a_429_ends_the_pass_and_its_retry_after_is_honoured(
