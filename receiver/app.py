@@ -216,7 +216,8 @@ def from_env() -> Starlette:
 
     try:
         settings = Settings.from_env()
-        if os.environ.get(STARTED_WITH, settings.fingerprint()) != settings.fingerprint():
+        fingerprint = settings.fingerprint()
+        if os.environ.get(STARTED_WITH, fingerprint) != fingerprint:
             raise ConfigError(
                 "the settings (.env, receiver.toml or the environment) changed since `receiver"
                 " serve` started, and a worker started now would differ from the others (other"

@@ -125,14 +125,15 @@ class Store:
         try:
             return migrate(conn)
         except sqlite3.Error as exc:
-            raise ConfigError(f"RECEIVER_DATABASE: cannot migrate {self.path!r}: {exc}") from None
+            raise ConfigError(f"{self.setting}: cannot migrate {self.path!r}: {exc}") from None
         finally:
             conn.close()
 
     @contextlib.contextmanager
     def _named(self) -> Iterator[None]:
-        """Its errors name the variable the database came from: DATABASE_URL, where a platform
-        sets only that, was named RECEIVER_DATABASE."""
+        """The errors of the backends below (which know only the URL) name the variable the
+        database came from, as the store's own do: DATABASE_URL, where a platform sets only
+        that, was named RECEIVER_DATABASE."""
         try:
             yield
         except ConfigError as exc:
@@ -142,7 +143,7 @@ class Store:
             raise ConfigError(self.setting + text.removeprefix(DATABASE_SETTING)) from None
 
     def _cannot_open(self, exc: Exception) -> ConfigError:
-        return ConfigError(f"RECEIVER_DATABASE: cannot open {self.path!r}: {exc}")
+        return ConfigError(f"{self.setting}: cannot open {self.path!r}: {exc}")
 
     def check_schema(self) -> None:
         """For a command that only reads: the database must be at this receiver's schema. It is
@@ -176,7 +177,7 @@ class Store:
         refuse_newer({found}, known)
         if found < known:
             raise ConfigError(
-                f"RECEIVER_DATABASE is at schema version {found}, this receiver needs {known}:"
+                f"{self.setting} is at schema version {found}, this receiver needs {known}:"
                 " run `receiver migrate` (or start the server, which does)"
             )
 
