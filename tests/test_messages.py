@@ -236,6 +236,26 @@ def test_at_most_five_issues_are_listed_with_a_count_of_the_rest() -> None:
 
 
 @pytest.mark.parametrize(
+    ("count", "rest"), [(MAX_ISSUES - 1, None), (MAX_ISSUES, None), (MAX_ISSUES + 1, 1)]
+)
+def test_the_count_of_the_rest_appears_only_past_the_limit(count: int, rest: int | None) -> None:
+    event = make_event()
+    event["data"]["issues"] = [
+        {"judge": f"judge{i}", "category": "hands", "subcategory": None, "detail": "six fingers"}
+        for i in range(count)
+    ]
+    slack = slack_message(event)
+    issues = next(t for t in texts(slack, SLACK_TEXT_KEYS) if t.startswith("*Issues*"))
+    discord = discord_message(event)
+    value = next(f["value"] for f in discord["embeds"][0]["fields"] if f["name"] == "Issues")
+    for text in (issues, value):
+        assert text.count("• ") == min(count, MAX_ISSUES)
+        assert ("more" in text) is (rest is not None)
+        if rest is not None:
+            assert text.endswith(f"…and {rest} more")
+
+
+@pytest.mark.parametrize(
     ("status", "passed", "failure_code", "headline", "colour"),
     [
         ("completed", True, None, "✅ Passed", 0x2EB67D),

@@ -7,6 +7,7 @@ import pytest
 
 from receiver.errors import BadRequest
 from receiver.normalize import (
+    MAX_DEPTH,
     VERDICT_ONLY,
     Callback,
     columns,
@@ -104,6 +105,22 @@ def test_parse_body_refuses_with_one_line(body: bytes, reason: str) -> None:
     assert "\n" not in message
     assert len(message) < 300
     assert caught.value.status == 400
+
+
+@pytest.mark.parametrize("pad", [b"", b'"pad":[{},{}],'], ids=["alone", "with-siblings"])
+@pytest.mark.parametrize(
+    ("levels", "refused"),
+    [(MAX_DEPTH - 1, False), (MAX_DEPTH, False), (MAX_DEPTH + 1, True), (MAX_DEPTH + 5, True)],
+)
+def test_nesting_is_counted_from_the_body_itself(levels: int, refused: bool, pad: bytes) -> None:
+    """The body object is level 1: MAX_DEPTH levels in all pass, one more is refused, whether
+    or not shallow siblings give the body more brackets than levels."""
+    body = b"{" + pad + b'"a":' + b"[" * (levels - 1) + b"]" * (levels - 1) + b"}"
+    if not refused:
+        assert "a" in parse_body(body)
+        return
+    with pytest.raises(BadRequest, match=f"nested more than {MAX_DEPTH} levels deep"):
+        parse_body(body)
 
 
 # normalize

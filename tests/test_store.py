@@ -1790,3 +1790,31 @@ async def test_retries_and_replays_send_again_only_what_they_name(path: str) -> 
         "e-1 evaluation.completed": "pending",
         "e-2 evaluation.completed": "done",
     }
+
+
+@pytest.mark.anyio
+async def test_forwards_are_claimed_oldest_due_first(path: str) -> None:
+    """A claim takes the forwards due longest (then the oldest rows), so a backlog goes out in
+    about the order it came and a retried forward does not wait behind newer ones."""
+    sink = SinkSpec(name="hook", type="http", url="https://a.example.com/hooks")
+    store = Store(path, forwarding=Forwarding(sinks=(sink,)))
+    store.open()
+    try:
+        await ingest_all(store, *(evaluation(f"e-{n}") for n in range(4)))
+        due = {"e-0": "09:00:03", "e-1": "09:00:01", "e-2": "09:00:02", "e-3": "09:00:01"}
+        conn = connect(path)
+        for evaluation_id, at in due.items():
+            conn.execute(
+                "UPDATE outbox SET next_attempt_at = ? WHERE evaluation_id = ?",
+                (f"2026-11-20T{at}Z", evaluation_id),
+            )
+        conn.commit()
+        stamp = "2026-11-20T09:01:00Z"
+        claims = claim_forwards(
+            conn, "hook", now=stamp, lease_until=stamp, refetch_cutoff=stamp, limit=3
+        )
+        conn.commit()
+        conn.close()
+    finally:
+        store.close()
+    assert sorted(claim.fields["id"] for claim in claims) == ["e-1", "e-2", "e-3"]

@@ -625,6 +625,44 @@ async def test_a_429_ends_the_pass_and_its_retry_after_is_honoured(
     assert next_poll > hour_less_a_bit
 
 
+@pytest.mark.parametrize("answer", ["still-running", "rate-limited-for-a-week"])
+async def test_a_poll_waits_a_day_at_most(
+    tmp_path: Path, http: httpx.AsyncClient, runflow: tuple[FakeRunflow, str], answer: str
+) -> None:
+    """The delay doubles with every poll and honours Retry-After, but never past a day: an
+    evaluation stuck for weeks is still looked at daily."""
+    fake, url = runflow
+    fake.faults.clear()
+    rig = rig_for(
+        tmp_path, http, [], runflow_api_key=API_KEY, runflow_api_base=url, reconcile_after=1
+    )
+    try:
+        for evaluation_id in STUCK:
+            fake.add(evaluation_id, status_code="running", completed_at=None)
+            await rig.post(
+                "evaluation-completed.json",
+                id=evaluation_id,
+                status_code="running",
+                completed_at=None,
+            )
+        if answer == "rate-limited-for-a-week":
+            fake.fail_next(429, retry_after=7 * 86400, count=len(STUCK))
+        conn = connect(rig.settings.database)  # 40 polls so far, the next one due
+        with conn:
+            conn.execute(
+                "UPDATE evaluations SET poll_attempts = 40, next_poll_at = ?",
+                (format_time(rig.worker.clock() - timedelta(seconds=1)),),
+            )
+        conn.close()
+        await rig.worker.reconcile()
+        polled = rig.rows("SELECT next_poll_at FROM evaluations WHERE poll_attempts = 41")
+        a_day = format_time(rig.worker.clock() + timedelta(days=1))
+    finally:
+        rig.store.close()
+    assert polled
+    assert all(a_day > next_poll > format_time(rig.worker.clock()) for (next_poll,) in polled)
+
+
 async def test_a_refetch_behind_the_callback_is_tried_again(
     tmp_path: Path, http: httpx.AsyncClient, runflow: tuple[FakeRunflow, str]
 ) -> None:
