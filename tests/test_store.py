@@ -9,6 +9,7 @@ import sqlite3
 import threading
 import time
 from collections.abc import Callable, Iterator
+from dataclasses import replace
 from functools import partial
 from pathlib import Path
 from typing import Any, cast
@@ -1818,3 +1819,137 @@ async def test_forwards_are_claimed_oldest_due_first(path: str) -> None:
     finally:
         store.close()
     assert sorted(claim.fields["id"] for claim in claims) == ["e-1", "e-2", "e-3"]
+
+
+# Migration 16: rows older versions merged by rules changed since.
+def old_reading(envelope: dict[str, Any]) -> Delivery:
+    """An envelope as versions before session 16 read it: its status over its event."""
+    body = body_of(envelope)
+    callback = normalize(parse_body(body))
+    fields = {**callback.fields, "status_code": envelope["status"]}
+    return Delivery(body=body, callback=replace(callback, fields=fields))
+
+
+def by_arrival(incoming: dict[str, Any], existing: dict[str, Any]) -> bool:
+    """The merge's order before session 16: updated_at, else the later arrival."""
+    rank = {"pending": 0, "running": 1, "completed": 2, "failed": 2}
+    rank_in, rank_old = (rank.get(f.get("status_code") or "", -1) for f in (incoming, existing))
+    if rank_in != rank_old:
+        return rank_in > rank_old
+    stamps = incoming.get("updated_at"), existing.get("updated_at")
+    return None in stamps or stamps[0] >= stamps[1]
+
+
+def envelope(evaluation_id: str, event: str, status: str, second: int, **fields: Any) -> bytes:
+    return body_of(
+        {
+            "event": f"evaluation.{event}",
+            "evaluation_id": evaluation_id,
+            "status": status,
+            "client_ref": f"ref-{evaluation_id}",
+            "completed_at": f"2026-11-20T10:00:{second:02d}+00:00",
+            **fields,
+        }
+    )
+
+
+PASS = {"overall_passed": True, "weighted_pass_rate": 0.7, "top_issues": ["Left hand"]}
+
+
+@pytest.mark.parametrize("rerun", [[16], [13, 16]], ids=["from-15", "from-12"])
+@pytest.mark.anyio
+async def test_migration_16_merges_stored_callbacks_by_the_current_rules(
+    path: str, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture, rerun: list[int]
+) -> None:
+    """An envelope stored by its status over its event, and a verdict's callback delivered
+    late that won by arrival, get the verdict their callbacks say now, with that verdict's
+    fields (from an older schema, migration 13 no longer clears them first); a verdict no
+    callback said (a refetch's) stays. No forward is queued; the turned rows are refetched
+    again and named in a warning. A client_ref's pointer to a score migration 10 cleared
+    follows it."""
+    sink = SinkSpec(name="s", type="http", url="https://a.example.com/hooks")
+    store = Store(path, forwarding=Forwarding(sinks=(sink,)))
+    store.open()
+    try:
+        with monkeypatch.context() as patched:
+            patched.setattr("receiver.normalize._newer_or_equal", by_arrival)
+            for value in (
+                envelope("a", "completed", "failed", 1, **PASS),
+                envelope("b", "failed", "completed", 1, failure_code="processing_failed"),
+                envelope("c", "completed", "completed", 6, **PASS),
+                envelope("c", "failed", "failed", 5, failure_code="timed_out"),
+            ):
+                await store.ingest(old_reading(json.loads(value)))
+            await ingest_all(store, evaluation("kept", client_ref="ref-kept", second=1, **PASS))
+            old = {
+                key: (status, failure_code)
+                for key, status, failure_code in query(
+                    path, "SELECT id, status, failure_code FROM evaluations"
+                )
+            }
+    finally:
+        store.close()
+    assert old == {
+        "a": ("failed", None),
+        "b": ("completed", "processing_failed"),
+        "c": ("failed", "timed_out"),
+        "kept": ("completed", None),
+    }
+    conn = connect(path)
+    refetch = {"id": "kept", "status_code": "failed", "failure_code": "invalid_media"}
+    apply_module.apply_evaluation(  # Runflow's GET said failed later: no callback did
+        conn,
+        {**evaluation("kept", "failed", client_ref="ref-kept", second=9), **refetch},
+        source="refetch",
+        stamp=now(),
+        refetched=True,
+    )
+    conn.execute("UPDATE client_refs SET latest_score = 1.5 WHERE client_ref = 'ref-kept'")
+    conn.execute(f"DELETE FROM migrations WHERE version IN ({', '.join(map(str, rerun))})")
+    conn.commit()
+    conn.close()
+    kept_before = row(path, "kept")
+    forwards = [tuple(r) for r in query(path, "SELECT * FROM outbox ORDER BY id")]
+
+    store = Store(path)
+    with caplog.at_level("WARNING", logger="receiver.store"):
+        assert store.migrate() == rerun
+    try:
+        found = {key: store.get_evaluation(key) for key in ("a", "b", "c")}
+        overview = store.stats(EvaluationFilter())
+    finally:
+        store.close()
+    shown = {
+        key: {k: got["evaluation"][k] for k in ("status", "passed", "score", "failure_code")}
+        for key, got in found.items()
+        if got is not None
+    }
+    assert shown == {
+        "a": {"status": "completed", "passed": True, "score": 0.7, "failure_code": None},
+        "b": {
+            "status": "failed",
+            "passed": None,
+            "score": None,
+            "failure_code": "processing_failed",
+        },
+        "c": {"status": "completed", "passed": True, "score": 0.7, "failure_code": None},
+    }
+    assert row(path, "kept") == kept_before
+    assert [tuple(r) for r in query(path, "SELECT * FROM outbox ORDER BY id")] == forwards
+    assert dict(query(path, "SELECT id, refetch_state FROM evaluations WHERE id <> 'kept'")) == {
+        "a": "pending",
+        "b": "pending",
+        "c": "pending",
+    }
+    assert query(
+        path, "SELECT latest_status, latest_score FROM client_refs WHERE client_ref = ?", "ref-kept"
+    ) == [("failed", None)]
+    conn = connect(path)
+    try:
+        assert overview == scan_stats(conn, EvaluationFilter(), exact=True)
+    finally:
+        conn.close()
+    warnings = [r.getMessage() for r in caplog.records if "receiver replay" in r.getMessage()]
+    assert len(warnings) == len(rerun)  # one a migration that turned any
+    named = [name for w in warnings for name in w.split("(")[2].split(")")[0].split(", ")]
+    assert sorted(named) == ["a", "b", "c"]

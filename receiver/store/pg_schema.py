@@ -22,6 +22,7 @@ from .schema import (
     REPAIRS,
     SERVICE,
     refuse_newer,
+    repair_merges,
     repair_nul_labels,
     repair_verdicts,
 )
@@ -175,6 +176,11 @@ V13_VERDICTS: tuple[Callable[[PgConnection], object], ...] = (
     lambda conn: repair_verdicts(cast(sqlite3.Connection, conn)),
 )
 
+# schema.repair_merges, as V13_VERDICTS.
+V16_MERGES: tuple[Callable[[PgConnection], object], ...] = (
+    lambda conn: repair_merges(cast(sqlite3.Connection, conn)),
+)
+
 V14_QUARANTINE_ONCE = (
     "ALTER TABLE quarantine ADD COLUMN receipts bigint NOT NULL DEFAULT 1,"
     f" ADD COLUMN last_received_at {T}",
@@ -197,6 +203,7 @@ MIGRATIONS: list[tuple[int, str, tuple[str | Callable[[PgConnection], object], .
     (13, "verdicts keep only their own fields", V13_VERDICTS),
     (14, "quarantined bodies kept once", V14_QUARANTINE_ONCE),
     (15, "the service's forwarding", (SERVICE,)),
+    (16, "verdicts merged by the current rules", V16_MERGES),
 ]
 
 
