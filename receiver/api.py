@@ -269,7 +269,7 @@ async def patch_feedback(request: Request) -> Response:
     if reason is not None and not isinstance(reason, str):
         raise BadRequest("reason must be a string")
     await send_feedback(ctx.settings, ctx.store, ctx.http, evaluation_id, is_positive, reason)
-    found = ctx.store.get_evaluation(evaluation_id)
+    found = await asyncio.to_thread(ctx.store.get_evaluation, evaluation_id)  # off the loop
     return JSONResponse({"ok": True, "evaluation": found["evaluation"] if found else None})
 
 

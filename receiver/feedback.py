@@ -3,6 +3,7 @@ stored as the evaluation's state. One path for the CLI, the API and the dashboar
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 import httpx
@@ -41,7 +42,7 @@ async def send_feedback(
     if reason is not None:
         _check_reason(reason)
     await store.acatch_up()
-    if not store.has_evaluation(evaluation_id):
+    if not await asyncio.to_thread(store.has_evaluation, evaluation_id):  # off the loop
         raise NotFound(f"no evaluation {evaluation_id!r}")
     client = client_for(settings, http)
     evaluation = await client.evaluation_feedback(evaluation_id, is_positive, reason)

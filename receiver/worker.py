@@ -189,7 +189,7 @@ class Worker:
         assert sink is not None
         now = self.clock()
         name = sink.spec.name
-        if not self.store.has_due(name, format_time(now)):
+        if not await self.store.has_due(name, format_time(now)):
             return 0
         lease = format_time(now + self.lease)
         claims = await self.store.claim_forwards(
@@ -469,7 +469,7 @@ class Worker:
         if self.client is None or self._runflow_waits():
             return counts
         now = self.clock()
-        if not self.store.polls_due(format_time(now)):
+        if not await self.store.polls_due(format_time(now)):
             return counts
         due = await self.store.claim_polls(
             now=format_time(now), lease_until=format_time(now + self.lease), limit=limit

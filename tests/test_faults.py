@@ -28,6 +28,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 import httpx
+import psycopg
 import pytest
 from starlette.types import ASGIApp, Receive, Scope, Send
 
@@ -43,7 +44,7 @@ from receiver.sinkspec import SinkSpec
 from receiver.store.writer import Writer
 from receiver.times import now, shift
 
-from .database import connect, sqlite_only
+from .database import POSTGRES, connect, sqlite_only
 from .helpers import SECRET_A, fixture, make_settings
 from .servers import ReceiverProcess
 from .services import RedisService
@@ -440,6 +441,33 @@ def test_an_unwritable_database_answers_503_never_a_false_200_and_recovers(
     assert sorted(event_ids(consumer.received)) == sorted(
         event_id(callback(n)[0], "evaluation.completed") for n in range(8)
     )
+
+
+@pytest.mark.skipif(not POSTGRES, reason="a PostgreSQL read that hangs")
+def test_a_read_of_the_worker_that_hangs_holds_the_worker_not_the_webhook(
+    tmp_path: Path,
+) -> None:
+    """The worker's looks for due work (one per sink loop) read on the event loop: a read that
+    hangs (PostgreSQL hung, a lock held, a connection waited for while it is down: 10 s a
+    look) held every callback unanswered. Now they look from a thread, and a callback is
+    answered (its ack writes no table the read waits on) while the read waits."""
+    consumer = Recorder()
+    with serve_in_thread(consumer.app) as consumer_url:
+        sink = {"name": "consumer", "type": "http", "url": f"{consumer_url}/hooks"}
+        with receiver(tmp_path, sink) as server:
+            assert post(server.url, 0).status_code == 200
+            consumer.wait_for(1)
+            with psycopg.connect(server.env["RECEIVER_DATABASE"]) as holder:
+                holder.execute("LOCK TABLE outbox IN ACCESS EXCLUSIVE MODE")
+                time.sleep(1)  # the sink loop looks again, and waits
+                body = callback(1)[1]
+                answered = httpx.post(
+                    f"{server.url}/webhooks/runflow", content=body, headers=signed(body), timeout=8
+                )
+                holder.rollback()
+            assert answered.status_code == 200
+            consumer.wait_for(2)
+            assert server.stop() == 0
 
 
 def test_the_writer_survives_a_failure_of_its_own_and_fails_only_that_batch(

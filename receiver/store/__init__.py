@@ -565,11 +565,21 @@ class Store:
             (count,) = conn.execute("SELECT count(*) FROM apply_queue").fetchone()
         return int(count)
 
-    def polls_due(self, now: str) -> bool:
-        with self.read() as conn:
-            return outbox.polls_due(conn, now)
+    async def polls_due(self, now: str) -> bool:
+        return await self._glance(partial(outbox.polls_due, now=now))
 
-    def has_due(self, sink: str, now: str) -> bool:
+    async def has_due(self, sink: str, now: str) -> bool:
         """A cheap read-only look before taking the write lock to claim."""
-        with self.read() as conn:
-            return outbox.has_due(conn, sink, now)
+        return await self._glance(partial(outbox.has_due, sink=sink, now=now))
+
+    async def _glance(self, look: Callable[[sqlite3.Connection], bool]) -> bool:
+        """The worker's looks, from the event loop: on SQLite at once (a local read of a few
+        pages), on PostgreSQL in a thread, so a database down (a connection waited for) or
+        hung (a query that never ends) holds the worker, not the server's event loop, whose
+        callbacks are answered 503 meanwhile."""
+
+        def read() -> bool:
+            with self.read() as conn:
+                return look(conn)
+
+        return await asyncio.to_thread(read) if self.postgres else read()
