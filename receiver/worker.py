@@ -36,6 +36,11 @@ POLLS_PER_SECOND = 5.0  # reconciliation's bound on Runflow API requests
 LIMITED = "limited"  # a poll Runflow answered 429: the pass stops there
 STORE_RETRY = 0.05  # seconds before recording a batch is tried again, doubling …
 STORE_RETRY_MAX = 5.0  # … up to this
+# A sink that sends one request per event claims this many times its concurrency at once
+# (8 posts to a chat sink, 64 requests to an http one), not a whole batch: what a batch sent
+# is recorded when it ends, so a worker killed mid-batch has all of it sent again, and a chat
+# post cannot be taken back (a soak's kill -9 posted 97 Discord messages twice with 200).
+ONE_BY_ONE_ROUNDS = 8
 T = TypeVar("T")
 
 
@@ -51,6 +56,7 @@ class Batch:
     lease: str  # until when they are this worker's (renewed while they are sent)
     outcomes: list[Outcome]  # the ones skipped, then how each attempt ended
     sent: dict[int, SinkError | None] = field(default_factory=dict)  # index → result, as done
+    lost: bool = False  # a renewal found rows another worker took: send no more of it
 
 
 class Worker:
@@ -197,7 +203,9 @@ class Worker:
             now=format_time(now),
             lease_until=lease,
             refetch_cutoff=format_time(now - timedelta(seconds=self.settings.refetch_budget)),
-            limit=self.batch_size,
+            limit=min(self.batch_size, sink.concurrency * ONE_BY_ONE_ROUNDS)
+            if isinstance(sink, OneByOne)
+            else self.batch_size,
         )
         if not claims:
             return 0
@@ -255,20 +263,24 @@ class Worker:
         posts one event at a time) must not be claimed and sent again by another worker. A
         renewal the store refuses for a moment does not stop the sending: what went out is
         recorded as always, and the lease has two more renewals before it runs out. The
-        skipped claims are renewed too: their outcomes are recorded under the same lease."""
+        skipped claims are renewed too: their outcomes are recorded under the same lease.
+        A batch whose lease ran out (the worker stalled: a pause, a stopped process) or whose
+        renewal found rows another worker took meanwhile sends no more: the other worker sends
+        them, and the rest is given back."""
         ids = [claim.outbox_id for claim, _ in batch.sending]
         ids += [outcome.outbox_id for outcome in batch.outcomes]
         events = [event for _, event in batch.sending]
-        delivering = asyncio.create_task(self._deliver(sink, events, batch.sent))
+        delivering = asyncio.create_task(self._deliver(sink, events, batch))
         try:
             while not (await asyncio.wait({delivering}, timeout=self.lease.total_seconds() / 3))[0]:
                 renewed = format_time(self.clock() + self.lease)
                 try:
-                    await self.store.lease_forwards(ids, batch.lease, renewed)
+                    held = await self.store.lease_forwards(ids, batch.lease, renewed)
                 except StoreUnavailable as exc:  # for a moment: the next tick tries again
                     log.warning("renewing the lease of a batch failed: %s", exc)
                 else:
                     batch.lease = renewed
+                    batch.lost |= len(held) < len(ids)
         finally:
             delivering.cancel()  # done already, unless this round is being cancelled
         delivering.result()  # a sink's own bug: the round fails, and its claims run out
@@ -340,11 +352,11 @@ class Worker:
             await asyncio.sleep(delay)
             delay = min(2 * delay, STORE_RETRY_MAX)
 
-    async def _deliver(
-        self, sink: Sink, events: list[Event], sent: dict[int, SinkError | None]
-    ) -> None:
-        """Fill `sent` with each event's result: as each is done for a sink that sends them
-        one by one, at once for one that sends the batch in one go."""
+    async def _deliver(self, sink: Sink, events: list[Event], batch: Batch) -> None:
+        """Fill `batch.sent` with each event's result: as each is done for a sink that sends
+        them one by one (none once stopping or the batch is no longer this worker's), at once
+        for one that sends the batch in one go."""
+        sent = batch.sent
         if sink.spec.name not in self._started:
             try:
                 await sink.start()
@@ -354,9 +366,13 @@ class Worker:
                 return
             self._started.add(sink.spec.name)
         if isinstance(sink, OneByOne):
-            await sink.deliver(events, sent.__setitem__, lambda: self._stopping)
+            await sink.deliver(events, sent.__setitem__, partial(self._halted, batch))
         else:
             sent.update(enumerate(await sink.deliver(events)))
+
+    def _halted(self, batch: Batch) -> bool:
+        """Whether a one-by-one sink must send no more of `batch` (times are fixed width)."""
+        return self._stopping or batch.lost or format_time(self.clock()) >= batch.lease
 
     def _outcome(self, sink: Sink, claim: Claim, error: SinkError | None, now: datetime) -> Outcome:
         if error is None:

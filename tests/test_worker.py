@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import json
 import sqlite3
+import time
 from collections.abc import AsyncIterator, Coroutine, Iterator, Sequence
 from dataclasses import replace
 from datetime import timedelta
@@ -887,6 +888,60 @@ async def test_a_stop_mid_batch_sends_nothing_twice(
     assert states == {"done": len(first), "pending": 40 - len(first)}
     assert given_back == [(0,)]
     assert len(chat.received) == len(set(chat.received)) == 40
+
+
+async def test_a_chat_sink_claims_a_few_posts_at_a_time(
+    tmp_path: Path, http: httpx.AsyncClient
+) -> None:
+    """A batch is recorded when it ends, so a worker killed mid-batch has all of it sent
+    again: a chat sink's batch is 8 posts (its concurrency, 1, eight times), not 200."""
+    chat = OneAtATime(spec("chat"), delay=0)
+    rig = rig_for(tmp_path, http, [chat])  # type: ignore[list-item]
+    try:
+        await rig.post_verdicts(20)
+        await rig.worker.run_once()
+        first = len(chat.received)
+        await rig.drain()
+    finally:
+        rig.store.close()
+    assert first == 8
+    assert len(chat.received) == len(set(chat.received)) == 20
+
+
+class Stalling(OneAtATime):
+    """Its first post stalls the whole process (a pause, SIGSTOP) past the lease, meanwhile
+    another worker takes the batch's rows."""
+
+    def __init__(self, spec: SinkSpec, database: str) -> None:
+        super().__init__(spec, delay=0)
+        self.database = database
+
+    async def send(self, event: Event) -> None:
+        if not self.received:
+            time.sleep(0.5)  # the event loop itself stalls
+            conn = connect(self.database)
+            with conn:
+                conn.execute("UPDATE outbox SET next_attempt_at = '2999-01-01T00:00:00.000000Z'")
+            conn.close()
+        await super().send(event)
+
+
+async def test_a_batch_whose_lease_is_gone_sends_no_more(
+    tmp_path: Path, http: httpx.AsyncClient
+) -> None:
+    """A worker that resumes after its lease ran out, and another worker took the rows, posts
+    none of the rest: the other one does (only the post in flight can go twice)."""
+    settings = make_settings(tmp_path)
+    chat = Stalling(spec("chat"), settings.database)
+    rig = Rig(settings, [chat], http)  # type: ignore[list-item]
+    rig.store.open()
+    rig.worker.lease = timedelta(seconds=0.3)
+    try:
+        await rig.post_verdicts(5)
+        await rig.worker.run_once()
+    finally:
+        rig.store.close()
+    assert len(chat.received) == 1
 
 
 class RefusedOnce(OneByOne):
