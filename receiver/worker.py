@@ -41,6 +41,7 @@ STORE_RETRY_MAX = 5.0  # … up to this
 # is recorded when it ends, so a worker killed mid-batch has all of it sent again, and a chat
 # post cannot be taken back (a soak's kill -9 posted 97 Discord messages twice with 200).
 ONE_BY_ONE_ROUNDS = 8
+FAILING_AGAIN = 60.0  # seconds between the warnings of a sink that goes on failing
 T = TypeVar("T")
 
 
@@ -94,6 +95,7 @@ class Worker:
         self._active = False
         self._stopped = asyncio.Event()
         self._runflow_until = 0.0  # loop time before which Runflow asked (a 429) not to call
+        self._failing: dict[str, float] = {}  # sink → loop time its failing was last logged
 
     @classmethod
     def from_settings(
@@ -306,6 +308,7 @@ class Worker:
                 unsent.append(claim.outbox_id)
             else:
                 batch.outcomes.append(self._outcome(sink, claim, error, finished))
+        self._report(sink.spec.name, batch)
         stamp = format_time(self.clock())
         deadline = asyncio.get_running_loop().time() + self.lease.total_seconds() / 2
         finish = partial(self.store.finish_forwards, batch.outcomes, stamp, batch.lease)
@@ -369,6 +372,30 @@ class Worker:
             await sink.deliver(events, sent.__setitem__, partial(self._halted, batch))
         else:
             sent.update(enumerate(await sink.deliver(events)))
+
+    def _report(self, name: str, batch: Batch) -> None:
+        """Say when a sink starts failing (its forwards are tried again, so nothing else
+        would: only a dead letter is logged), every FAILING_AGAIN seconds while it goes on,
+        and when it delivers again."""
+        results = batch.sent.values()
+        failed = [
+            error
+            for error in results
+            if error is not None and not isinstance(error, NotSent | Deferred) and not error.limited
+        ]
+        now = asyncio.get_running_loop().time()
+        if failed and now - self._failing.get(name, -FAILING_AGAIN) >= FAILING_AGAIN:
+            log.warning(
+                "sink %r is failing (%d of %d in a batch): %s; its forwards are tried again",
+                name,
+                len(failed),
+                len(batch.sending),
+                str(failed[-1])[:500],
+            )
+            self._failing[name] = now
+        elif not failed and name in self._failing and any(error is None for error in results):
+            del self._failing[name]
+            log.info("sink %r delivers again", name)
 
     def _halted(self, batch: Batch) -> bool:
         """Whether a one-by-one sink must send no more of `batch` (times are fixed width)."""

@@ -908,6 +908,34 @@ async def test_a_chat_sink_claims_a_few_posts_at_a_time(
     assert len(chat.received) == len(set(chat.received)) == 20
 
 
+async def test_a_failing_sink_is_logged_once_and_again_when_it_delivers(
+    tmp_path: Path, http: httpx.AsyncClient, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Retried failures (a queue down, 500s) were never logged: only a dead letter was. Now
+    one warning when a sink starts failing (not one per batch), one line when it delivers
+    again; a rate limit is its own line, not a failure."""
+    sink = RecordingSink(spec("hook"))
+    sink.failures += [SinkError("503 Service Unavailable")] * 3
+    rig = rig_for(tmp_path, http, [sink], retry_base=0.001, retry_max=0.001)
+    try:
+        await rig.post_verdicts(3)
+        with caplog.at_level("INFO", logger="receiver.worker"):
+            for _ in range(3):  # three batches of one failing forward each
+                rig.worker.batch_size = 1
+                await rig.worker.run_once()
+                await asyncio.sleep(0.01)
+            await rig.drain()
+    finally:
+        rig.store.close()
+    said = [r.getMessage() for r in caplog.records if "'hook'" in r.getMessage()]
+    assert said == [
+        "sink 'hook' is failing (1 of 1 in a batch): 503 Service Unavailable;"
+        " its forwards are tried again",
+        "sink 'hook' delivers again",
+    ]
+    assert len(sink.received) == 3
+
+
 class Stalling(OneAtATime):
     """Its first post stalls the whole process (a pause, SIGSTOP) past the lease, meanwhile
     another worker takes the batch's rows."""
