@@ -470,6 +470,26 @@ def test_a_read_of_the_worker_that_hangs_holds_the_worker_not_the_webhook(
             assert server.stop() == 0
 
 
+@pytest.mark.skipif(not POSTGRES, reason="another PostgreSQL session's lock")
+def test_applying_that_waits_on_a_lock_does_not_hold_the_acks(tmp_path: Path) -> None:
+    """A replica stalled mid-transaction holds what another's apply chunk needs (a queue row,
+    an evaluation, a rollup): the chunk waited the writer's lock_timeout (10 s), and the acks
+    queued behind it on the same writer got 503s after their 5 s. Now applying gives up
+    after a second and tries again later: every callback gets its 200 meanwhile, and is
+    applied once the lock is gone."""
+    with receiver(tmp_path) as server:
+        assert post(server.url, 0).status_code == 200
+        with psycopg.connect(server.env["RECEIVER_DATABASE"]) as holder:
+            holder.execute("LOCK TABLE evaluations IN SHARE MODE")  # no apply can write
+            answered = [post(server.url, n).status_code for n in range(1, 5)]
+            holder.rollback()
+        assert answered == [200] * 4
+        with psycopg.connect(server.env["RECEIVER_DATABASE"], autocommit=True) as reader:
+            count = "SELECT count(*) FROM evaluations"
+            wait_until(lambda: reader.execute(count).fetchall() == [(5,)], "all applied")
+        assert server.stop() == 0
+
+
 def test_the_writer_survives_a_failure_of_its_own_and_fails_only_that_batch(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -37,6 +37,13 @@ RETRYABLE = (errors.DeadlockDetected, errors.SerializationFailure)
 WHOLE_BATCH = (*RETRYABLE, errors.LockNotAvailable)
 
 
+# An apply chunk waits this long for a lock, not the writer's lock_timeout: what it waits
+# on (a queue row, an evaluation, a rollup) may be held by another replica that stalled
+# mid-transaction (a pause, a partition) for as long as the stall, and the acks queued behind
+# it on this writer would get 503s meanwhile. It fails, and applying is tried again later.
+APPLY_LOCK_TIMEOUT = "1s"
+
+
 class PgWriter(Batches):
     """Owns the only write connection of this process, on a thread of its own."""
 
@@ -110,8 +117,9 @@ class PgWriter(Batches):
         ahead = not isolate and all(isinstance(operation, Deferred) for operation, _ in batch)
         with conn.pipeline() if ahead else contextlib.nullcontext():
             conn.execute("BEGIN")
-            if not durable:
+            if not durable:  # applying: derived rows, done again after a crash that lost them
                 conn.execute("SET LOCAL synchronous_commit = off")
+                conn.execute(f"SET LOCAL lock_timeout = '{APPLY_LOCK_TIMEOUT}'")
             for operation, waiter in batch:
                 if isolate:
                     conn.execute("SAVEPOINT op")
