@@ -42,6 +42,7 @@ STORE_RETRY_MAX = 5.0  # … up to this
 # post cannot be taken back (a soak's kill -9 posted 97 Discord messages twice with 200).
 ONE_BY_ONE_ROUNDS = 8
 FAILING_AGAIN = 60.0  # seconds between the warnings of a sink that goes on failing
+SINK_PAUSE_MAX = 60.0  # seconds at most that a sink failing whole batches rests
 T = TypeVar("T")
 
 
@@ -96,6 +97,7 @@ class Worker:
         self._stopped = asyncio.Event()
         self._runflow_until = 0.0  # loop time before which Runflow asked (a 429) not to call
         self._failing: dict[str, float] = {}  # sink → loop time its failing was last logged
+        self._paused: dict[str, tuple[int, float]] = {}  # sink → (batches failed, resume at)
 
     @classmethod
     def from_settings(
@@ -197,6 +199,8 @@ class Worker:
         assert sink is not None
         now = self.clock()
         name = sink.spec.name
+        if asyncio.get_running_loop().time() < self._paused.get(name, (0, 0.0))[1]:
+            return 0
         if not await self.store.has_due(name, format_time(now)):
             return 0
         lease = format_time(now + self.lease)
@@ -376,7 +380,10 @@ class Worker:
     def _report(self, name: str, batch: Batch) -> None:
         """Say when a sink starts failing (its forwards are tried again, so nothing else
         would: only a dead letter is logged), every FAILING_AGAIN seconds while it goes on,
-        and when it delivers again."""
+        and when it delivers again. A batch that delivered nothing, each failure worth a
+        retry, pauses the sink (doubling from RECEIVER_RETRY_BASE to SINK_PAUSE_MAX): each
+        forward backs off on its own, but a backlog's next ones were due, and a destination
+        answering 500s got every one of them at full speed (275 requests a second)."""
         results = batch.sent.values()
         failed = [
             error
@@ -384,6 +391,16 @@ class Worker:
             if error is not None and not isinstance(error, NotSent | Deferred) and not error.limited
         ]
         now = asyncio.get_running_loop().time()
+        if any(error is None for error in results):
+            self._paused.pop(name, None)
+        elif failed and not any(error.permanent for error in failed):
+            times = self._paused.get(name, (0, 0.0))[0] + 1
+            wait = min(
+                self.settings.retry_max,
+                SINK_PAUSE_MAX,
+                self.settings.retry_base * 2 ** min(times - 1, 30),
+            )
+            self._paused[name] = (times, now + wait)
         if failed and now - self._failing.get(name, -FAILING_AGAIN) >= FAILING_AGAIN:
             log.warning(
                 "sink %r is failing (%d of %d in a batch): %s; its forwards are tried again",
