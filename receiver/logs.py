@@ -55,6 +55,16 @@ def extra_fields(record: logging.LogRecord) -> dict[str, Any]:
     }
 
 
+def _library_exception(record: logging.LogRecord) -> None:
+    """A client library's exception as one line (`Type: message`), not its traceback: a
+    broker restarting (RabbitMQ, NATS) or a queue going away is routine for them, and the
+    sink says so in its own line; their tracebacks only buried it."""
+    if record.exc_info and not record.exc_text and record.name.split(".")[0] in QUIET_LIBRARIES:
+        kind, error = record.exc_info[0], record.exc_info[1]
+        name = kind.__name__ if kind is not None else "Exception"
+        record.exc_text = f"{name}: {error}".splitlines()[0][:500] if str(error) else name
+
+
 class JsonFormatter(logging.Formatter):
     """One JSON object per line (ASCII, so any terminal or collector reads it)."""
 
@@ -63,7 +73,8 @@ class JsonFormatter(logging.Formatter):
             record.created, record.levelname, record.name, record.getMessage(), extra_fields(record)
         )
         if record.exc_info:
-            entry["exception"] = self.formatException(record.exc_info)
+            _library_exception(record)
+            entry["exception"] = record.exc_text or self.formatException(record.exc_info)
         if record.stack_info:
             entry["stack"] = self.formatStack(record.stack_info)
         return _encode(entry)
@@ -100,6 +111,7 @@ class TextFormatter(logging.Formatter):
         return _CONTROL.sub(_escape, super().formatMessage(record))
 
     def format(self, record: logging.LogRecord) -> str:
+        _library_exception(record)
         text = super().format(record)
         extras = extra_fields(record)
         if not extras:

@@ -98,6 +98,25 @@ def test_a_json_line_stays_one_line_with_newlines_tracebacks_and_odd_values() ->
     assert "color_message" not in entry  # uvicorn's coloured duplicate
 
 
+@pytest.mark.parametrize("logger", ["aiormq.connection", "aio_pika.robust_connection", "nats"])
+@pytest.mark.parametrize("formatter", [logs.JsonFormatter, logs.TextFormatter])
+def test_a_client_library_exception_is_one_line(
+    logger: str, formatter: type[logging.Formatter]
+) -> None:
+    """A broker restarting is routine for its client library, which logged a traceback; the
+    sink says what failed in its own line. Our own exceptions keep theirs."""
+    for name, whole in ((logger, False), ("receiver.worker", True)):
+        try:
+            raise ConnectionError("CONNECTION_FORCED - broker forced connection closure\nmore")
+        except ConnectionError:
+            failed = record("connection lost: %s", name=name)
+            failed.exc_info = sys.exc_info()
+        line = formatter().format(failed)
+        assert "ConnectionError: CONNECTION_FORCED - broker forced connection closure" in line
+        assert ("Traceback" in line) is whole
+        assert ("more" in line) is whole
+
+
 def test_text_lines_append_the_fields() -> None:
     line = logs.TextFormatter().format(record(request_id="req 1", outcome="stored", status=200))
     assert "INFO receiver.test: hello world" in line
