@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 import click
 
 from . import cli_read, cli_runflow, logs
-from .cliutil import load_settings, program_name, reading_store
+from .cliutil import existing_database, load_settings, program_name, reading_store
 from .config import MIN_TOKEN_CHARS
 from .database_url import is_postgres_url
 from .errors import ReceiverError
@@ -208,7 +208,8 @@ def backup(path: Path) -> None:
         raise click.ClickException(
             "receiver backup copies a SQLite file; on PostgreSQL use pg_dump (see deploy/README.md)"
         )
-    counts = copy(reading_store(settings).path, path)
+    existing_database(settings)  # any schema: the copy to keep before `receiver migrate`
+    counts = copy(settings.database, path)
     click.echo(
         f"backed up {settings.database} to {path}: {counts['evaluations']} evaluations, "
         f"{counts['deliveries']} deliveries, {counts['outbox']} forwards"

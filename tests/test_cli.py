@@ -91,6 +91,20 @@ def test_commands_that_write_never_migrate(
     assert _versions(database) == before
 
 
+def test_backup_copies_a_database_an_older_version_migrated(
+    runner: CliRunner, filled: Path
+) -> None:
+    """The copy to keep before `receiver migrate` is taken at the older schema: backup, which
+    only reads, asked for the migration first."""
+    database = str(filled / "r.db")
+    with contextlib.closing(sqlite3.connect(database)) as conn, conn:
+        conn.execute("DELETE FROM migrations WHERE version = (SELECT max(version) FROM migrations)")
+    before = _versions(database)
+    result = runner.invoke(cli, ["backup", str(filled / "copy.db")])
+    assert result.exit_code == 0, result.output
+    assert _versions(str(filled / "copy.db")) == _versions(database) == before
+
+
 def _versions(database: str) -> list[int]:
     with contextlib.closing(sqlite3.connect(database)) as conn:
         return [version for (version,) in conn.execute("SELECT version FROM migrations")]
@@ -250,6 +264,11 @@ MISTAKES = {
         ["backup", "body.json/copy.db"],
         {"migrated": "1"},
         "cannot write body.json/copy.db: [Errno 17] File exists",
+    ),
+    "backup-not-a-database": (
+        ["backup", "copy.db"],
+        {"RECEIVER_DATABASE": "body.json"},
+        "cannot back up body.json: file is not a database",
     ),
     "query-not-a-database": (  # a traceback (sqlite3.DatabaseError)
         ["query"],

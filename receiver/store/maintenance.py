@@ -43,6 +43,9 @@ def backup(source: str, target: Path) -> dict[str, int]:
             table: dst.execute(f"SELECT count(*) FROM {table}").fetchone()[0]
             for table in ("evaluations", "deliveries", "outbox")
         }
+    except sqlite3.Error as exc:  # not a database, or not receiver's: one line
+        partial.unlink(missing_ok=True)
+        raise BadRequest(f"cannot back up {source}: {exc}") from None
     except BaseException:
         partial.unlink(missing_ok=True)
         raise
