@@ -380,20 +380,23 @@ class Worker:
     def _report(self, name: str, batch: Batch) -> None:
         """Say when a sink starts failing (its forwards are tried again, so nothing else
         would: only a dead letter is logged), every FAILING_AGAIN seconds while it goes on,
-        and when it delivers again. A batch that delivered nothing, each failure worth a
-        retry, pauses the sink (doubling from RECEIVER_RETRY_BASE to SINK_PAUSE_MAX): each
-        forward backs off on its own, but a backlog's next ones were due, and a destination
-        answering 500s got every one of them at full speed (275 requests a second)."""
+        and when it delivers again. A batch that delivered nothing and failed a retry pauses
+        the sink (doubling from RECEIVER_RETRY_BASE to SINK_PAUSE_MAX): each forward backs
+        off on its own, but a backlog's next ones were due, and a destination answering 500s
+        got every one of them at full speed (275 requests a second)."""
         results = batch.sent.values()
-        failed = [
+        failed = [  # to be tried again: not a refusal for good (logged as a dead letter)
             error
             for error in results
-            if error is not None and not isinstance(error, NotSent | Deferred) and not error.limited
+            if error is not None
+            and not isinstance(error, NotSent | Deferred)
+            and not error.limited
+            and not error.permanent
         ]
         now = asyncio.get_running_loop().time()
         if any(error is None for error in results):
             self._paused.pop(name, None)
-        elif failed and not any(error.permanent for error in failed):
+        elif failed:
             times = self._paused.get(name, (0, 0.0))[0] + 1
             wait = min(
                 self.settings.retry_max,

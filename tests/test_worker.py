@@ -936,12 +936,20 @@ async def test_a_failing_sink_is_logged_once_and_again_when_it_delivers(
     assert len(sink.received) == 3
 
 
-async def test_a_sink_failing_whole_batches_rests(tmp_path: Path, http: httpx.AsyncClient) -> None:
+@pytest.mark.parametrize(
+    ("error", "rests"),
+    [(SinkError("500 Internal Server Error"), True), (SinkError("404", permanent=True), False)],
+    ids=["retried", "dead"],
+)
+async def test_a_sink_failing_whole_batches_rests(
+    tmp_path: Path, http: httpx.AsyncClient, error: SinkError, rests: bool
+) -> None:
     """Each forward backs off on its own, but a backlog's next ones were due: a destination
     answering 500s got them all at full speed. A batch that delivered nothing pauses the sink
-    (RECEIVER_RETRY_BASE, doubling; one that delivered anything ends the pause)."""
+    (RECEIVER_RETRY_BASE, doubling; one that delivered anything ends the pause); refusals for
+    good are dead letters, and say nothing of the next events."""
     sink = RecordingSink(spec("hook"))
-    sink.failures += [SinkError("500 Internal Server Error")] * 5
+    sink.failures += [error] * 5
     rig = rig_for(tmp_path, http, [sink], retry_base=30, retry_max=60)
     rig.worker.batch_size = 5
     try:
@@ -951,8 +959,8 @@ async def test_a_sink_failing_whole_batches_rests(tmp_path: Path, http: httpx.As
         attempts = rig.rows("SELECT attempts, count(*) FROM outbox GROUP BY attempts")
     finally:
         rig.store.close()
-    assert paused == 0  # the next five were due, never tried
-    assert sorted(attempts) == [(0, 5), (1, 5)]
+    assert paused == (0 if rests else 5)  # the next five were due, never tried
+    assert sorted(attempts) == ([(0, 5), (1, 5)] if rests else [(1, 10)])
 
 
 class Stalling(OneAtATime):
