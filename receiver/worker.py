@@ -393,8 +393,9 @@ class Worker:
             and not error.limited
             and not error.permanent
         ]
+        delivered = any(error is None for error in results)
         now = asyncio.get_running_loop().time()
-        if any(error is None for error in results):
+        if delivered:
             self._paused.pop(name, None)
         elif failed:
             times = self._paused.get(name, (0, 0.0))[0] + 1
@@ -413,7 +414,7 @@ class Worker:
                 str(failed[-1])[:500],
             )
             self._failing[name] = now
-        elif not failed and name in self._failing and any(error is None for error in results):
+        elif not failed and name in self._failing and delivered:
             del self._failing[name]
             log.info("sink %r delivers again", name)
 

@@ -118,8 +118,11 @@ class PgWriter(Batches):
         with conn.pipeline() if ahead else contextlib.nullcontext():
             conn.execute("BEGIN")
             if not durable:  # applying: derived rows, done again after a crash that lost them
-                conn.execute("SET LOCAL synchronous_commit = off")
-                conn.execute(f"SET LOCAL lock_timeout = '{APPLY_LOCK_TIMEOUT}'")
+                conn.execute(  # one statement: one round trip
+                    "SELECT set_config('synchronous_commit', 'off', true),"
+                    " set_config('lock_timeout', ?, true)",
+                    (APPLY_LOCK_TIMEOUT,),
+                )
             for operation, waiter in batch:
                 if isolate:
                     conn.execute("SAVEPOINT op")

@@ -304,15 +304,6 @@ STALE_VERDICTS = (
 )
 
 
-def _own_fields(said: list[dict[str, Any]], verdict: str) -> dict[str, Any]:
-    """What the stored callbacks and polls of `verdict` said, merged in arrival order."""
-    own: dict[str, Any] = {}
-    for fields in said:
-        if fields.get("status_code") == verdict:
-            own = merge(own, fields) if own else fields
-    return own
-
-
 def _folded(said: list[dict[str, Any]]) -> dict[str, Any] | None:
     """The stored callbacks and polls merged in arrival order, as applying them does now."""
     folded: dict[str, Any] | None = None
@@ -356,7 +347,7 @@ def _fixed(
                 turned.append(merged)
                 continue
         other = "failed" if verdict == "completed" else "completed"
-        own = _own_fields(said, str(verdict))
+        own = _folded([fields for fields in said if fields.get("status_code") == verdict]) or {}
         fixed = {**data, **{key: own.get(key) for key in VERDICT_ONLY[other] if key in data}}
         if fixed != data:
             changed.append(fixed)
@@ -367,14 +358,14 @@ REPAIR_CHUNK = 500  # rows a pipeline, and a rollup write, take at once
 REFETCH_AGAIN = Forwarding(refetch=True)  # no sinks: nothing is forwarded
 
 
-def repair_verdicts(conn: sqlite3.Connection, candidates: str = STALE_VERDICTS) -> list[str]:
+def repair_verdicts(conn: sqlite3.Connection, candidates: str = STALE_VERDICTS) -> None:
     """Rewrite the rows `candidates` finds as merge now leaves them: the other verdict's
     fields as this verdict's own callbacks said them, else null (a refetch is not stored, and
     Runflow's GET says null for them), or the other verdict where the callbacks now say it
     (_fixed). Written through apply_evaluation, so the columns, issue rows, rollups, text
     index and client_ref pointers follow as for a callback, and with no sinks: no forward is
     queued, an event already sent is not sent again. A row whose verdict turns is refetched
-    again (dropped at the start of a service with refetch off). Returns the ids of those.
+    again (dropped at the start of a service with refetch off) and named in a warning.
     In chunks, as apply_queued applies callbacks: reads sent ahead, the rollups written once a
     chunk (row by row, 10,000 stale rows of 200,000 took 65 s on PostgreSQL)."""
     stamp = now()
@@ -411,7 +402,6 @@ def repair_verdicts(conn: sqlite3.Connection, candidates: str = STALE_VERDICTS) 
             shown,
             f" and {more} more" if more > 0 else "",
         )
-    return turned_ids
 
 
 def _v13_verdicts(db: Database) -> None:
